@@ -1,0 +1,61 @@
+"""What every classifier returns, and the one place a model's answer becomes a label.
+
+A backend is a small class with one method, ``classify``. Whatever text a model produces, only
+:func:`map_label` turns it into a department name, and only if it names a configured department or
+one of its aliases; anything else is ``None`` (the router sends it to triage, never a guess).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from ..config import Department, fold
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A classifier's answer. ``label`` is a configured department name or ``None`` (unknown)."""
+
+    label: str | None
+    confidence: float
+    model: str
+    raw: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.confidence <= 1.0:
+            raise ValueError(f"confidence {self.confidence} is outside [0, 1]")
+
+
+@dataclass(frozen=True)
+class ClassifyInput:
+    """What a classifier reads: the same fields :func:`mailrouter.prompt.build_prompt` takes."""
+
+    text: str
+    subject: str = ""
+    sender_domain: str = ""
+
+
+@runtime_checkable
+class Classifier(Protocol):
+    """A backend. ``name`` is the model version recorded with every decision."""
+
+    name: str
+
+    def classify(self, item: ClassifyInput) -> Prediction: ...
+
+
+def map_label(answer: str, departments: Sequence[Department]) -> str | None:
+    """Map a model's answer onto a department name (case, accents, aliases); ``None`` otherwise.
+
+    The answer is stripped (llama.cpp answers ``" RH"`` where MLX answers ``"RH"``), trailing
+    punctuation is ignored, and only an exact name or alias counts: "RH et Finance" is not a label.
+    """
+    key = fold(answer).strip(" \t\r\n.:;,!?\"'`*")
+    if not key:
+        return None
+    for dep in departments:
+        if key == fold(dep.name) or key in {fold(a) for a in dep.aliases}:
+            return dep.name
+    return None

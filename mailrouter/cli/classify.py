@@ -1,0 +1,1 @@
+"""Commands: classify (see the README)."""

@@ -1,0 +1,1 @@
+"""Commands: corrections (see the README)."""

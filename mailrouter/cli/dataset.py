@@ -1,0 +1,1 @@
+"""Commands: dataset (see the README)."""

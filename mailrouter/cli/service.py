@@ -1,0 +1,1 @@
+"""Commands: service (see the README)."""

@@ -1,0 +1,1 @@
+"""Commands: train (see the README)."""

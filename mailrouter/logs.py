@@ -1,0 +1,85 @@
+"""Structured logging: one line per event, as ``key=value`` text or JSON.
+
+Every decision and failure is logged through :func:`event`, so a line can be grepped by its event
+name and read by a machine. Secrets never reach here: settings hold them as ``SecretStr`` and no
+caller passes them as fields.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Log event ``name`` with ``fields`` as structured data."""
+    logger.log(level, name, extra={"fields": fields})
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields = dict(getattr(record, "fields", {}) or {})
+    for key, value in record.__dict__.items():
+        if key not in _RESERVED and key != "fields":
+            fields[key] = value
+    return fields
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    if not text or any(c in text for c in ' ="\n\t'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+        parts = [stamp, record.levelname.lower(), record.name, record.getMessage()]
+        parts += [f"{k}={_quote(v)}" for k, v in _fields(record).items()]
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+            **_fields(record),
+        }
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        return json.dumps(data, ensure_ascii=False, default=str)
+
+
+def setup_logging(
+    *, fmt: str = "text", level: str = "INFO", file: Path | None = None, stream: Any = None
+) -> None:
+    """Configure the root logger: stderr (launchd, systemd, CLI) and optionally a rotating file."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    handlers: list[logging.Handler] = [logging.StreamHandler(stream or sys.stderr)]
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(
+            logging.handlers.RotatingFileHandler(file, maxBytes=5_000_000, backupCount=5)
+        )
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(level.upper())
+    for noisy in ("httpx", "httpcore", "imapclient", "apscheduler", "mail.log"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
