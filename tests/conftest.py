@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 STARTER = REPO / "data" / "examples.jsonl"
 TEST_DATA = REPO / "tests" / "data"
 
-pytest_plugins = ["tests.fixtures.mail", "tests.fixtures.models"]
+pytest_plugins = ["tests.fixtures.mail", "tests.fixtures.models", "tests.fixtures.ollama"]
 
 
 def require(condition: bool, reason: str) -> None:
