@@ -169,8 +169,11 @@ class TrainingSettings(_Section):
     quantize: str = "q4_K_M"
     keep_versions: int = Field(default=3, ge=1)
     min_accuracy_gain: float = 0.0
+    min_baseline_gain: float = 0.0
     ollama_tolerance: float = Field(default=0.05, ge=0, le=1)
     publish: Literal["gguf", "adapter"] = "gguf"
+    max_seq_length: int = Field(default=2048, ge=64)
+    nice: int = Field(default=10, ge=0, le=19)
 
 
 class CorrectionsSettings(_Section):
