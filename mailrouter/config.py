@@ -66,7 +66,9 @@ def default_departments() -> list[Department]:
         Department(
             name="RH",
             address="rh@example.com",
-            description="Candidatures, stages, alternance, suivi de recrutement, questions du personnel",
+            description=(
+                "Candidatures, stages, alternance, suivi de recrutement, questions du personnel"
+            ),
             aliases=["ressources humaines", "hr", "recrutement", "human resources"],
         ),
         Department(

@@ -15,7 +15,7 @@ class MailRouterError(Exception):
 
 
 class ConfigError(MailRouterError):
-    """The configuration file or environment is invalid: names the file, the field, what is expected."""
+    """The config file or environment is invalid; the message names file, field and expectation."""
 
     exit_code = 2
 

@@ -20,7 +20,8 @@ INSTRUCTION = (
     "Reponds uniquement par le nom du service qui doit traiter l'email, sans autre mot."
 )
 
-#: Mistral v0.3 chat template (Jinja, as in tokenizer_config.json): ``<s>[INST] user[/INST] answer</s>``.
+#: Mistral v0.3 chat template (Jinja, as in tokenizer_config.json):
+#: ``<s>[INST] user[/INST] answer</s>``.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + '[/INST]' }}"
@@ -67,7 +68,7 @@ def build_prompt(
     *,
     subject: str = "",
     sender_domain: str = "",
-    options: PromptOptions = PromptOptions(),  # noqa: B008 - frozen dataclass
+    options: PromptOptions = PromptOptions(),
 ) -> str:
     """The full prompt for one email: :func:`prefix` + subject, sender domain and truncated body."""
     body = " ".join(email_text.split()) if email_text.strip() else "(vide)"

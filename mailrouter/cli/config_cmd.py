@@ -66,18 +66,28 @@ def _to_toml(data: dict[str, Any]) -> str:
 
 @app.command()
 def init(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write.")] = DEFAULT_CONFIG,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Where to write.")
+    ] = DEFAULT_CONFIG,
     domain: Annotated[str | None, typer.Option(help="Company mail domain, e.g. acme.fr.")] = None,
-    imap_host: Annotated[str | None, typer.Option(help="IMAP server of the contact mailbox.")] = None,
-    imap_user: Annotated[str | None, typer.Option(help="IMAP login (default contact@DOMAIN).")] = None,
+    imap_host: Annotated[
+        str | None, typer.Option(help="IMAP server of the contact mailbox.")
+    ] = None,
+    imap_user: Annotated[
+        str | None, typer.Option(help="IMAP login (default contact@DOMAIN).")
+    ] = None,
     smtp_host: Annotated[str | None, typer.Option(help="SMTP server used to forward.")] = None,
     smtp_user: Annotated[str | None, typer.Option(help="SMTP login; empty for no AUTH.")] = None,
-    triage: Annotated[str | None, typer.Option(help="Triage address (default accueil@DOMAIN).")] = None,
+    triage: Annotated[
+        str | None, typer.Option(help="Triage address (default accueil@DOMAIN).")
+    ] = None,
     department: Annotated[
         list[str] | None,
         typer.Option("--department", "-d", help="NAME=ADDRESS, repeatable; overrides a default."),
     ] = None,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Ask nothing; use flags and defaults.")] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Ask nothing; use flags and defaults.")
+    ] = False,
     force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
     store_key: Annotated[
         bool, typer.Option(help="Store a new correction-token key in the Keychain.")

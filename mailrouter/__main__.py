@@ -1,0 +1,5 @@
+"""``python -m mailrouter`` is the ``mailrouter`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,195 @@
+"""The baseline: TF-IDF (word 1-2 grams + character 2-5 grams) and logistic regression.
+
+It reads exactly the email part of the one prompt (subject, sender domain, body; truncated and
+accents stripped the same way), trains on the train and valid splits in a second or two, and is the
+floor every fine-tuned model must beat. Its confidence is the predicted class's probability. The
+fitted model is cached under ``models_dir/baseline/`` keyed by the dataset's content hash and the
+prompt settings, so it is retrained only when the data or the departments change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..dataset import Dataset, Example, atomic_write_bytes
+from ..errors import ClassifierError
+from ..prompt import PromptOptions, build_prompt, prefix
+from .base import ClassifyInput, Prediction
+
+if TYPE_CHECKING:
+    from sklearn.pipeline import Pipeline
+
+    from ..config import Department, Settings
+
+#: Bumped when the features or the model change, so an old cache is not reused.
+MODEL_VERSION = 1
+TRAIN_SPLITS = ("train", "valid")
+
+
+def email_text(
+    item: ClassifyInput,
+    departments: Sequence[Department],
+    options: PromptOptions = PromptOptions(),  # noqa: B008 - frozen dataclass
+) -> str:
+    """The email part of the prompt: the prompt without its fixed prefix, built by prompt.py."""
+    prompt = build_prompt(
+        item.text,
+        departments,
+        subject=item.subject,
+        sender_domain=item.sender_domain,
+        options=options,
+    )
+    return prompt[len(prefix(departments, strip_accents=options.strip_accents)) :]
+
+
+def _pipeline() -> Pipeline:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import FeatureUnion, Pipeline
+
+    features = FeatureUnion(
+        [
+            (
+                "words",
+                TfidfVectorizer(
+                    analyzer="word", ngram_range=(1, 2), sublinear_tf=True, lowercase=True
+                ),
+            ),
+            (
+                "chars",
+                TfidfVectorizer(
+                    analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, lowercase=True
+                ),
+            ),
+        ]
+    )
+    model = LogisticRegression(C=10.0, max_iter=2000, class_weight="balanced")
+    return Pipeline([("features", features), ("model", model)])
+
+
+@dataclass
+class BaselineClassifier:
+    """A fitted TF-IDF + logistic regression; built by :meth:`fit` or :meth:`from_settings`."""
+
+    pipeline: Any
+    departments: list[Department]
+    options: PromptOptions
+    name: str
+    fit_seconds: float | None = None  # set when this instance was trained rather than loaded
+
+    @classmethod
+    def fit(
+        cls,
+        examples: Iterable[Example],
+        departments: Sequence[Department] | None = None,
+        options: PromptOptions = PromptOptions(),  # noqa: B008 - frozen dataclass
+        *,
+        name: str | None = None,
+    ) -> BaselineClassifier:
+        """Train on all of ``examples`` (pick the splits first); unconfigured labels are dropped."""
+        from ..config import default_departments
+
+        deps = list(departments) if departments is not None else default_departments()
+        names = {d.name for d in deps}
+        rows = [e for e in examples if e.label in names]
+        labels = sorted({e.label for e in rows})
+        if len(labels) < 2:
+            raise ClassifierError(
+                "the baseline needs examples of at least two departments, "
+                f"found {labels or 'none'}; "
+                "add some with `mailrouter dataset import`"
+            )
+        texts = [email_text(e.to_input(), deps, options) for e in rows]
+        pipeline = _pipeline()
+        pipeline.fit(texts, [e.label for e in rows])
+        if name is None:
+            name = f"baseline@{_rows_hash(rows)[:8]}"
+        return cls(pipeline=pipeline, departments=deps, options=options, name=name)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BaselineClassifier:
+        """The model for the current dataset: loaded from the cache, or trained and cached."""
+        dataset = Dataset.from_settings(settings)
+        options = PromptOptions.from_settings(settings)
+        data_hash = dataset.content_hash()
+        key = _cache_key(data_hash, settings.departments, options)
+        cache = settings.models_dir / "baseline" / f"{key}.pkl"
+        cached = _load(cache)
+        if cached is not None:
+            return cls(
+                pipeline=cached,
+                departments=list(settings.departments),
+                options=options,
+                name=f"baseline@{data_hash[:8]}",
+            )
+        examples = [e for e in dataset.load() if e.split in TRAIN_SPLITS]
+        if not examples:
+            raise ClassifierError(
+                f"{dataset.path} has no training examples; import some with "
+                "`mailrouter dataset import FILE`"
+            )
+        started = time.monotonic()
+        model = cls.fit(examples, settings.departments, options, name=f"baseline@{data_hash[:8]}")
+        model.fit_seconds = time.monotonic() - started
+        _store(cache, model.pipeline)
+        return model
+
+    def classify(self, item: ClassifyInput) -> Prediction:
+        text = email_text(item, self.departments, self.options)
+        probabilities = self.pipeline.predict_proba([text])[0]
+        best = int(probabilities.argmax())
+        label = str(self.pipeline.classes_[best])
+        return Prediction(
+            label=label,
+            confidence=min(1.0, max(0.0, float(probabilities[best]))),
+            model=self.name,
+            raw=label,
+        )
+
+
+def _rows_hash(rows: Sequence[Example]) -> str:
+    digest = hashlib.sha256()
+    for e in sorted(rows, key=lambda e: e.id):
+        digest.update(json.dumps([e.id, e.label, e.text, e.subject, e.sender_domain]).encode())
+    return digest.hexdigest()
+
+
+def _cache_key(data_hash: str, departments: Sequence[Department], options: PromptOptions) -> str:
+    """Anything that changes the fitted model changes the key: data, departments, prompt knobs."""
+    import sklearn
+
+    spec = json.dumps(
+        [
+            MODEL_VERSION,
+            sklearn.__version__,
+            data_hash,
+            [d.model_dump(include={"name", "description"}) for d in departments],
+            [options.max_chars, options.strip_accents],
+        ],
+        sort_keys=True,
+    )
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def _load(path: Path) -> Any | None:
+    """The cached pipeline, or ``None`` when missing or unreadable (then it is retrained)."""
+    try:
+        with path.open("rb") as handle:
+            return pickle.load(handle)
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError):
+        return None
+
+
+def _store(path: Path, pipeline: Any) -> None:
+    """Write the cache atomically and drop older entries: one model per data version is enough."""
+    atomic_write_bytes(path, pickle.dumps(pipeline, protocol=pickle.HIGHEST_PROTOCOL))
+    for old in path.parent.glob("*.pkl"):
+        if old != path:
+            old.unlink(missing_ok=True)
