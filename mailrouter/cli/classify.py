@@ -1,1 +1,124 @@
-"""Commands: classify (see the README)."""
+"""Commands: ``classify`` (emails given on the command line) and ``evaluate`` (a dataset split)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..classify import make_classifier
+from ..classify.base import Classifier, ClassifyInput
+from ..dataset import SPLITS, Dataset
+from ..errors import ClassifierError, DatasetError
+from ..evaluation import evaluate as run_evaluation
+from ..evaluation import format_report, write_html
+from ..message import parse_email
+from .app import app, err_console, settings
+
+BACKENDS = ("ollama", "mlx", "baseline")
+
+
+def _backend(name: str | None) -> str | None:
+    if name is not None and name not in BACKENDS:
+        raise ClassifierError(f"--backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+@app.command()
+def classify(
+    files: Annotated[list[str], typer.Argument(help="Email files (.eml); - reads one from stdin.")],
+    backend: Annotated[
+        str | None, typer.Option("--backend", "-b", help="ollama|mlx|baseline (default: config).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Print the department of each email: file, department, confidence, backend."""
+    current = settings()
+    classifier = make_classifier(current, _backend(backend))
+    failed = 0
+    for name in files:
+        try:
+            line = _classify_one(classifier, name, current.mailbox.max_message_bytes)
+        except (OSError, ClassifierError) as exc:
+            failed += 1
+            line = {
+                "file": name,
+                "department": None,
+                "confidence": None,
+                "backend": classifier.name,
+            }
+            line["error"] = str(exc)
+        if as_json:
+            typer.echo(json.dumps(line, ensure_ascii=False))
+        elif "error" in line:
+            typer.echo(f"{name}\terror: {line['error']}")
+        else:
+            department = line["department"] or "unknown"
+            typer.echo(f"{name}\t{department}\t{line['confidence']:.3f}\t{line['backend']}")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _classify_one(classifier: Classifier, name: str, max_bytes: int) -> dict[str, object]:
+    raw = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+    email = parse_email(raw, max_bytes=max_bytes)
+    prediction = classifier.classify(
+        ClassifyInput(
+            text=email.body or email.full_text,
+            subject=email.subject,
+            sender_domain=email.sender_domain,
+        )
+    )
+    return {
+        "file": name,
+        "department": prediction.label,
+        "confidence": round(prediction.confidence, 4),
+        "backend": prediction.model,
+    }
+
+
+@app.command()
+def evaluate(
+    backend: Annotated[
+        str | None, typer.Option("--backend", "-b", help="ollama|mlx|baseline (default: config).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="train|valid|test.")] = "test",
+    report: Annotated[
+        Path | None, typer.Option("--report", help="Also write an HTML report here.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Accuracy, macro-F1, per-department scores, confusion matrix and triage rate on a split."""
+    if split not in SPLITS:
+        raise DatasetError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
+    current = settings()
+    examples = Dataset.from_settings(current).split(split)
+    if not examples:
+        raise DatasetError(f"the {split} split of {current.examples_path} is empty")
+    classifier = make_classifier(current, _backend(backend))
+    threshold = current.classifier.confidence_threshold
+    if backend == "baseline" or (backend is None and current.classifier.backend == "baseline"):
+        result = run_evaluation(classifier, examples, current.departments, threshold)
+    else:
+        from rich.progress import Progress
+
+        with Progress(console=err_console, transient=True) as bar:
+            task = bar.add_task(f"{classifier.name} on {split}", total=len(examples))
+            result = run_evaluation(
+                classifier,
+                examples,
+                current.departments,
+                threshold,
+                progress=lambda done, _total: bar.update(task, completed=done),
+            )
+    if as_json:
+        typer.echo(json.dumps({"split": split, **result.to_dict()}, ensure_ascii=False))
+    else:
+        typer.echo(f"split {split}")
+        typer.echo(format_report(result))
+    if report is not None:
+        write_html(result, report)
+        err_console.print(f"wrote {report}", highlight=False)
