@@ -1,1 +1,93 @@
-"""Commands: service (see the README)."""
+"""Commands: ``service install | uninstall | restart | status | logs`` (launchd or systemd)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import deploy
+from ..config import resolve_config_path
+from .app import app, console, state
+
+service_app = typer.Typer(
+    help="Run `mailrouter serve` as a launchd agent (macOS) or a systemd user unit (Linux).",
+    no_args_is_help=True,
+)
+app.add_typer(service_app, name="service")
+
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the steps; change nothing.")]
+
+# Swap point for tests: the function that runs launchctl / systemctl.
+runner: deploy.Runner = deploy.subprocess_runner
+
+
+def _target(workdir: Path | None = None) -> deploy.Target:
+    return deploy.target_for(resolve_config_path(state.config), workdir=workdir)
+
+
+def _run(
+    action: deploy.Action,
+    dry_run: bool,
+    target: deploy.Target,
+    *,
+    lines: int = 100,
+    follow: bool = False,
+) -> None:
+    have_plutil = shutil.which("plutil") is not None
+    the_plan = deploy.plan(action, target, have_plutil=have_plutil, lines=lines, follow=follow)
+    code = deploy.execute(
+        the_plan,
+        runner=runner,
+        echo=lambda line: console.print(line, highlight=False, markup=False),
+        dry_run=dry_run,
+    )
+    if code:
+        raise typer.Exit(code)
+
+
+@service_app.command()
+def install(
+    dry_run: DryRun = False,
+    workdir: Annotated[
+        Path | None,
+        typer.Option(help="Working directory of the service (data_dir is relative to it)."),
+    ] = None,
+) -> None:
+    """Write the agent/unit with this virtualenv's paths and start it now and at every login."""
+    target = _target(workdir)
+    _run("install", dry_run, target)
+    if not dry_run:
+        console.print(f"installed {target.unit_file}; check it with `mailrouter service status`")
+
+
+@service_app.command()
+def uninstall(dry_run: DryRun = False) -> None:
+    """Stop the service and remove the agent/unit (data and logs are kept)."""
+    _run("uninstall", dry_run, _target())
+
+
+@service_app.command()
+def restart(dry_run: DryRun = False) -> None:
+    """Restart the running service (after a config change or an upgrade)."""
+    _run("restart", dry_run, _target())
+
+
+@service_app.command("status")
+def service_status(dry_run: DryRun = False) -> None:
+    """What launchd/systemd says about the service (see also `mailrouter status`)."""
+    _run("status", dry_run, _target())
+
+
+@service_app.command()
+def logs(
+    lines: Annotated[int, typer.Option("--lines", "-n", help="Lines to show.")] = 100,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
+    ] = False,
+    dry_run: DryRun = False,
+) -> None:
+    """The service's log lines (launchd: ~/Library/Logs/mailrouter/; systemd: the journal)."""
+    _run("logs", dry_run, _target(), lines=lines, follow=follow)

@@ -1,0 +1,349 @@
+"""Installing ``mailrouter serve`` as a launchd agent (macOS) or a systemd user unit (Linux).
+
+Everything here is pure: the templates in ``deploy/`` are rendered with real paths, and each
+``mailrouter service`` action is a :class:`Plan` of steps (write a file, run a command). The CLI
+executes a plan with a runner that tests replace, so the exact ``launchctl``/``systemctl`` command
+lines are checked without touching the machine's service manager.
+"""
+
+from __future__ import annotations
+
+import os
+import plistlib
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+from typing import Literal
+from xml.sax.saxutils import escape
+
+from .errors import ConfigError
+
+LABEL = "com.mailrouter.agent"
+UNIT = "mailrouter.service"
+THROTTLE_SECONDS = 30
+TEMPLATES = Path(__file__).resolve().parent.parent / "deploy"
+# launchd starts agents with a bare PATH (/usr/bin:/bin:/usr/sbin:/sbin): add Homebrew's two
+# prefixes so `ollama` (and anything training calls) is found on Apple silicon and Intel Macs.
+SYSTEM_PATH = ("/opt/homebrew/bin", "/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin")
+
+Manager = Literal["launchd", "systemd"]
+Action = Literal["install", "uninstall", "restart", "status", "logs"]
+
+
+def detect_manager(platform: str = sys.platform) -> Manager:
+    """launchd on macOS, systemd everywhere else (Linux)."""
+    return "launchd" if platform == "darwin" else "systemd"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how the service is installed: real paths, resolved once by :func:`target_for`."""
+
+    manager: Manager
+    program: Path  # the virtualenv's ``mailrouter`` script
+    config: Path
+    workdir: Path
+    home: Path
+    uid: int
+    config_home: Path  # $XDG_CONFIG_HOME (systemd user units live below it)
+
+    @property
+    def path_env(self) -> str:
+        dirs = [str(self.program.parent), *SYSTEM_PATH]
+        return ":".join(dict.fromkeys(dirs))
+
+    @property
+    def log_dir(self) -> Path:
+        """Where launchd writes the agent's stdout and stderr."""
+        return self.home / "Library" / "Logs" / "mailrouter"
+
+    @property
+    def unit_file(self) -> Path:
+        """The file ``install`` writes: the LaunchAgent plist or the systemd user unit."""
+        if self.manager == "launchd":
+            return self.home / "Library" / "LaunchAgents" / f"{LABEL}.plist"
+        return self.config_home / "systemd" / "user" / UNIT
+
+    @property
+    def domain(self) -> str:
+        return f"gui/{self.uid}"
+
+    @property
+    def service(self) -> str:
+        return f"gui/{self.uid}/{LABEL}"
+
+
+def target_for(
+    config: Path | None,
+    *,
+    workdir: Path | None = None,
+    manager: Manager | None = None,
+    program: Path | None = None,
+    environ: dict[str, str] | None = None,
+) -> Target:
+    """Resolve the real paths; a missing config file is an error that names ``mailrouter init``."""
+    if config is None:
+        raise ConfigError(
+            "the service needs a configuration file: run `mailrouter init`, then "
+            "`mailrouter --config config/mailrouter.toml service install`"
+        )
+    env = os.environ if environ is None else environ
+    home = Path(env.get("HOME") or Path.home())
+    exe = program or Path(sys.executable).absolute().parent / "mailrouter"
+    return Target(
+        manager=manager or detect_manager(),
+        program=exe,
+        config=Path(config).absolute(),
+        workdir=(workdir or Path.cwd()).absolute(),
+        home=home,
+        uid=os.getuid(),
+        config_home=Path(env.get("XDG_CONFIG_HOME") or home / ".config"),
+    )
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+def template_path(manager: Manager, templates: Path = TEMPLATES) -> Path:
+    if manager == "launchd":
+        return templates / "launchd" / f"{LABEL}.plist.template"
+    return templates / "systemd" / f"{UNIT}.template"
+
+
+def _read_template(manager: Manager, templates: Path) -> Template:
+    path = template_path(manager, templates)
+    try:
+        return Template(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(
+            f"{path}: service template not found; run mailrouter from its source checkout "
+            "(`pip install -e .`)"
+        ) from exc
+
+
+def render_plist(target: Target, templates: Path = TEMPLATES) -> str:
+    """The LaunchAgent, checked with ``plistlib``: a bad path or template never reaches launchd."""
+    values = {
+        "label": LABEL,
+        "program": str(target.program),
+        "config": str(target.config),
+        "workdir": str(target.workdir),
+        "path": target.path_env,
+        "log_dir": str(target.log_dir),
+        "throttle": str(THROTTLE_SECONDS),
+    }
+    text = _read_template("launchd", templates).substitute(
+        {k: escape(v) for k, v in values.items()}
+    )
+    check_plist(text, target)
+    return text
+
+
+def check_plist(text: str, target: Target) -> dict:
+    """Parse the rendered plist and check the keys launchd needs; returns the parsed dict."""
+    try:
+        data = plistlib.loads(text.encode("utf-8"))
+    except Exception as exc:  # plistlib raises ExpatError, ValueError, InvalidFileException
+        raise ConfigError(f"rendered LaunchAgent is not a valid plist: {exc}") from exc
+    expected = [str(target.program), "--config", str(target.config), "serve"]
+    if data.get("Label") != LABEL or data.get("ProgramArguments") != expected:
+        raise ConfigError("rendered LaunchAgent lost its Label or ProgramArguments")
+    return data
+
+
+def _systemd_quote(value: str) -> str:
+    """A path inside a quoted systemd argument: backslashes and quotes escaped; % doubled."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+
+
+def render_unit(target: Target, templates: Path = TEMPLATES) -> str:
+    """The systemd user unit; paths with spaces are quoted, ``%`` specifiers escaped."""
+    values = {
+        "program": _systemd_quote(str(target.program)),
+        "config": _systemd_quote(str(target.config)),
+        "workdir": str(target.workdir).replace("%", "%%"),
+        "path": _systemd_quote(target.path_env),
+        "throttle": str(THROTTLE_SECONDS),
+    }
+    return _read_template("systemd", templates).substitute(values)
+
+
+def render(target: Target, templates: Path = TEMPLATES) -> str:
+    return (
+        render_plist(target, templates)
+        if target.manager == "launchd"
+        else render_unit(target, templates)
+    )
+
+
+# --- plans ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WriteFile:
+    path: Path
+    text: str
+
+
+@dataclass(frozen=True)
+class MakeDir:
+    path: Path
+
+
+@dataclass(frozen=True)
+class RemoveFile:
+    path: Path
+
+
+@dataclass(frozen=True)
+class Run:
+    """A command; ``check=False`` when a failure is expected (unloading what is not loaded)."""
+
+    argv: tuple[str, ...]
+    check: bool = True
+
+    def __str__(self) -> str:
+        return shlex.join(self.argv)
+
+
+Step = WriteFile | MakeDir | RemoveFile | Run
+
+
+@dataclass(frozen=True)
+class Plan:
+    action: Action
+    steps: tuple[Step, ...] = field(default_factory=tuple)
+
+    @property
+    def commands(self) -> list[tuple[str, ...]]:
+        return [s.argv for s in self.steps if isinstance(s, Run)]
+
+
+def _systemctl(*args: str, check: bool = True) -> Run:
+    return Run(("systemctl", "--user", *args), check=check)
+
+
+def plan(
+    action: Action,
+    target: Target,
+    *,
+    templates: Path = TEMPLATES,
+    have_plutil: bool = False,
+    lines: int = 100,
+    follow: bool = False,
+) -> Plan:
+    """The steps of one ``mailrouter service`` action, in order."""
+    if target.manager == "launchd":
+        return Plan(action, _launchd_steps(action, target, templates, have_plutil, lines, follow))
+    return Plan(action, _systemd_steps(action, target, templates, lines, follow))
+
+
+def _launchd_steps(
+    action: Action, t: Target, templates: Path, have_plutil: bool, lines: int, follow: bool
+) -> tuple[Step, ...]:
+    plist = str(t.unit_file)
+    if action == "install":
+        steps: list[Step] = [
+            MakeDir(t.log_dir),
+            MakeDir(t.unit_file.parent),
+            WriteFile(t.unit_file, render_plist(t, templates)),
+        ]
+        if have_plutil:
+            steps.append(Run(("plutil", "-lint", plist)))
+        # bootstrap refuses an agent that is already loaded: unload the old one first.
+        steps += [
+            Run(("launchctl", "bootout", t.service), check=False),
+            Run(("launchctl", "enable", t.service)),
+            Run(("launchctl", "bootstrap", t.domain, plist)),
+        ]
+        return tuple(steps)
+    if action == "uninstall":
+        return (Run(("launchctl", "bootout", t.service), check=False), RemoveFile(t.unit_file))
+    if action == "restart":
+        return (Run(("launchctl", "kickstart", "-k", t.service)),)
+    if action == "status":
+        return (Run(("launchctl", "print", t.service)),)
+    tail = ("tail", "-n", str(lines), *(("-F",) if follow else ()))
+    return (
+        Run((*tail, str(t.log_dir / "mailrouter.err.log"), str(t.log_dir / "mailrouter.out.log"))),
+    )
+
+
+def _systemd_steps(
+    action: Action, t: Target, templates: Path, lines: int, follow: bool
+) -> tuple[Step, ...]:
+    if action == "install":
+        return (
+            MakeDir(t.unit_file.parent),
+            WriteFile(t.unit_file, render_unit(t, templates)),
+            _systemctl("daemon-reload"),
+            _systemctl("enable", "--now", UNIT),
+        )
+    if action == "uninstall":
+        return (
+            _systemctl("disable", "--now", UNIT, check=False),
+            RemoveFile(t.unit_file),
+            _systemctl("daemon-reload"),
+        )
+    if action == "restart":
+        return (_systemctl("restart", UNIT),)
+    if action == "status":
+        # `status` exits 3 for a stopped unit: still a useful answer, not a failure.
+        return (_systemctl("status", "--no-pager", UNIT, check=False),)
+    journal = ["journalctl", "--user", "-u", UNIT, "-n", str(lines), "--no-pager"]
+    if follow:
+        journal.append("-f")
+    return (Run(tuple(journal)),)
+
+
+# --- execution ------------------------------------------------------------------------------
+
+Runner = Callable[[Sequence[str]], int]
+
+
+def subprocess_runner(argv: Sequence[str]) -> int:
+    """Run a command with the terminal attached (``status`` and ``logs`` print to it)."""
+    try:
+        return subprocess.run(list(argv), check=False).returncode
+    except FileNotFoundError:
+        return 127
+
+
+def execute(
+    the_plan: Plan,
+    *,
+    runner: Runner = subprocess_runner,
+    echo: Callable[[str], None] = print,
+    dry_run: bool = False,
+) -> int:
+    """Carry out a plan; stops at the first failed checked command and returns its status.
+
+    With ``dry_run`` every step is printed and nothing is written or run.
+    """
+    for step in the_plan.steps:
+        if isinstance(step, Run):
+            echo(f"$ {step}")
+            if dry_run:
+                continue
+            code = runner(step.argv)
+            if code == 127:
+                echo(f"{step.argv[0]}: command not found")
+            if code and step.check:
+                return code
+        elif isinstance(step, WriteFile):
+            echo(f"write {step.path}")
+            if not dry_run:
+                step.path.write_text(step.text, encoding="utf-8")
+        elif isinstance(step, MakeDir):
+            echo(f"mkdir -p {step.path}")
+            if not dry_run:
+                step.path.mkdir(parents=True, exist_ok=True)
+        else:
+            echo(f"rm -f {step.path}")
+            if not dry_run:
+                step.path.unlink(missing_ok=True)
+    return 0

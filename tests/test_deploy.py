@@ -1,0 +1,178 @@
+"""The launchd agent and systemd unit as rendered, and the exact service-manager command lines."""
+
+from __future__ import annotations
+
+import plistlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mailrouter import deploy
+from mailrouter.cli import app
+from mailrouter.cli import service as service_cli
+from mailrouter.errors import ConfigError
+
+
+def _target(tmp_path: Path, manager: deploy.Manager) -> deploy.Target:
+    home = tmp_path / "home dir"  # a space, as in "Macintosh HD" paths
+    return deploy.Target(
+        manager=manager,
+        program=tmp_path / "venv" / "bin" / "mailrouter",
+        config=tmp_path / "etc" / "mail & router.toml",
+        workdir=tmp_path / "work",
+        home=home,
+        uid=501,
+        config_home=home / ".config",
+    )
+
+
+def test_plist_has_what_launchd_needs(tmp_path: Path) -> None:
+    t = _target(tmp_path, "launchd")
+    data = plistlib.loads(deploy.render_plist(t).encode())
+    assert data["Label"] == "com.mailrouter.agent"
+    assert data["ProgramArguments"] == [str(t.program), "--config", str(t.config), "serve"]
+    assert data["RunAtLoad"] is True
+    assert data["KeepAlive"] == {"SuccessfulExit": False}
+    assert data["ThrottleInterval"] == deploy.THROTTLE_SECONDS
+    assert data["WorkingDirectory"] == str(t.workdir)
+    path = data["EnvironmentVariables"]["PATH"].split(":")
+    assert path[0] == str(t.program.parent)
+    assert {"/opt/homebrew/bin", "/usr/local/bin", "/usr/bin"} <= set(path)
+    assert data["EnvironmentVariables"]["MAILROUTER_SUPERVISED"] == "launchd"
+    logs = t.home / "Library" / "Logs" / "mailrouter"
+    assert data["StandardOutPath"] == str(logs / "mailrouter.out.log")
+    assert data["StandardErrorPath"] == str(logs / "mailrouter.err.log")
+    if shutil.which("plutil"):
+        out = tmp_path / "agent.plist"
+        out.write_text(deploy.render_plist(t))
+        subprocess.run(["plutil", "-lint", str(out)], check=True)
+
+
+def test_broken_template_is_refused(tmp_path: Path) -> None:
+    t = _target(tmp_path, "launchd")
+    templates = tmp_path / "templates"
+    (templates / "launchd").mkdir(parents=True)
+    good = deploy.template_path("launchd").read_text()
+    deploy.template_path("launchd", templates).write_text(good.replace("</dict>\n</plist>", ""))
+    with pytest.raises(ConfigError, match="not a valid plist"):
+        deploy.render_plist(t, templates)
+
+
+def test_systemd_unit(tmp_path: Path) -> None:
+    t = _target(tmp_path, "systemd")
+    unit = deploy.render_unit(t)
+    lines = unit.splitlines()
+    assert f'ExecStart="{t.program}" --config "{t.config}" serve' in lines
+    assert f"WorkingDirectory={t.workdir}" in lines
+    assert f'Environment="PATH={t.path_env}"' in lines
+    assert "Restart=on-failure" in lines
+    assert "WantedBy=default.target" in lines
+    assert "$" not in unit
+    if shutil.which("systemd-analyze"):
+        path = tmp_path / deploy.UNIT
+        path.write_text(unit)
+        # verify checks syntax; ExecStart's program does not exist here, so only syntax errors fail
+        res = subprocess.run(
+            ["systemd-analyze", "--user", "verify", str(path)], capture_output=True, text=True
+        )
+        assert "Unknown key" not in res.stderr and "bad-setting" not in res.stderr
+
+
+def test_launchd_commands(tmp_path: Path) -> None:
+    t = _target(tmp_path, "launchd")
+    plist = str(t.home / "Library" / "LaunchAgents" / "com.mailrouter.agent.plist")
+    install = deploy.plan("install", t, have_plutil=True)
+    assert install.commands == [
+        ("plutil", "-lint", plist),
+        ("launchctl", "bootout", "gui/501/com.mailrouter.agent"),
+        ("launchctl", "enable", "gui/501/com.mailrouter.agent"),
+        ("launchctl", "bootstrap", "gui/501", plist),
+    ]
+    assert deploy.plan("install", t).commands[0][0] == "launchctl"
+    assert deploy.plan("uninstall", t).commands == [
+        ("launchctl", "bootout", "gui/501/com.mailrouter.agent")
+    ]
+    assert deploy.plan("restart", t).commands == [
+        ("launchctl", "kickstart", "-k", "gui/501/com.mailrouter.agent")
+    ]
+    assert deploy.plan("status", t).commands == [
+        ("launchctl", "print", "gui/501/com.mailrouter.agent")
+    ]
+    logs = t.home / "Library" / "Logs" / "mailrouter"
+    assert deploy.plan("logs", t, lines=20, follow=True).commands == [
+        (
+            "tail",
+            "-n",
+            "20",
+            "-F",
+            str(logs / "mailrouter.err.log"),
+            str(logs / "mailrouter.out.log"),
+        )
+    ]
+
+
+def test_systemd_commands(tmp_path: Path) -> None:
+    t = _target(tmp_path, "systemd")
+    assert deploy.plan("install", t).commands == [
+        ("systemctl", "--user", "daemon-reload"),
+        ("systemctl", "--user", "enable", "--now", "mailrouter.service"),
+    ]
+    assert deploy.plan("uninstall", t).commands == [
+        ("systemctl", "--user", "disable", "--now", "mailrouter.service"),
+        ("systemctl", "--user", "daemon-reload"),
+    ]
+    assert deploy.plan("restart", t).commands == [
+        ("systemctl", "--user", "restart", "mailrouter.service")
+    ]
+    assert deploy.plan("status", t).commands == [
+        ("systemctl", "--user", "status", "--no-pager", "mailrouter.service")
+    ]
+    assert deploy.plan("logs", t, lines=5).commands == [
+        ("journalctl", "--user", "-u", "mailrouter.service", "-n", "5", "--no-pager")
+    ]
+
+
+def test_execute_writes_runs_and_stops_on_failure(tmp_path: Path) -> None:
+    t = _target(tmp_path, "launchd")
+    ran: list[tuple[str, ...]] = []
+
+    def runner(argv: object) -> int:
+        ran.append(tuple(argv))  # type: ignore[arg-type]
+        return 5 if argv[1] == "bootstrap" else 36 if argv[1] == "bootout" else 0  # type: ignore[index]
+
+    code = deploy.execute(deploy.plan("install", t), runner=runner, echo=lambda _: None)
+    assert code == 5  # bootout of a missing agent (36) is tolerated; bootstrap's failure is not
+    assert [a[1] for a in ran] == ["bootout", "enable", "bootstrap"]
+    assert plistlib.loads(t.unit_file.read_bytes())["Label"] == deploy.LABEL
+    assert t.log_dir.is_dir()
+
+    assert deploy.execute(deploy.plan("uninstall", t), runner=lambda _: 0, echo=lambda _: None) == 0
+    assert not t.unit_file.exists()
+
+
+def test_cli_dry_run_and_runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "mailrouter.toml"
+    config.write_text('data_dir = "data"\n')
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    ran: list[tuple[str, ...]] = []
+    monkeypatch.setattr(service_cli, "runner", lambda argv: ran.append(tuple(argv)) or 0)
+    cli = CliRunner()
+
+    res = cli.invoke(app, ["--config", str(config), "service", "install", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "$ " in res.output and ran == []
+    unit = deploy.target_for(config).unit_file
+    assert not unit.exists()
+
+    res = cli.invoke(app, ["--config", str(config), "service", "restart"])
+    assert res.exit_code == 0, res.output
+    expected = deploy.plan("restart", deploy.target_for(config)).commands
+    assert ran == expected
+
+    res = cli.invoke(app, ["service", "status"])  # no config anywhere
+    assert res.exit_code != 0
+    assert isinstance(res.exception, ConfigError) and "mailrouter init" in str(res.exception)
