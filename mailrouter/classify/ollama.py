@@ -1,0 +1,350 @@
+"""Classification through Ollama: the one prompt, a checked label and a real confidence.
+
+The model gets exactly the string it was trained on: ``prompt.render_chat(build_prompt(...))``
+sent with ``raw: true`` (Ollama then adds the BOS token itself, as the training tokenizer did),
+greedy decoding, a few tokens and the prompt's stop sequences. Whatever comes back is only ever
+turned into a label by :func:`map_label`; anything else is ``label=None`` (triage).
+
+Confidence comes from ``logprobs``/``top_logprobs`` (Ollama 0.12.11 and later): see
+:func:`label_confidence`. Older servers are detected once from ``/api/version`` and handled by
+``classifier.no_logprobs``.
+
+Failures the service must survive (server down, timeout, model missing) raise
+:class:`ClassifierError` / :class:`ModelMissingError` with the command that fixes them; the
+pipeline then waits or triages as ``classifier.on_error`` says. A garbage answer is not an error:
+it is a prediction without a label.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import ollama
+
+from ..config import Department, Settings, fold
+from ..errors import ClassifierError, ModelMissingError
+from ..logs import event
+from ..prompt import STOP, PromptOptions, build_prompt, render_chat
+from .base import ClassifyInput, Prediction, map_label
+
+log = logging.getLogger(__name__)
+
+#: First Ollama release whose ``/api/generate`` returns ``logprobs``.
+LOGPROBS_SINCE = (0, 12, 11)
+#: Alternatives asked for at each generated token (Ollama's maximum).
+TOP_LOGPROBS = 20
+#: How often the model in service is looked up again (a new version, or the end of cold start).
+RESOLVE_SECONDS = 60.0
+
+
+def normalize_host(host: str) -> str:
+    """``127.0.0.1:11434`` or ``http://host`` → a base URL with scheme and port, as Ollama's CLI."""
+    url = host.strip()
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 11434)
+    hostname = parts.hostname or "127.0.0.1"
+    if ":" in hostname:
+        hostname = f"[{hostname}]"
+    return f"{parts.scheme}://{hostname}:{port}{parts.path.rstrip('/')}"
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("-", 1)[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def full_name(model: str) -> str:
+    """Ollama's canonical short name: a missing tag is ``latest``."""
+    return model if ":" in model.rsplit("/", 1)[-1] else f"{model}:latest"
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What ``/api/version`` told us, once, at start."""
+
+    version: str
+    logprobs: bool
+
+
+@dataclass(frozen=True)
+class TokenChoice:
+    """One generated token and the alternatives the server reported for its position."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]
+
+    @classmethod
+    def from_api(cls, entry: Any) -> TokenChoice:
+        top = tuple(
+            (_get(t, "token") or "", float(_get(t, "logprob")))
+            for t in _get(entry, "top_logprobs") or []
+        )
+        return cls(token=_get(entry, "token") or "", logprob=float(_get(entry, "logprob")), top=top)
+
+
+def _get(obj: Any, key: str) -> Any:
+    """A field of a JSON object or of the ``ollama`` client's response model."""
+    return obj.get(key) if isinstance(obj, Mapping) else getattr(obj, key, None)
+
+
+def label_confidence(
+    steps: Sequence[TokenChoice], chosen: str, departments: Sequence[Department]
+) -> float | None:
+    """Probability that the answer names ``chosen``, from the generated tokens' alternatives.
+
+    At the first token this is the probability of the chosen label's first tokens among the
+    first tokens of all labels (names and aliases, case and accents ignored), renormalised over
+    those: tokens that start no label do not count. Labels can share a first token ("S" starts
+    both Support and SPAM): the generated token's share is then resolved by the next token, which
+    the server computed after it, and a shared alternative that was not generated is split evenly
+    between the labels it could start. ``None`` when the server sent no usable alternatives.
+    """
+    forms = {d.name: {fold(d.name), *(fold(a) for a in d.aliases)} for d in departments}
+
+    def starts(prefix: str) -> set[str]:
+        key = fold(prefix)
+        return {name for name, words in forms.items() if any(w.startswith(key) for w in words)}
+
+    def share(i: int, prefix: str) -> float | None:
+        if i >= len(steps):
+            return 1.0
+        step = steps[i]
+        alive = starts(prefix)
+        if alive == {chosen}:
+            return 1.0
+        alternatives = step.top or ((step.token, step.logprob),)
+        total = mine = 0.0
+        seen_generated = False
+        for token, logprob in alternatives:
+            deps = starts(prefix + token) & alive
+            if not deps:
+                continue
+            p = math.exp(logprob)
+            total += p
+            if chosen not in deps:
+                continue
+            if token == step.token and not seen_generated:
+                seen_generated = True
+                rest = 1.0 if deps == {chosen} else share(i + 1, prefix + token)
+                if rest is None:
+                    return None
+                mine += p * rest
+            else:
+                mine += p / len(deps)
+        if total == 0.0:
+            return None
+        return min(1.0, mine / total)
+
+    return share(0, "")
+
+
+class OllamaClassifier:
+    """The service backend: one ``/api/generate`` call per email, against a local Ollama."""
+
+    def __init__(self, settings: Settings, *, client: ollama.Client | None = None) -> None:
+        conf = settings.classifier
+        self.settings = settings
+        self.host = normalize_host(conf.ollama_host)
+        self.client = client or ollama.Client(host=self.host, timeout=conf.timeout_seconds)
+        self.departments = list(settings.departments)
+        self.prompt_options = PromptOptions.from_settings(settings)
+        self.server: ServerInfo | None = None
+        self._model: str | None = None
+        self._digest = ""
+        self._resolved_at = -math.inf
+        self._warned_no_logprobs = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> OllamaClassifier:
+        return cls(settings)
+
+    @property
+    def name(self) -> str:
+        """The model in use and its digest, recorded with every decision."""
+        model = self._model or full_name(self.settings.classifier.model)
+        return f"{model}@{self._digest[:12]}" if self._digest else model
+
+    # --- start-up ---------------------------------------------------------------------------
+
+    def start(self) -> ServerInfo:
+        """Read ``/api/version`` once and log what this server supports."""
+        if self.server is not None:
+            return self.server
+        try:
+            resp = httpx.get(
+                f"{self.host}/api/version", timeout=self.settings.classifier.timeout_seconds
+            )
+            resp.raise_for_status()
+            version = str(resp.json().get("version", "0.0.0"))
+        except (httpx.HTTPError, ValueError) as exc:
+            raise self._transport_error(exc) from exc
+        dev_build = parse_version(version) == (0, 0, 0)
+        supported = dev_build or parse_version(version) >= LOGPROBS_SINCE
+        self.server = ServerInfo(version=version, logprobs=supported)
+        policy = self.settings.classifier.no_logprobs
+        event(
+            log,
+            "ollama_server",
+            host=self.host,
+            version=version,
+            logprobs="yes" if supported else "no",
+            confidence="logprobs" if supported else f"none (no_logprobs={policy})",
+        )
+        if not supported:
+            self._no_logprobs_warning(f"Ollama {version} is older than 0.12.11")
+        return self.server
+
+    def _no_logprobs_warning(self, why: str) -> None:
+        if self._warned_no_logprobs:
+            return
+        self._warned_no_logprobs = True
+        policy = self.settings.classifier.no_logprobs
+        effect = "confidence 1.0 is used" if policy == "accept" else "every email goes to triage"
+        event(
+            log,
+            "ollama_no_logprobs",
+            logging.WARNING,
+            reason=why,
+            policy=policy,
+            effect=effect,
+            fix="upgrade Ollama to 0.12.11 or later",
+        )
+
+    def resolve_model(self, *, force: bool = False) -> str:
+        """The fine-tuned model when it exists, else the zero-shot one (cold start)."""
+        now = time.monotonic()
+        if not force and self._model and now - self._resolved_at < RESOLVE_SECONDS:
+            return self._model
+        conf = self.settings.classifier
+        try:
+            listed = self.client.list().models
+        except (ollama.ResponseError, ConnectionError, httpx.HTTPError) as exc:
+            raise self._transport_error(exc) from exc
+        present = {full_name(m.model or ""): m.digest or "" for m in listed}
+        wanted, zero_shot = full_name(conf.model), full_name(conf.zero_shot_model)
+        if wanted in present:
+            chosen = wanted
+        elif zero_shot in present:
+            chosen = zero_shot
+        else:
+            raise ModelMissingError(
+                f"neither {wanted!r} nor the zero-shot model {zero_shot!r} is on the Ollama "
+                f"server at {self.host}: run `ollama pull {conf.zero_shot_model}` to classify "
+                f"zero-shot now, or `mailrouter train` to create {wanted!r}"
+            )
+        if chosen != self._model or present[chosen] != self._digest:
+            event(
+                log,
+                "ollama_model",
+                model=chosen,
+                digest=present[chosen][:12],
+                cold_start=chosen != wanted,
+                note=(
+                    f"{wanted} does not exist yet: zero-shot with the same prompt"
+                    if chosen != wanted
+                    else "fine-tuned model"
+                ),
+            )
+        self._model, self._digest, self._resolved_at = chosen, present[chosen], now
+        return chosen
+
+    # --- classification ---------------------------------------------------------------------
+
+    def render(self, item: ClassifyInput) -> str:
+        """The raw string sent to Ollama: the chat-templated prompt without the BOS text."""
+        return render_chat(
+            build_prompt(
+                item.text,
+                self.departments,
+                subject=item.subject,
+                sender_domain=item.sender_domain,
+                options=self.prompt_options,
+            )
+        )
+
+    def classify(self, item: ClassifyInput) -> Prediction:
+        server = self.start()
+        model = self.resolve_model()
+        try:
+            response = self._generate(model, self.render(item), server.logprobs)
+        except ollama.ResponseError as exc:
+            if exc.status_code != 404:
+                raise self._transport_error(exc) from exc
+            model = self.resolve_model(force=True)  # deleted or replaced since the last lookup
+            try:
+                response = self._generate(model, self.render(item), server.logprobs)
+            except ollama.ResponseError as again:
+                raise self._transport_error(again) from again
+        return self._prediction(response)
+
+    def _generate(self, model: str, prompt: str, logprobs: bool) -> Any:
+        conf = self.settings.classifier
+        extra: dict[str, Any] = {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if logprobs else {}
+        try:
+            return self.client.generate(
+                model=model,
+                prompt=prompt,
+                raw=True,
+                stream=False,
+                options={"temperature": 0, "num_predict": conf.num_predict, "stop": list(STOP)},
+                keep_alive=conf.keep_alive,
+                **extra,
+            )
+        except ollama.ResponseError:
+            raise
+        except (ConnectionError, httpx.HTTPError) as exc:
+            raise self._transport_error(exc) from exc
+
+    def _prediction(self, response: Any) -> Prediction:
+        answer = (response.response or "").strip()
+        label = map_label(answer, self.departments)
+        if label is None:
+            event(
+                log, "ollama_unmapped_answer", logging.WARNING, answer=answer[:80], model=self.name
+            )
+            return Prediction(label=None, confidence=0.0, model=self.name, raw=answer)
+        steps = [TokenChoice.from_api(e) for e in (response.logprobs or [])]
+        confidence = label_confidence(steps, label, self.departments) if steps else None
+        if confidence is None:
+            self._no_logprobs_warning("the server sent no logprobs")
+            if self.settings.classifier.no_logprobs == "triage":
+                return Prediction(label=None, confidence=0.0, model=self.name, raw=answer)
+            confidence = 1.0
+        return Prediction(label=label, confidence=confidence, model=self.name, raw=answer)
+
+    # --- errors -----------------------------------------------------------------------------
+
+    def _transport_error(self, exc: BaseException) -> ClassifierError:
+        conf = self.settings.classifier
+        if isinstance(exc, ollama.ResponseError):
+            if exc.status_code == 404:
+                return ModelMissingError(
+                    f"the Ollama server at {self.host} has no model {self._model or conf.model!r}: "
+                    f"run `mailrouter train` to create {full_name(conf.model)!r}, or "
+                    f"`ollama pull {conf.zero_shot_model}` to classify zero-shot"
+                )
+            return ClassifierError(f"Ollama at {self.host} answered {exc.status_code}: {exc.error}")
+        if isinstance(exc, httpx.TimeoutException):
+            return ClassifierError(
+                f"Ollama at {self.host} did not answer within {conf.timeout_seconds:g} s "
+                "(classifier.timeout_seconds): check `ollama ps` and the machine's load"
+            )
+        if isinstance(exc, ConnectionError | httpx.ConnectError):
+            return ClassifierError(
+                f"cannot reach Ollama at {self.host}: start it with `ollama serve` (or open the "
+                "Ollama app), or set classifier.ollama_host"
+            )
+        return ClassifierError(f"talking to Ollama at {self.host} failed: {exc}")
