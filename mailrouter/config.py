@@ -117,6 +117,7 @@ class MailboxSettings(_Section):
     timeout_seconds: float = Field(default=60, gt=0)
     max_message_bytes: int = Field(default=25 * 1024 * 1024, gt=0)
     batch_size: int = Field(default=50, ge=1)
+    automated: Literal["ignore", "triage"] = "ignore"
 
 
 class SmtpSettings(_Section):
