@@ -406,10 +406,9 @@ class PymapServer:
 
     def start(self, timeout: float = 20.0) -> PymapServer:
         self.port = free_port(self.host)
-        cmd = [
-            sys.executable, "-m", "pymap", "--no-tls", "--host", self.host, "--port", str(self.port),
-            "dict", "--demo-user", self.username, "--demo-password", self.password,
-        ]  # fmt: skip
+        cmd = [sys.executable, "-m", "pymap", "--no-tls", "--host", self.host]
+        cmd += ["--port", str(self.port), "dict", "--demo-user", self.username]
+        cmd += ["--demo-password", self.password]
         self.process = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
@@ -521,14 +520,14 @@ class SmtpSink:
             self.faults = _Faults()
 
     # the aiosmtpd handler
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: ANN001
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         with self._lock:
             if address.lower() in self.faults.reject_rcpt:
                 return "550 5.1.1 No such user here"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001
+    async def handle_DATA(self, server, session, envelope):
         with self._lock:
             self.attempts += 1
             if self.faults.drop > 0:
@@ -601,7 +600,8 @@ def local_config(
 ) -> dict[str, Any]:
     """Settings data for a router that talks to these loopback servers (no TLS, no AUTH).
 
-    ``sections`` are merged over the defaults per section, e.g. ``classifier={"backend": "ollama"}``.
+    ``sections`` are merged over the defaults per section, e.g.
+    ``classifier={"backend": "ollama"}``.
     The router's own address is ``router@mailrouter.test`` and triage goes to
     ``triage@mailrouter.test``; departments keep their defaults unless ``departments=[...]``.
     """
