@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Annotated
@@ -10,7 +11,7 @@ import typer
 
 from .. import deploy
 from ..config import resolve_config_path
-from .app import app, console, state
+from .app import app, console, settings, state
 
 service_app = typer.Typer(
     help="Run `mailrouter serve` as a launchd agent (macOS) or a systemd user unit (Linux).",
@@ -91,3 +92,43 @@ def logs(
 ) -> None:
     """The service's log lines (launchd: ~/Library/Logs/mailrouter/; systemd: the journal)."""
     _run("logs", dry_run, _target(), lines=lines, follow=follow)
+
+
+@app.command()
+def doctor(
+    send_test: Annotated[
+        bool,
+        typer.Option("--send-test", help="Also send a real test message to the triage address."),
+    ] = False,
+) -> None:
+    """Check the config, mailbox, SMTP, Ollama, training prerequisites and the dataset."""
+    from .. import doctor as checks
+
+    results = checks.run(
+        state.config,
+        send_test=send_test,
+        emit=lambda check: console.print(check.line(), highlight=False, markup=False),
+    )
+    if checks.failed(results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Whether the service runs, what it routed today, the model in service, the last error."""
+    from .. import status as report
+    from ..state import State
+
+    current = settings()
+    if not current.state_path.exists():  # reading must not create the database
+        result = report.collect(current, None)
+    else:
+        with State(current.state_path) as db:
+            result = report.collect(current, db)
+    if as_json:
+        console.print_json(json.dumps(result.to_dict()))
+        return
+    for line in report.format_lines(result):
+        console.print(line, highlight=False, markup=False)
