@@ -7,6 +7,7 @@ the classifier) from what only training needs (Hugging Face, MLX, disk space).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -31,6 +32,7 @@ class Check:
     detail: str
     fix: str = ""
     required: bool = True
+    optional_because: str = "needed for training only"
 
     def line(self) -> str:
         mark = "✓" if self.ok else "✗"
@@ -38,7 +40,7 @@ class Check:
         if not self.ok and self.fix:
             text += f" — fix: {self.fix}"
         if not self.ok and not self.required:
-            text += " (needed for training only)"
+            text += f" ({self.optional_because})"
         return text
 
 
@@ -122,17 +124,12 @@ def check_hf(settings: Settings) -> Check:
             required=False,
         )
     except Exception as exc:  # network errors: a training-time concern, reported plainly
-        return Check(
-            "Hugging Face",
-            False,
-            _error(exc),
-            "check the network or set HF_HUB_OFFLINE=1",
-            required=False,
-        )
+        fix = "check the network (offline: set HF_HUB_OFFLINE=1 with the model in the cache)"
+        return Check("Hugging Face", False, f"{base}: {_error(exc)}", fix, required=False)
     return Check("Hugging Face", True, f"{base}: access granted ({token_text})", required=False)
 
 
-_MLX_PROBE = "import mlx.core as mx; print(mx.__version__, mx.default_device())"
+_MLX_PROBE = "import mlx.core as mx; print(mx.__version__, mx.default_device().type.name)"
 
 
 def check_mlx(python: str = sys.executable, timeout: float = 60) -> Check:
@@ -148,7 +145,10 @@ def check_mlx(python: str = sys.executable, timeout: float = 60) -> Check:
         fix = "pip install mlx-lm" + (" 'mlx[cpu]'" if sys.platform != "darwin" else "")
         return Check("MLX", False, last, fix, required=False)
     version, _, device = res.stdout.strip().partition(" ")
-    return Check("MLX", True, f"mlx {version} on {device}", required=False)
+    where = (
+        "the GPU (Metal)" if device == "gpu" else "the CPU (training a 7B model needs a Mac's GPU)"
+    )
+    return Check("MLX", True, f"mlx {version} on {where}", required=False)
 
 
 def _existing_parent(path: Path) -> Path:
@@ -167,6 +167,197 @@ def check_disk(settings: Settings, need_gb: float = TRAINING_DISK_GB) -> Check:
             "disk", False, detail, "free space or move data_dir to a larger disk", required=False
         )
     return Check("disk", True, detail, required=False)
+
+
+# --- mail servers ------------------------------------------------------------------------------
+
+# What the router does without each capability (it still works).
+CAPABILITIES = {
+    "IDLE": "no IDLE: the mailbox is polled every mailbox.poll_seconds",
+    "MOVE": "no MOVE: filing is COPY + delete + expunge",
+    "UIDPLUS": "no UIDPLUS: expunging after a copy may also expunge mail others deleted",
+}
+
+
+def check_imap(settings: Settings) -> list[Check]:
+    """Log in, open the watched folder, and report the capabilities the router uses."""
+    from .config import imap_password
+    from .mailbox import connect_imap
+
+    box = _quick(settings, "mailbox").mailbox
+    where = f"{box.username} at {box.host}:{box.port} ({box.security})"
+    try:
+        client = connect_imap(box, imap_password(settings))
+    except MailRouterError as exc:
+        fix = "check [mailbox] host, port and security" if "Auth" not in type(exc).__name__ else ""
+        return [Check("IMAP", False, f"{where}: {_error(exc)}", fix)]
+    try:
+        caps = {c.decode().upper() for c in client.capabilities()}
+        info = client.select_folder(box.folder, readonly=True)
+    except Exception as exc:
+        return [
+            Check(
+                "IMAP",
+                False,
+                f"{where}: cannot open {box.folder!r}: {type(exc).__name__}: {exc}",
+                "check mailbox.folder",
+            )
+        ]
+    finally:
+        with contextlib.suppress(Exception):
+            client.logout()
+    count = int(info.get(b"EXISTS", 0))
+    checks = [Check("IMAP", True, f"logged in as {where}; {box.folder} holds {count} message(s)")]
+    missing = [name for name in CAPABILITIES if name not in caps]
+    have = ", ".join(f"{name} {'yes' if name in caps else 'no'}" for name in CAPABILITIES)
+    if missing:
+        why = "; ".join(CAPABILITIES[name] for name in missing)
+        checks.append(Check("IMAP capabilities", False, have, "", False, f"routing works: {why}"))
+    else:
+        checks.append(Check("IMAP capabilities", True, have))
+    return checks
+
+
+def check_smtp(settings: Settings, send_test: bool = False) -> Check:
+    """Connect and log in; with ``send_test``, send one real message to the triage address."""
+    from .forward import SmtpSender
+
+    quick = _quick(settings, "smtp")
+    s = quick.smtp
+    auth = f"as {s.username}" if s.username else "without AUTH"
+    where = f"{s.host}:{s.port} ({s.security}, {auth})"
+    sender: SmtpSender | None = None
+    try:
+        sender = SmtpSender.from_settings(quick)
+        sender._ensure()  # connect and log in, nothing sent
+        if send_test:
+            sender.send(_test_message(settings), s.triage_address)
+    except MailRouterError as exc:
+        fix = "" if "login" in str(exc) else "check [smtp] host, port and security"
+        return Check("SMTP", False, f"{where}: {_error(exc)}", fix)
+    finally:
+        if sender is not None:
+            with contextlib.suppress(Exception):
+                sender.close()
+    if send_test:
+        return Check("SMTP", True, f"{where}: test message sent to {s.triage_address}")
+    return Check("SMTP", True, f"{where}: login ok (add --send-test to send a test message)")
+
+
+def _test_message(settings: Settings) -> bytes:
+    from email.message import EmailMessage
+    from email.utils import formatdate, make_msgid
+
+    msg = EmailMessage()
+    msg["From"] = settings.smtp.from_address
+    msg["To"] = settings.smtp.triage_address
+    msg["Subject"] = "MailRouter : message de test / test message"
+    msg["Date"] = formatdate(localtime=True)
+    msg["Message-ID"] = make_msgid(domain=settings.smtp.from_address.rpartition("@")[2] or None)
+    msg["Auto-Submitted"] = "auto-generated"
+    msg["X-MailRouter-Version"] = "doctor"
+    msg.set_content(
+        "Ce message a été envoyé par `mailrouter doctor --send-test` : l'envoi fonctionne.\n\n"
+        "This message was sent by `mailrouter doctor --send-test`: sending works.\n"
+    )
+    return msg.as_bytes()
+
+
+# --- classifier and data ------------------------------------------------------------------------
+
+DOCTOR_TIMEOUT = 10.0
+
+
+def _quick(settings: Settings, section: str) -> Settings:
+    """The settings with a short network timeout: doctor answers in seconds, not minutes."""
+    sub = getattr(settings, section)
+    timeout = min(sub.timeout_seconds, DOCTOR_TIMEOUT)
+    return settings.model_copy(
+        update={section: sub.model_copy(update={"timeout_seconds": timeout})}
+    )
+
+
+def check_ollama(settings: Settings) -> list[Check]:
+    """Server reachable and its version, logprobs support, and the model it would classify with."""
+    from .classify.ollama import OllamaClassifier, full_name
+    from .errors import ClassifierError, ModelMissingError
+
+    conf = settings.classifier
+    required = conf.backend == "ollama"
+    why = f"classifier.backend = {conf.backend!r}"
+    classifier = OllamaClassifier(_quick(settings, "classifier"))
+    try:
+        info = classifier.start()
+    except ClassifierError as exc:
+        fix = "if it is not installed: https://ollama.com/download"
+        return [Check("Ollama", False, _error(exc), fix, required, why)]
+    checks = [Check("Ollama", True, f"version {info.version} at {classifier.host}", "", required)]
+    if info.logprobs:
+        checks.append(
+            Check("Ollama logprobs", True, "supported: confidence from token probabilities")
+        )
+    else:
+        checks.append(
+            Check(
+                "Ollama logprobs",
+                False,
+                f"Ollama {info.version} < 0.12.11 has none (no_logprobs = {conf.no_logprobs!r})",
+                "upgrade Ollama to 0.12.11 or later",
+                False,
+                "routing still works, without confidence",
+            )
+        )
+    try:
+        chosen = classifier.resolve_model(force=True)
+    except ModelMissingError as exc:
+        checks.append(Check("model", False, _error(exc), "", required, why))
+        return checks
+    except ClassifierError as exc:
+        checks.append(Check("model", False, _error(exc), "check the Ollama server", required, why))
+        return checks
+    if chosen == full_name(conf.model):
+        checks.append(Check("model", True, f"{chosen} (fine-tuned) is present", "", required))
+    else:
+        checks.append(
+            Check(
+                "model",
+                True,
+                f"zero-shot {chosen} until {full_name(conf.model)} exists (`mailrouter train`)",
+                "",
+                required,
+            )
+        )
+    return checks
+
+
+def check_dataset(settings: Settings) -> list[Check]:
+    """Examples per split and per label, and what would make training fail."""
+    from .dataset import SPLITS, Dataset
+
+    required = settings.classifier.backend == "baseline"
+    why = "the baseline classifier and training need examples"
+    path = settings.examples_path
+    try:
+        stats = Dataset.from_settings(settings).stats()
+    except MailRouterError as exc:
+        return [Check("dataset", False, _error(exc), f"repair or restore {path}", required, why)]
+    if stats.total == 0:
+        fix = "`mailrouter dataset import FILE`, or copy the starter data/examples.jsonl there"
+        return [Check("dataset", False, f"no examples in {path}", fix, required, why)]
+    splits = ", ".join(f"{s} {stats.split_total(s)}" for s in SPLITS)
+    labels = ", ".join(
+        f"{label} " + "/".join(str(stats.counts[label].get(s, 0)) for s in SPLITS)
+        for label in stats.labels
+    )
+    checks = [
+        Check("dataset", True, f"{stats.total} examples ({splits})", required=required),
+        Check("dataset labels", True, f"train/valid/test: {labels}", required=required),
+    ]
+    for warning in stats.warnings(settings.departments, settings.training.batch_size):
+        checks.append(
+            Check("dataset", False, warning, "add examples (`mailrouter dataset add`)", False)
+        )
+    return checks
 
 
 # --- the whole run -------------------------------------------------------------------------
@@ -190,14 +381,19 @@ def run(
     add(first)
     if settings is None:
         return results
-    for check in _service_checks(settings, send_test):
-        add(check())
+    for check in _checks(settings, send_test):
+        for result in check():
+            add(result)
     return results
 
 
-def _service_checks(settings: Settings, send_test: bool) -> list[Callable[[], Check]]:
+def _checks(settings: Settings, send_test: bool) -> list[Callable[[], list[Check]]]:
     return [
-        lambda: check_hf(settings),
-        check_mlx,
-        lambda: check_disk(settings),
+        lambda: check_imap(settings),
+        lambda: [check_smtp(settings, send_test)],
+        lambda: check_ollama(settings),
+        lambda: [check_hf(settings)],
+        lambda: [check_mlx()],
+        lambda: [check_disk(settings)],
+        lambda: check_dataset(settings),
     ]
