@@ -133,6 +133,7 @@ class SmtpSettings(_Section):
     timeout_seconds: float = Field(default=60, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     backoff_seconds: float = Field(default=2.0, ge=0)
+    defer_seconds: float = Field(default=60.0, ge=0)
 
 
 class ClassifierSettings(_Section):
