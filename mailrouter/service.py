@@ -38,6 +38,9 @@ from .status import KEYS
 log = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 5.0  # a training child gets this long to exit after SIGTERM
+# A round in progress gets this long to end after the first signal; then the process exits
+# anyway. That is safe: every step of a message is committed before the next (see pipeline).
+STOP_DEADLINE_SECONDS = 8.0
 MAX_BACKOFF_SECONDS = 300.0
 LOG_FILE = "mailrouter.log"
 # Set by the launchd agent and systemd unit (systemd also sets INVOCATION_ID): their supervisor
@@ -114,6 +117,7 @@ class Service:
         self._child_lock = threading.Lock()
         self._signals = 0
         self._digest_due = False
+        self._deadline: threading.Timer | None = None
 
     # --- signals ----------------------------------------------------------------------------
 
@@ -129,6 +133,15 @@ class Service:
             os._exit(128 + signum)
         event(log, "service_stopping", signal=signal.Signals(signum).name)
         self.request_stop()
+        self._deadline = threading.Timer(STOP_DEADLINE_SECONDS, self._force_exit)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _force_exit(self) -> None:
+        event(log, "service_stop_forced", logging.WARNING, after_s=STOP_DEADLINE_SECONDS)
+        self._kill_child(grace=0)
+        logging.shutdown()
+        os._exit(0)
 
     def request_stop(self) -> None:
         self.stopping.set()
@@ -214,8 +227,6 @@ class Service:
         if self.router is None:
             self.router = self.router_factory(self.settings, self.dry_run)
         self.router.run_once()
-        assert self.state is not None
-        self.state.set(KEYS.LAST_POLL, now_iso())
         if self._digest_due and not self.stopping.is_set():
             self._send_digest()
 
@@ -256,7 +267,7 @@ class Service:
             dry_run=self.dry_run,
             jobs=",".join(job.id for job in scheduler.get_jobs()),
         )
-        backoff = 1.0
+        backoff = min(1.0, MAX_BACKOFF_SECONDS)
         try:
             while not self.stopping.is_set():
                 self.wake.clear()
@@ -265,7 +276,7 @@ class Service:
                     if self.stopping.is_set():
                         break
                     self._wait()
-                    backoff = 1.0
+                    backoff = min(1.0, MAX_BACKOFF_SECONDS)
                 except ConfigError:
                     raise
                 except Exception as exc:  # mailbox, SMTP, Ollama, or a bug: log, wait, retry
@@ -289,6 +300,8 @@ class Service:
             event(log, "service_stopped", pid=os.getpid())
             self.state.close()
             self.state = None
+            if self._deadline is not None:
+                self._deadline.cancel()
         return 0
 
 

@@ -24,7 +24,7 @@ class KEYS:
     PID = "service.pid"
     STARTED = "service.started"
     HEARTBEAT = "service.heartbeat"  # unix time, every HEARTBEAT_SECONDS while running
-    LAST_POLL = "service.last_poll"  # ISO time of the last look at the mailbox
+    LAST_POLL = "last_poll"  # unix time of the last look at the mailbox (written by the pipeline)
     STOPPED = "service.stopped"  # ISO time of the last clean exit
     LAST_ERROR = "service.last_error"  # JSON {"at", "event", "error"}
     DRY_RUN = "service.dry_run"
@@ -127,9 +127,18 @@ def health(state: State, now: float | None = None) -> ServiceHealth:
         pid=pid,
         started=state.get(KEYS.STARTED),
         heartbeat_age=None if age is None else round(age, 1),
-        last_poll=state.get(KEYS.LAST_POLL),
+        last_poll=_iso(state.get(KEYS.LAST_POLL)),
         stopped=stopped,
     )
+
+
+def _iso(stamp: str | None) -> str | None:
+    if not stamp:
+        return None
+    try:
+        return datetime.fromtimestamp(float(stamp), UTC).isoformat(timespec="seconds")
+    except ValueError:
+        return stamp
 
 
 def _accuracy(metrics: dict[str, Any]) -> float | None:

@@ -45,7 +45,7 @@ def _fill(state: State) -> None:
     state.set(KEYS.PID, str(os.getpid()))
     state.set(KEYS.STARTED, now_iso())
     state.set(KEYS.HEARTBEAT, f"{time.time():.3f}")
-    state.set(KEYS.LAST_POLL, now_iso())
+    state.set(KEYS.LAST_POLL, f"{time.time():.3f}")
     state.set(KEYS.STOPPED, "")
 
 

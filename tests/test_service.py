@@ -1,0 +1,188 @@
+"""``mailrouter serve`` as a real child process against Dovecot and an SMTP sink."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from mailrouter.config import load_settings
+from mailrouter.dataset import Dataset, Example
+from mailrouter.localservers import ImapAccount, SmtpSink
+from mailrouter.service import Service, log_file
+from mailrouter.state import State
+from mailrouter.status import KEYS, collect
+
+# Runs the CLI and reports, at a normal exit, whether anything imported MLX.
+CHILD = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: print('MLX-LOADED' if any(m == 'mlx' or m.startswith('mlx.') "
+    "or m.startswith('mlx_lm') for m in sys.modules) else 'MLX-ABSENT', flush=True))\n"
+    "from mailrouter.cli import main\n"
+    "main()\n"
+)
+
+EXAMPLES = {
+    "RH": ["Candidature spontanee pour un poste de developpeur", "Demande de stage en alternance"],
+    "Support": ["Mon imprimante ne fonctionne plus depuis la mise a jour", "Bug a la connexion"],
+    "Commercial": ["Pouvez-vous m'envoyer un devis pour 20 licences", "Demande de tarifs"],
+    "Finance": ["Facture impayee du mois dernier", "Relance de paiement de la facture 42"],
+    "SPAM": ["Gagnez un iPhone gratuit en cliquant ici", "Promotion exceptionnelle casino"],
+}
+
+
+def _seed(data_dir: Path) -> None:
+    examples = [
+        Example.new(f"{text} ({n})", label, split=split, source="seed")
+        for label, texts in EXAMPLES.items()
+        for text in texts
+        for n, split in enumerate(("train", "train", "valid", "test"))
+    ]
+    Dataset(data_dir / "examples.jsonl").add(examples)
+
+
+def _mail(subject: str, body: str, sender: str = "client@customer.test") -> bytes:
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = "contact@mailrouter.test"
+    msg["Subject"] = subject
+    msg["Message-ID"] = f"<{abs(hash(subject))}@customer.test>"
+    msg.set_content(body)
+    return msg.as_bytes()
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _serve(config: Path, data_dir: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "MAILROUTER_DATA_DIR": str(data_dir)}
+    env.pop("MAILROUTER_SUPERVISED", None)
+    env.pop("INVOCATION_ID", None)
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, "--config", str(config), "serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def test_serve_routes_then_stops_cleanly_on_sigterm(
+    make_mail_config: Callable[..., Path],
+    imap_account: ImapAccount,
+    smtp_sink: SmtpSink,
+    data_dir: Path,
+) -> None:
+    _seed(data_dir)
+    config = make_mail_config(log={"format": "json"})
+    proc = _serve(config, data_dir)
+    try:
+        state_path = data_dir / "state.db"
+        _wait(state_path.exists, 30, "the state database")
+        imap_account.append([_mail("Facture en retard", "Relance: la facture 42 reste impayee.")])
+        sent = smtp_sink.wait_for(1, timeout=30)
+        assert [m.rcpt_tos for m in sent] == [("finance@example.com",)]
+        with State(state_path) as state:
+            _wait(lambda: state.counts().get("filed") == 1, 20, "the message to be filed")
+            status = collect(load_settings(config), state)
+        assert status.service.state == "running" and status.service.pid == proc.pid
+        assert status.routed_today == {"Finance": 1}
+
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+        elapsed = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    assert elapsed < 10
+    assert "MLX-ABSENT" in out, out
+    events = [json.loads(line)["event"] for line in err.splitlines() if line.startswith("{")]
+    assert events[0] == "log_file"
+    for name in ("service_started", "decision", "forwarded", "service_stopping", "service_stopped"):
+        assert name in events, events
+    # the same lines went to the rotating file under data/logs/
+    logged = (data_dir / "logs" / "mailrouter.log").read_text()
+    assert '"event": "service_stopped"' in logged
+    with State(data_dir / "state.db") as state:
+        assert collect(load_settings(config), state).service.state == "stopped"
+    assert len(smtp_sink.delivered()) == 1
+
+
+def test_second_signal_exits_at_once(make_mail_config: Callable[..., Path], data_dir: Path) -> None:
+    config = make_mail_config()
+    proc = _serve(config, data_dir)
+    try:
+        _wait(lambda: (data_dir / "state.db").exists(), 30, "the state database")
+        time.sleep(0.5)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=10)
+        assert time.monotonic() - started < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode in (0, 128 + signal.SIGINT)
+
+
+def test_log_file_only_when_unsupervised(data_dir: Path) -> None:
+    settings = load_settings(None)
+    assert log_file(settings, {}) == data_dir / "logs" / "mailrouter.log"
+    assert log_file(settings, {"MAILROUTER_SUPERVISED": "launchd"}) is None
+    assert log_file(settings, {"INVOCATION_ID": "abc"}) is None  # systemd
+
+
+class _DownRouter:
+    """A router whose mailbox is down: every round fails; the third one asks the service to stop."""
+
+    rounds = 0
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def run_once(self) -> None:
+        from mailrouter.errors import MailboxError
+
+        _DownRouter.rounds += 1
+        if _DownRouter.rounds >= 3:
+            self.service.request_stop()
+        raise MailboxError("connecting to imap.test:993: connection refused")
+
+    def wait_for_changes(self, timeout: float, stop_event: object) -> None:
+        raise AssertionError("never reached: every round fails")
+
+    def close(self) -> None:
+        return None
+
+
+def test_failures_are_retried_with_backoff_and_recorded(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mailrouter.service as service_module
+
+    monkeypatch.setattr(service_module, "MAX_BACKOFF_SECONDS", 0.05)
+    settings = load_settings(None)
+    service = Service(settings, router_factory=lambda _s, _d: _DownRouter(service))
+    assert service.run() == 0
+    assert _DownRouter.rounds == 3  # a new router (a reconnection) after each failure
+    with State(settings.state_path) as state:
+        error = json.loads(state.get(KEYS.LAST_ERROR) or "{}")
+        assert error["event"] == "round_failed" and "connection refused" in error["error"]
+        assert state.get(KEYS.STOPPED)
