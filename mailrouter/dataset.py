@@ -214,6 +214,12 @@ class AddResult:
     splits: Counter[str] = field(default_factory=Counter)  # splits given to the added ones
 
     @property
+    def ids(self) -> list[str]:
+        """Every example the call touched or matched, once each."""
+        seen = self.added + self.relabelled + self.updated + self.unchanged + self.conflicts
+        return list(dict.fromkeys(seen))
+
+    @property
     def changed(self) -> bool:
         return bool(self.added or self.relabelled or self.updated)
 
@@ -392,11 +398,11 @@ class Dataset:
         )
         with self._locked():
             current = self.load()
-            merge(current, [example], self.ratios)
-            self._write(current)
-        stored = _find(current, example)
-        assert stored is not None
-        return stored
+            result = merge(current, [example], self.ratios)
+            if result.changed:
+                self._write(current)
+        (stored_id,) = result.ids
+        return next(e for e in current if e.id == stored_id)
 
     def remove(self, example_id_: str) -> bool:
         """Delete one example; ``False`` when there is none with that id."""
@@ -476,7 +482,8 @@ def merge(
                 source=example.source,
                 created=example.created,
                 message_id=example.message_id or old.message_id,
-                corrected_from=example.corrected_from,
+                corrected_from=example.corrected_from
+                or (old.label if example.label != old.label else None),
                 by=example.by,
             )
             if new != old:
@@ -500,14 +507,6 @@ def _older(a: Example, b: Example) -> bool:
         return datetime.fromisoformat(a.created) < datetime.fromisoformat(b.created)
     except ValueError:
         return a.created < b.created
-
-
-def _find(examples: Sequence[Example], probe: Example) -> Example | None:
-    if probe.message_id:
-        hit = next((e for e in examples if e.message_id == probe.message_id), None)
-        if hit is not None:
-            return hit
-    return next((e for e in examples if e.id == probe.id), None)
 
 
 # --- export --------------------------------------------------------------------------------

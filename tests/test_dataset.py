@@ -14,7 +14,7 @@ from pathlib import Path
 import jinja2.sandbox
 import pytest
 from filelock import FileLock
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailrouter import dataset as dataset_module
@@ -107,9 +107,7 @@ batches = st.lists(
 )
 
 
-@settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=60, deadline=None)
 @given(batches=batches)
 def test_adding_examples_never_moves_an_existing_one(tmp_path_factory, batches) -> None:
     store = Dataset(tmp_path_factory.mktemp("ds") / "examples.jsonl")
