@@ -58,7 +58,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "top_p": 0.9,
     "min_p": 0.0,
     "num_predict": -1,
-    "num_ctx": 4096,
+    "num_ctx": 2048,
     "stop": [],
     "seed": None,
 }
@@ -242,6 +242,7 @@ class ModelRecord:
     quantization: str = ""
     family: str = ""
     parameter_count: int = 0
+    model_info: dict[str, Any] = field(default_factory=dict)
     size: int = 0
     modified_at: str = ""
     parent: str = ""
@@ -304,11 +305,15 @@ class Store:
     def _record_path(self, name: str) -> Path:
         return self.models / (quote(name, safe="") + ".json")
 
-    def get(self, name: str) -> ModelRecord:
+    def get(self, name: str, asked: str | None = None) -> ModelRecord:
+        """The model called ``name``; 404 naming it as the client ``asked`` for it."""
         path = self._record_path(name)
         if not path.is_file():
-            raise ApiError(404, f"model '{name.removesuffix(':latest')}' not found")
+            raise ApiError(404, f"model '{asked or name}' not found")
         return ModelRecord(**json.loads(path.read_text()))
+
+    def has_model(self, name: str) -> bool:
+        return self._record_path(name).is_file()
 
     def save(self, record: ModelRecord) -> None:
         record.modified_at = now_iso()
@@ -334,28 +339,31 @@ class Store:
 
 
 def gguf_metadata(path: Path) -> dict[str, Any]:
-    """Scalar metadata of a GGUF file (arrays as their length), read with llama.cpp's reader."""
-    from gguf import GGUFReader
-    from gguf.constants import GGUFValueType
+    """The GGUF's scalar metadata as llama.cpp reads it (arrays such as the vocabulary omitted).
+
+    Loading the vocabulary is also the check Ollama makes when it parses the file: a GGUF that
+    llama.cpp refuses (wrong magic, wrong types) is a 400 at create time, not a crash later.
+    """
+    import llama_cpp
 
     try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:  # the reader raises ValueError, struct.error, IndexError…
+        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    except Exception as exc:  # llama-cpp-python raises ValueError with llama.cpp's reason
         raise ApiError(400, f"invalid GGUF file: {exc}") from exc
     meta: dict[str, Any] = {}
-    for key, fld in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        kind = fld.types[0] if fld.types else None
-        if kind == GGUFValueType.ARRAY:
-            meta[key] = len(fld.data)
-        elif kind == GGUFValueType.STRING:
-            meta[key] = bytes(fld.parts[fld.data[0]]).decode("utf-8", "replace")
-        else:
-            value = fld.parts[fld.data[0]]
-            meta[key] = value.tolist()[0] if hasattr(value, "tolist") else value
-    meta["general.parameter_count"] = int(sum(int(t.n_elements) for t in reader.tensors))
+    for key, text in llm.metadata.items():
+        meta[key] = _scalar(text)
+    meta["general.parameter_count"] = int(llama_cpp.llama_model_n_params(llm.model))
     return meta
+
+
+def _scalar(text: str) -> Any:
+    if text in ("true", "false"):
+        return text == "true"
+    for kind in (int, float):
+        with contextlib.suppress(ValueError):
+            return kind(text)
+    return text
 
 
 def quantize(src: Path, dst: Path, kind: str) -> bool:
@@ -655,7 +663,7 @@ class Handler(BaseHTTPRequestHandler):
     def _body(self) -> dict[str, Any]:
         raw = self._drain()
         if not raw.strip():
-            return {}
+            raise ApiError(400, "missing request body")
         try:
             body = json.loads(raw)
         except ValueError as exc:
@@ -744,9 +752,9 @@ class Handler(BaseHTTPRequestHandler):
     def show(self) -> None:
         body = self._body()
         check_fields(body, {"model", "name", "verbose", "system", "template", "options"}, "show")
-        record = self.server.store.get(model_name(body.get("model") or body.get("name")))
+        asked = body.get("model") or body.get("name")
+        record = self.server.store.get(model_name(asked), asked)
         path = self.server.store.blob_path(record.gguf)
-        info = gguf_metadata(path)
         params = "\n".join(
             f"{key:<30} {json.dumps(v) if isinstance(v, str) else v}"
             for key, value in record.parameters.items()
@@ -762,7 +770,7 @@ class Handler(BaseHTTPRequestHandler):
             "parameters": params,
             "template": record.template,
             "details": self._details(record),
-            "model_info": info,
+            "model_info": record.model_info,
             "capabilities": ["completion"],
             "modified_at": record.modified_at,
         }
@@ -804,7 +812,10 @@ class Handler(BaseHTTPRequestHandler):
     def copy(self) -> None:
         body = self._body()
         check_fields(body, {"source", "destination"}, "copy")
-        record = self.server.store.get(model_name(body.get("source")))
+        source = model_name(body.get("source"))
+        if not self.server.store.has_model(source):
+            raise ApiError(404, f"model {json.dumps(body['source'])} not found")
+        record = self.server.store.get(source)
         record.name = model_name(body.get("destination"))
         self.server.store.save(record)
         self._send_json(200, None)
@@ -812,8 +823,9 @@ class Handler(BaseHTTPRequestHandler):
     def delete(self) -> None:
         body = self._body()
         check_fields(body, {"model", "name"}, "delete")
-        name = model_name(body.get("model") or body.get("name"))
-        record = self.server.store.get(name)
+        asked = body.get("model") or body.get("name")
+        name = model_name(asked)
+        record = self.server.store.get(name, asked)
         self.server.store.delete(name)
         if not any(r.gguf == record.gguf for r in self.server.store.all()):
             self.server.runtime.unload(record)
@@ -842,7 +854,7 @@ class Handler(BaseHTTPRequestHandler):
         if bool(files) == bool(source):
             raise ApiError(400, "create needs either 'files' (a GGUF blob) or 'from' (a model)")
         if source:
-            record = store.get(model_name(source))
+            record = store.get(model_name(source), source)
             record.parent = record.name
             record.name = name
         else:
@@ -876,31 +888,33 @@ class Handler(BaseHTTPRequestHandler):
         store = self.server.store
         yield {"status": "parsing GGUF"}
         meta = gguf_metadata(store.blob_path(record.gguf))
+        record.model_info = meta
         arch = str(meta.get("general.architecture", ""))
         record.family = arch
         record.parameter_count = int(meta.get("general.parameter_count", 0))
         current = FILE_TYPES.get(int(meta.get("general.file_type", 0)), "F32")
         record.quantization = current
         if quantize_to:
-            if quantize_to not in QUANT_TYPES:
+            kind = {k.lower(): k for k in QUANT_TYPES}.get(str(quantize_to).lower())
+            if kind is None:
                 raise ApiError(400, f"unsupported quantization type {quantize_to!r}")
             if current not in ("F16", "F32", "BF16"):
                 raise ApiError(400, "quantization is only supported for F16 and F32 models")
-            yield {"status": f"quantizing {current} model to {quantize_to.upper()}"}
+            yield {"status": f"quantizing {current} model to {kind.upper()}"}
             src = store.blob_path(record.gguf)
             fd, tmp = tempfile.mkstemp(dir=store.blobs, prefix=".quantize-", suffix=".gguf")
             os.close(fd)
             tmp_path = Path(tmp)
-            if quantize(src, tmp_path, quantize_to):
-                record.gguf = store.add_file_blob(tmp_path)
-                record.quantization = quantize_to.upper()
+            if quantize(src, tmp_path, kind):
                 yield {"status": "verifying conversion"}
+                record.model_info = gguf_metadata(tmp_path)
+                record.gguf = store.add_file_blob(tmp_path)
+                record.quantization = kind.upper()
                 yield {"status": f"creating new layer sha256:{record.gguf}"}
             else:
                 tmp_path.unlink(missing_ok=True)
                 yield {
-                    "status": f"llama.cpp cannot quantize this model to {quantize_to}; "
-                    f"keeping {current}"
+                    "status": f"llama.cpp cannot quantize this model to {kind}; keeping {current}"
                 }
         else:
             yield {"status": f"using existing layer sha256:{record.gguf}"}
@@ -912,7 +926,8 @@ class Handler(BaseHTTPRequestHandler):
     def generate(self) -> None:
         body = self._body()
         check_fields(body, GENERATE_FIELDS, "generate")
-        name = model_name(body.get("model"))
+        asked = body.get("model")
+        name = model_name(asked)
         for unsupported in ("images", "format", "suffix", "context", "think"):
             if body.get(unsupported):
                 raise ApiError(400, f"{unsupported!r} is not implemented by this test server")
@@ -926,7 +941,7 @@ class Handler(BaseHTTPRequestHandler):
         if isinstance(top_n, bool) or not isinstance(top_n, int) or not 0 <= top_n <= 20:
             raise ApiError(400, "top_logprobs must be an integer between 0 and 20")
         keep_alive = parse_keep_alive(body.get("keep_alive"))
-        record = self.server.store.get(name)
+        record = self.server.store.get(name, asked)
         options = {**DEFAULT_OPTIONS, **check_options(record.parameters)}
         options |= {k: v for k, v in check_options(body.get("options")).items() if v is not None}
         stops = options["stop"]
@@ -1098,7 +1113,12 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_VERSION,
         help="Ollama version to report (below 0.12.11: no logprobs)",
     )
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="llama.cpp threads (1 suits tiny models: spinning threads only add contention)",
+    )
     args = parser.parse_args(argv)
     import llama_cpp  # noqa: F401 - fail now, with the install hint, rather than at first request
 
