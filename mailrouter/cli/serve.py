@@ -1,1 +1,80 @@
-"""Commands: serve (see the README)."""
+"""Commands: ``serve`` (route the mailbox) and ``history`` (the latest decisions)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..pipeline import Pipeline, RoundReport
+from ..state import State
+from .app import app, console, settings
+
+
+@app.command()
+def serve(
+    once: Annotated[
+        bool, typer.Option("--once", help="Process the mailbox once and exit.")
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Classify and report; send, move, flag and record nothing."),
+    ] = False,
+) -> None:
+    """Route the contact mailbox: forever (IDLE), or once with --once."""
+    current = settings()
+    if not once:
+        from ..service import run_forever
+
+        raise typer.Exit(run_forever(current, dry_run=dry_run) or 0)
+    pipeline = Pipeline(current, dry_run=dry_run)
+    try:
+        report = pipeline.run_once()
+    finally:
+        pipeline.close()
+    _print_round(report, dry_run)
+
+
+def _print_round(report: RoundReport, dry_run: bool) -> None:
+    if dry_run:
+        table = Table("uid", "from", "subject", "route", "department", "conf.", "reason")
+        for d in report.decisions:
+            conf = f"{d.confidence:.2f}" if d.confidence is not None else ""
+            table.add_row(
+                str(d.uid), d.sender, d.subject[:50], d.route, d.department or "", conf, d.reason
+            )
+        console.print(table)
+    verb = "would route" if dry_run else "routed"
+    console.print(
+        f"{verb} {len(report.decisions)} of {report.seen} message(s): forwarded "
+        f"{report.forwarded}, filed {report.filed}, deferred {report.deferred}, failed "
+        f"{report.failed}, duplicates {report.duplicates}, waiting {report.waiting} "
+        f"({report.seconds:.1f} s)",
+        highlight=False,
+    )
+
+
+@app.command()
+def history(
+    n: Annotated[int, typer.Option("-n", help="How many decisions.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """The latest decisions recorded in the state database, newest first."""
+    current = settings()
+    with State(current.state_path) as state:
+        entries = state.history(n)
+    if as_json:
+        for entry in entries:
+            typer.echo(json.dumps(asdict(entry), ensure_ascii=False))
+        return
+    table = Table("at", "state", "from", "subject", "route", "to", "conf.", "reason")
+    for e in entries:
+        conf = f"{e.confidence:.2f}" if e.confidence is not None else ""
+        table.add_row(
+            e.at, e.state, e.sender, e.subject[:40], e.route or "", e.destination or "", conf,
+            e.reason or "",
+        )  # fmt: skip
+    console.print(table)

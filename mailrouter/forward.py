@@ -1,0 +1,394 @@
+"""The forwarded message, and sending it by SMTP.
+
+Composition (DESIGN §5): a new message from the router's own address (never a spoofed From:
+DMARC would reject it) to the department, ``Reply-To`` the original sender (``corrections.reply_to
+= "sender"``), ``Auto-Submitted: auto-forwarded``, the subject prefixed with ``[Department]``, a
+short French-then-English header (sender, date, predicted department, confidence, model) and the
+original attached intact as ``message/rfc822``. The ``X-MailRouter-*`` headers mark it as ours, so
+it is never routed again if it comes back; its Message-ID ``<fwd-<forward_id>@<domain>>`` was
+stored before sending, so a re-send after a crash is recognisably the same message.
+
+**The correction seam.** :func:`compose_forward` takes ``notice: Notice | None``: text and HTML
+inserted after the header block in the text and HTML bodies (the corrections module builds the
+"Mauvais service ? Wrong department?" block with its ``mailto:`` links). With a notice that has
+HTML, the body is ``multipart/alternative``; without, plain text.
+
+Nothing from the email reaches a header unsanitised: control characters (CR, LF included) are
+replaced, lengths capped, addresses re-validated, and the message is rendered with
+``email.policy.SMTP``, which refuses a header with a line break.
+
+Sending: :class:`SmtpSender` keeps one connection for a round, TLS verified by default. Errors are
+mapped to :class:`~mailrouter.errors.SmtpError`: ``permanent`` only for a 5xx answer about this
+message (sender, recipient or content refused); 4xx answers, network and TLS failures, and a
+refused login are temporary for the message (the configuration may be at fault, not the mail).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import logging
+import random
+import re
+import secrets
+import smtplib
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import format_datetime, formatdate
+from typing import TYPE_CHECKING
+
+from . import __version__
+from .errors import SmtpError
+from .logs import event
+from .transport import check_plaintext, tls_context
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .config import Settings, SmtpSettings
+    from .message import Email
+
+log = logging.getLogger(__name__)
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]+")
+_ADDRESS = re.compile(r"^[^\s<>()\[\]\\,;:@\"]+@[A-Za-z0-9.-]+\.[A-Za-z0-9-]+$")
+SUBJECT_MAX = 200
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Text and HTML to insert after the forward's header block (the correction links)."""
+
+    text: str
+    html: str = ""
+
+
+@dataclass(frozen=True)
+class ForwardFacts:
+    """What the header block of a forward says about the decision."""
+
+    forward_id: str
+    message_id: str  # the forward's own Message-ID header, with angle brackets
+    token: str
+    destination: str
+    department: str | None  # None: sent to triage
+    confidence: float | None
+    model: str | None
+    reason: str = ""
+
+
+def clean_header_text(text: str, limit: int = SUBJECT_MAX) -> str:
+    """Header-safe text: control characters (CR and LF too) become spaces, length is capped."""
+    flat = " ".join(_CONTROL.sub(" ", text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "…"
+
+
+def safe_address(address: str) -> str | None:
+    """``address`` when it is a plain, well-formed addr-spec; ``None`` otherwise."""
+    address = address.strip()
+    return address if _ADDRESS.match(address) and len(address) <= 254 else None
+
+
+def address_domain(address: str) -> str:
+    return address.rpartition("@")[2] or "mailrouter.invalid"
+
+
+def _body_lines(email: Email, facts: ForwardFacts, size: int) -> list[tuple[str, str]]:
+    sender = email.sender or "?"
+    if email.sender_name:
+        sender = f"{clean_header_text(email.sender_name, 80)} <{sender}>"
+    date = format_datetime(email.date) if email.date is not None else "?"
+    department = facts.department or "Triage"
+    if facts.confidence is not None:
+        department += f" ({facts.confidence:.0%})"
+    rows = [
+        ("De / From", sender),
+        ("Date", date),
+        ("Objet / Subject", clean_header_text(email.subject, 300) or "(sans objet / no subject)"),
+        ("Service / Department", department),
+        ("Modèle / Model", facts.model or "?"),
+    ]
+    if facts.reason:
+        rows.append(("Raison / Reason", clean_header_text(facts.reason, 300)))
+    if size:
+        rows.append(("Taille / Size", f"{size / 1024:.0f} KiB"))
+    return rows
+
+
+_INTRO = "Message reçu sur l'adresse de contact, transféré par MailRouter."
+_INTRO_EN = "Received on the contact address, forwarded by MailRouter."
+_ATTACHED = "L'original est en pièce jointe. / The original message is attached."
+_HEADERS_ONLY = (
+    "Trop volumineux pour être transféré : l'original est dans le dossier de tri de la boîte de "
+    "contact, ses en-têtes sont joints. / Too large to forward: the original is in the contact "
+    "mailbox's triage folder; its headers are attached."
+)
+
+
+def _text_body(rows: list[tuple[str, str]], attached: bool, notice: Notice | None) -> str:
+    width = max(len(k) for k, _ in rows)
+    lines = [_INTRO, _INTRO_EN, ""]
+    lines += [f"{k.ljust(width)} : {v}" for k, v in rows]
+    lines += ["", _ATTACHED if attached else _HEADERS_ONLY]
+    if notice is not None and notice.text:
+        lines += ["", notice.text.rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+def _html_body(rows: list[tuple[str, str]], attached: bool, notice: Notice) -> str:
+    cells = "".join(
+        f"<tr><th align='left'>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows
+    )
+    note = _ATTACHED if attached else _HEADERS_ONLY
+    return (
+        "<!DOCTYPE html><html><body>"
+        f"<p>{html.escape(_INTRO)}<br>{html.escape(_INTRO_EN)}</p>"
+        f"<table>{cells}</table><p>{html.escape(note)}</p>{notice.html}"
+        "</body></html>\n"
+    )
+
+
+def _attachment(original: bytes, headers_only: bool, boundary: str) -> bytes:
+    """The original as a MIME part, unchanged but for line endings (CRLF on the wire)."""
+    data = re.sub(rb"\r?\n|\r", b"\r\n", original)
+    if headers_only:
+        head = b"Content-Type: text/rfc822-headers\r\n"
+        head += b'Content-Disposition: attachment; filename="original-headers.txt"\r\n'
+        return _encoded(head, data, boundary)
+    head = b"Content-Type: message/rfc822\r\n"
+    head += b'Content-Disposition: attachment; filename="original.eml"\r\n'
+    return _encoded(head, data, boundary)
+
+
+def _encoded(head: bytes, data: bytes, boundary: str) -> bytes:
+    longest = max((len(line) for line in data.split(b"\r\n")), default=0)
+    if boundary.encode() in data or b"\x00" in data or longest > 998:
+        # Unsafe to send as is: base64 keeps every byte (clients open it all the same).
+        encoded = base64.encodebytes(data).replace(b"\n", b"\r\n")
+        return head + b"Content-Transfer-Encoding: base64\r\n\r\n" + encoded
+    cte = b"7bit" if data.isascii() else b"8bit"
+    return head + b"Content-Transfer-Encoding: " + cte + b"\r\n\r\n" + data
+
+
+def compose_forward(
+    original: bytes,
+    email: Email,
+    facts: ForwardFacts,
+    settings: Settings,
+    *,
+    notice: Notice | None = None,
+    headers_only: bool = False,
+) -> bytes:
+    """The forward as bytes ready for SMTP (CRLF line endings).
+
+    ``headers_only``: ``original`` holds only the header of a message too large to forward; it
+    is attached as ``text/rfc822-headers`` and the body says where the original is.
+    """
+    outer = EmailMessage(policy=SMTP)
+    outer["From"] = settings.smtp.from_address
+    outer["To"] = facts.destination
+    reply_to = safe_address(email.sender) if settings.corrections.reply_to == "sender" else None
+    if reply_to is not None:
+        try:
+            name = clean_header_text(email.sender_name, 80)
+            outer["Reply-To"] = Address(name, addr_spec=reply_to)
+        except (ValueError, IndexError):
+            outer["Reply-To"] = reply_to
+    prefix = f"[{facts.department or 'Triage'}]"
+    subject = clean_header_text(email.subject) or "(sans objet / no subject)"
+    outer["Subject"] = f"{prefix} {subject}"
+    outer["Date"] = formatdate(localtime=True)
+    outer["Message-ID"] = facts.message_id
+    outer["Auto-Submitted"] = "auto-forwarded"
+    outer["X-Auto-Response-Suppress"] = "All"
+    outer["X-MailRouter-Forward-Id"] = facts.forward_id
+    outer["X-MailRouter-Token"] = facts.token
+    outer["X-MailRouter-Version"] = f"mailrouter {__version__}"
+    if facts.model:
+        outer["X-MailRouter-Model"] = clean_header_text(facts.model, 100)
+    if facts.department:
+        outer["X-MailRouter-Department"] = facts.department
+
+    rows = _body_lines(email, facts, 0 if not headers_only else email.raw_size)
+    text = _text_body(rows, not headers_only, notice)
+    body = EmailMessage(policy=SMTP)
+    body.set_content(text, subtype="plain", charset="utf-8", cte="quoted-printable")
+    if notice is not None and notice.html:
+        body.add_alternative(
+            _html_body(rows, not headers_only, notice), subtype="html", cte="quoted-printable"
+        )
+    del body["MIME-Version"]
+
+    boundary = "=_mailrouter_" + secrets.token_hex(12)
+    outer["MIME-Version"] = "1.0"
+    outer["Content-Type"] = f'multipart/mixed; boundary="{boundary}"'
+    head = b"".join(SMTP.fold_binary(name, value) for name, value in outer.items())
+    sep = b"--" + boundary.encode()
+    parts = [
+        head + b"\r\n",
+        b"This is a MIME message.\r\n",
+        sep + b"\r\n" + body.as_bytes(policy=SMTP),
+        b"\r\n" + sep + b"\r\n" + _attachment(original, headers_only, boundary),
+    ]
+    end = b"" if parts[-1].endswith(b"\r\n") else b"\r\n"
+    return b"".join(parts) + end + sep + b"--\r\n"
+
+
+# --- sending ---------------------------------------------------------------------------------
+
+
+def _smtp_error(exc: BaseException, what: str) -> SmtpError:
+    """Map an smtplib / socket / ssl error onto :class:`SmtpError`."""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        codes = [code for code, _ in exc.recipients.values()]
+        code = max(codes) if codes else None
+        detail = "; ".join(
+            f"{rcpt}: {c} {m.decode(errors='replace') if isinstance(m, bytes) else m}"
+            for rcpt, (c, m) in exc.recipients.items()
+        )
+        return SmtpError(
+            f"{what}: recipient refused: {detail}",
+            permanent=code is not None and 500 <= code < 600,
+            code=code,
+        )
+    if isinstance(exc, smtplib.SMTPAuthenticationError):
+        return SmtpError(
+            f"{what}: SMTP login refused ({exc.smtp_code}): check smtp.username and the password "
+            "(MAILROUTER_SMTP__PASSWORD or the Keychain); many providers need an app password",
+            permanent=False,
+            code=exc.smtp_code,
+        )
+    if isinstance(exc, smtplib.SMTPResponseException):
+        message = exc.smtp_error
+        text = message.decode(errors="replace") if isinstance(message, bytes) else str(message)
+        code = int(exc.smtp_code)
+        permanent = 500 <= code < 600 and not isinstance(exc, smtplib.SMTPHeloError)
+        return SmtpError(f"{what}: {code} {text}", permanent=permanent, code=code)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return SmtpError(
+            f"{what}: the SMTP server's certificate is not trusted ({exc.verify_message}): fix the "
+            "server name or set smtp.ca_file",
+        )
+    if isinstance(exc, smtplib.SMTPServerDisconnected | smtplib.SMTPException):
+        return SmtpError(f"{what}: {exc or type(exc).__name__}")
+    if isinstance(exc, socket.timeout | TimeoutError):
+        return SmtpError(f"{what}: timed out")
+    return SmtpError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+class SmtpSender:
+    """One SMTP connection, opened on demand and kept for a round; :meth:`close` ends it."""
+
+    def __init__(
+        self,
+        settings: SmtpSettings,
+        password: str | None,
+        *,
+        factory: Callable[[SmtpSettings], smtplib.SMTP] | None = None,
+    ) -> None:
+        check_plaintext(settings.host, settings.security, settings.allow_insecure, "smtp")
+        self.settings = settings
+        self._password = password
+        self._factory = factory or self._connect
+        self._client: smtplib.SMTP | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SmtpSender:
+        from .config import smtp_password
+
+        return cls(settings.smtp, smtp_password(settings))
+
+    def _connect(self, s: SmtpSettings) -> smtplib.SMTP:
+        if s.security == "tls":
+            client: smtplib.SMTP = smtplib.SMTP_SSL(
+                s.host, s.port, timeout=s.timeout_seconds, context=tls_context(s.ca_file)
+            )
+        else:
+            client = smtplib.SMTP(s.host, s.port, timeout=s.timeout_seconds)
+            if s.security == "starttls":
+                client.starttls(context=tls_context(s.ca_file))
+        with contextlib.suppress(OSError, AttributeError):
+            client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client
+
+    def _ensure(self) -> smtplib.SMTP:
+        if self._client is None:
+            where = f"{self.settings.host}:{self.settings.port}"
+            try:
+                client = self._factory(self.settings)
+                client.ehlo_or_helo_if_needed()
+                if self.settings.username:
+                    client.login(self.settings.username, self._password or "")
+            except (smtplib.SMTPException, OSError) as exc:
+                raise _smtp_error(exc, f"connecting to {where}") from exc
+            self._client = client
+        return self._client
+
+    def send(self, data: bytes, recipient: str, *, sender: str | None = None) -> None:
+        """Send once; raises :class:`SmtpError`. The connection is dropped after any error."""
+        client = self._ensure()
+        options = ["BODY=8BITMIME"] if not data.isascii() and client.has_extn("8bitmime") else []
+        try:
+            refused = client.sendmail(
+                sender or self.settings.from_address, [recipient], data, mail_options=options
+            )
+        except (smtplib.SMTPException, OSError) as exc:
+            self.close()
+            raise _smtp_error(exc, f"sending to {recipient}") from exc
+        if refused:  # pragma: no cover - one recipient: refusal raises instead
+            raise _smtp_error(smtplib.SMTPRecipientsRefused(refused), f"sending to {recipient}")
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.quit()
+            except (smtplib.SMTPException, OSError):
+                client.close()
+
+
+def backoff_delay(attempt: int, base: float, cap: float = 300.0) -> float:
+    """Exponential backoff with jitter: ``min(cap, base * 2**attempt)`` times 0.5 to 1."""
+    return min(cap, base * (2**attempt)) * random.uniform(0.5, 1.0)
+
+
+def send_with_retry(
+    sender: SmtpSender,
+    data: bytes,
+    recipient: str,
+    *,
+    attempts: int,
+    backoff: float,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Send, retrying temporary failures ``attempts`` times in all; returns the attempts used.
+
+    A permanent failure is raised at once; the last temporary one is raised when attempts run
+    out (the caller defers the message).
+    """
+    for attempt in range(attempts):
+        try:
+            sender.send(data, recipient)
+            return attempt + 1
+        except SmtpError as exc:
+            if exc.permanent or attempt + 1 >= attempts:
+                raise
+            delay = backoff_delay(attempt, backoff)
+            event(
+                log,
+                "smtp_retry",
+                logging.WARNING,
+                recipient=recipient,
+                attempt=attempt + 1,
+                code=exc.code,
+                error=str(exc),
+                delay_s=round(delay, 2),
+            )
+            sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,722 @@
+"""One round of routing: every new message of the watched folder, exactly once.
+
+For each message: parse → pre-classification handlers → screen/classify → route → record →
+forward → mark forwarded → file → final state (DESIGN §4). Each arrow that changes something
+outside the process is preceded by a commit, so :meth:`Pipeline.run_once` can be killed at any
+instant and the next round resumes where the state says:
+
+* ``classified``: the route is on disk; a forward is created (or, for spam and ignored mail, the
+  message is filed).
+* ``forwarding``: the forward's Message-ID is on disk; the same message is (re)sent.
+* ``forwarded``: sent; the original is filed.
+
+The identity of a message is (mailbox, UIDVALIDITY, UID); its content hash and Message-ID find
+an earlier record of the same mail, so a recreated mailbox (new UIDVALIDITY) or a second copy
+is filed like the first, never forwarded again.
+
+**Seams for other parts**
+
+* ``handlers``: callables ``(Context, Incoming) -> Outcome | None`` tried in order before
+  classification; the first that returns an :class:`Outcome` claims the message (staff
+  corrections). A handler may run twice for the same message after a crash (between its action
+  and the commit of its outcome): make it idempotent, e.g. keyed on ``incoming.email.message_id``.
+  With ``context.dry_run`` it must change nothing. The default list comes from
+  ``mailrouter.corrections.pipeline_handlers(settings)`` when that module defines it.
+* ``notice``: ``(Settings, ForwardFacts) -> Notice | None``, the block added to every forward
+  (correction links); default ``mailrouter.corrections.forward_notice`` when defined.
+* :meth:`Pipeline.send_forward` forwards a message again (a correction) with a new forward
+  record, and :meth:`Pipeline.send_plain` sends a message the caller composed (a confirmation).
+* A long-running loop calls :meth:`Pipeline.run_once` and :meth:`Pipeline.wait_for_changes`
+  and finally :meth:`Pipeline.close`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .classify import ClassifyInput, Prediction, make_classifier
+from .errors import ClassifierError, MailboxError, SmtpError
+from .forward import (
+    ForwardFacts,
+    Notice,
+    SmtpSender,
+    address_domain,
+    backoff_delay,
+    compose_forward,
+    send_with_retry,
+)
+from .logs import event
+from .mailbox import Mailbox, UidValidityChanged
+from .message import Email, parse_email
+from .router import Route, decide, screen, triage
+from .state import ForwardRecord, MessageRecord, MessageState, State, StateError
+
+if TYPE_CHECKING:
+    from .classify import Classifier
+    from .config import Settings
+
+log = logging.getLogger(__name__)
+
+#: For each route: the final state once filed, and the filing target.
+ROUTE_END = {
+    "department": (MessageState.FILED, "routed"),
+    "triage": (MessageState.TRIAGED, "triage"),
+    "spam": (MessageState.SPAM, "spam"),
+    "ignore": (MessageState.IGNORED, "triage"),
+}
+FORWARDING_ROUTES = ("department", "triage")
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A message read from the watched folder."""
+
+    uid: int
+    raw: bytes
+    email: Email
+    size: int
+    headers_only: bool = False  # too large: only the header was fetched
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a handler decided for a message it claimed.
+
+    ``state`` is the final state to record (``ignored``, ``filed``…); ``target`` the folder the
+    original goes to (``routed``, ``triage``, ``spam``) or ``None`` to leave it in place.
+    """
+
+    state: MessageState
+    target: str | None
+    reason: str
+    route: str = "handled"
+
+
+@dataclass
+class Context:
+    """What a handler may use. With ``dry_run`` nothing may be sent, moved or written."""
+
+    settings: Settings
+    state: State
+    mailbox: Mailbox
+    pipeline: Pipeline
+    dry_run: bool
+
+
+Handler = Callable[[Context, Incoming], "Outcome | None"]
+NoticeMaker = Callable[["Settings", ForwardFacts], "Notice | None"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One line of a round's report."""
+
+    uid: int
+    message_id: str
+    sender: str
+    subject: str
+    route: str
+    department: str | None
+    address: str | None
+    confidence: float | None
+    model: str | None
+    reason: str
+
+
+@dataclass
+class RoundReport:
+    """What a round did (in dry-run: what it would do)."""
+
+    decisions: list[Decision] = field(default_factory=list)
+    seen: int = 0
+    forwarded: int = 0
+    filed: int = 0
+    deferred: int = 0
+    failed: int = 0
+    duplicates: int = 0
+    waiting: int = 0  # left for a later round (classifier down, SMTP down, a copy in flight)
+    seconds: float = 0.0
+
+
+def _optional(module: str, name: str) -> Any:
+    """An attribute of an optional sibling module, or ``None`` when either is absent."""
+    full = f"{__package__}.{module}"
+    if importlib.util.find_spec(full) is None:
+        return None
+    return getattr(importlib.import_module(full), name, None)
+
+
+def default_handlers(settings: Settings) -> list[Handler]:
+    factory = _optional("corrections", "pipeline_handlers")
+    return list(factory(settings)) if factory is not None else []
+
+
+def default_notice() -> NoticeMaker | None:
+    return _optional("corrections", "forward_notice")
+
+
+class Pipeline:
+    """The router's loop body. Build one per process; it owns its IMAP and SMTP connections."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        dry_run: bool = False,
+        handlers: Sequence[Handler] | None = None,
+        notice: NoticeMaker | None = None,
+        mailbox: Mailbox | None = None,
+        sender: SmtpSender | None = None,
+        state: State | None = None,
+        classifier: Classifier | None = None,
+    ) -> None:
+        self.settings = settings
+        self.dry_run = dry_run
+        self.state = state or State(settings.state_path)
+        self.mailbox = mailbox or Mailbox.from_settings(settings)
+        self.sender = (
+            sender if sender is not None or dry_run else SmtpSender.from_settings(settings)
+        )
+        self.handlers = list(handlers) if handlers is not None else default_handlers(settings)
+        self.notice = notice if notice is not None else default_notice()
+        self.domain = address_domain(settings.smtp.from_address)
+        self._classifier = classifier
+        self._token: Callable[[str], str] | None = None
+        self._classifier_down = False
+        self._smtp_down = False
+
+    # --- the loop API -----------------------------------------------------------------------
+
+    def wait_for_changes(self, timeout: float, stop_event: threading.Event | None = None) -> bool:
+        return self.mailbox.wait_for_changes(timeout, stop_event)
+
+    def close(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
+        self.mailbox.close()
+        self.state.close()
+
+    def run_once(self) -> RoundReport:
+        """Process the folder once: resume unfinished messages, then the new ones."""
+        started = time.monotonic()
+        report = RoundReport()
+        self._classifier_down = self._smtp_down = False
+        try:
+            uidvalidity = self.mailbox.connect()
+            self._round(report, uidvalidity)
+        except UidValidityChanged as exc:
+            event(log, "round_interrupted", logging.WARNING, reason=str(exc))
+        finally:
+            if self.sender is not None:
+                self.sender.close()
+            report.seconds = time.monotonic() - started
+        if not self.dry_run:
+            self.state.set("last_poll", str(time.time()))
+        event(
+            log,
+            "round",
+            seen=report.seen,
+            forwarded=report.forwarded,
+            filed=report.filed,
+            deferred=report.deferred,
+            failed=report.failed,
+            duplicates=report.duplicates,
+            waiting=report.waiting,
+            seconds=round(report.seconds, 3),
+            dry_run=self.dry_run,
+        )
+        return report
+
+    # --- a round ----------------------------------------------------------------------------
+
+    def _round(self, report: RoundReport, uidvalidity: int) -> None:
+        key = self.mailbox.key
+        in_box = self.mailbox.pending_uids()
+        known = self.state.known_uids(key, uidvalidity)
+        resumable = {
+            r.uid: r for r in self.state.pending(key, due=True) if r.uidvalidity == uidvalidity
+        }
+        todo = [u for u in in_box if u not in known or (u in resumable and not self.dry_run)]
+        size = self.settings.mailbox.batch_size
+        for start in range(0, len(todo), size):
+            batch = todo[start : start + size]
+            filing: dict[str | None, list[tuple[int, int, MessageState]]] = {}
+            for incoming in self._read(batch):
+                report.seen += 1
+                record = resumable.get(incoming.uid)
+                try:
+                    self._process(incoming, record, uidvalidity, filing, report)
+                except (MailboxError, StateError):
+                    raise
+                except Exception as exc:  # a bug met by odd mail: file it for a human, go on
+                    self._quarantine(incoming, uidvalidity, exc, filing)
+            self._file(filing, report)
+        if not self.dry_run:
+            self._settle(set(in_box), uidvalidity)
+
+    def _read(self, uids: Sequence[int]) -> list[Incoming]:
+        limit = self.settings.mailbox.max_message_bytes
+        sizes = self.mailbox.sizes(uids)
+        large = [u for u in uids if sizes.get(u, 0) > limit]
+        raws = self.mailbox.fetch([u for u in uids if u in sizes and u not in large])
+        heads = self.mailbox.fetch(large, headers_only=True)
+        out = []
+        for uid in uids:
+            raw = raws.get(uid, heads.get(uid))
+            if raw is None:
+                continue  # gone meanwhile
+            out.append(Incoming(uid, raw, _parse(raw, limit), sizes[uid], uid in heads))
+        return out
+
+    def _process(
+        self,
+        incoming: Incoming,
+        record: MessageRecord | None,
+        uidvalidity: int,
+        filing: dict[str | None, list[tuple[int, int, MessageState]]],
+        report: RoundReport,
+    ) -> None:
+        if record is None:
+            record = self._first_look(incoming, uidvalidity, report)
+            if record is None:
+                return
+        if record.state == MessageState.CLASSIFIED and record.route in FORWARDING_ROUTES:
+            self._new_forward(record, kind="route" if record.route == "department" else "triage")
+            record = self.state.message(record.id)
+        if record.state == MessageState.FORWARDING and not self._forward_pending(
+            record, incoming, report
+        ):
+            return
+        record = self.state.message(record.id)
+        if record.state in (MessageState.CLASSIFIED, MessageState.FORWARDED):
+            final = MessageState(record.outcome or MessageState.FILED)
+            filing.setdefault(record.folder, []).append((incoming.uid, record.id, final))
+
+    def _first_look(
+        self, incoming: Incoming, uidvalidity: int, report: RoundReport
+    ) -> MessageRecord | None:
+        """Decide and record a message never seen in this mailbox generation."""
+        email, key = incoming.email, self.mailbox.key
+        copy = self.state.find_copy(key, email.content_hash, email.message_id, email.sender)
+        if copy is not None:
+            return self._copy_of(copy, incoming, uidvalidity, report)
+        identity = {
+            "content_hash": email.content_hash,
+            "message_id": email.message_id,
+            "sender": email.sender,
+            "subject": email.subject,
+            "size": incoming.size,
+        }
+        outcome = self._handle(incoming)
+        if outcome is not None:
+            self._report(report, incoming, outcome.route, None, None, None, outcome.reason)
+            if self.dry_run:
+                return None
+            state = MessageState.CLASSIFIED if outcome.target else outcome.state
+            return self.state.add_message(
+                key, uidvalidity, incoming.uid, state=state, route=outcome.route,
+                reason=outcome.reason, outcome=str(outcome.state), folder=outcome.target,
+                **identity,
+            )  # fmt: skip
+        decided = self._route(incoming)
+        if decided is None:
+            report.waiting += 1
+            return None
+        route, prediction = decided
+        self._report(report, incoming, route.kind, route.department, route.address, prediction,
+                     route.reason)  # fmt: skip
+        if self.dry_run:
+            return None
+        if incoming.headers_only and route.kind == "department":
+            route = triage(self.settings, f"too large to forward ({incoming.size} bytes)")
+        return self.state.add_message(
+            key,
+            uidvalidity,
+            incoming.uid,
+            state=MessageState.CLASSIFIED,
+            route=route.kind,
+            label=prediction.label if prediction else None,
+            department=route.department,
+            destination=route.address,
+            confidence=prediction.confidence if prediction else None,
+            model=prediction.model if prediction else None,
+            reason=route.reason,
+            outcome=str(ROUTE_END[route.kind][0]),
+            folder=ROUTE_END[route.kind][1],
+            **identity,
+        )
+
+    def _copy_of(
+        self, copy: MessageRecord, incoming: Incoming, uidvalidity: int, report: RoundReport
+    ) -> MessageRecord | None:
+        """Another copy of mail already known: adopt it, file it like the first, or wait."""
+        if not copy.final and copy.uidvalidity != uidvalidity:
+            # The mailbox was recreated while this message was in flight: same mail, new UID.
+            event(log, "message_adopted", id=copy.id, old_uid=copy.uid, uid=incoming.uid)
+            if self.dry_run:
+                return None
+            return self.state.update(copy.id, uidvalidity=uidvalidity, uid=incoming.uid)
+        if not copy.final:
+            report.waiting += 1  # the first copy is still being processed
+            return None
+        report.duplicates += 1
+        reason = f"copy of message {copy.id} (already {copy.state})"
+        self._report(report, incoming, "duplicate", copy.department, None, None, reason)
+        if self.dry_run:
+            return None
+        email = incoming.email
+        return self.state.add_message(
+            self.mailbox.key, uidvalidity, incoming.uid, state=MessageState.CLASSIFIED,
+            content_hash=email.content_hash, message_id=email.message_id, sender=email.sender,
+            subject=email.subject, size=incoming.size, route=copy.route, reason=reason,
+            department=copy.department, duplicate_of=copy.id,
+            outcome=str(MessageState.IGNORED), folder=copy.folder,
+        )  # fmt: skip
+
+    def _handle(self, incoming: Incoming) -> Outcome | None:
+        if not self.handlers:
+            return None
+        context = Context(self.settings, self.state, self.mailbox, self, self.dry_run)
+        for handler in self.handlers:
+            try:
+                outcome = handler(context, incoming)
+            except Exception as exc:  # a bug in a handler must not stop the loop
+                log.exception("handler %r failed", handler)
+                return Outcome(MessageState.TRIAGED, "triage", f"handler error: {exc}", "triage")
+            if outcome is not None:
+                return outcome
+        return None
+
+    def _classifier_or_none(self) -> Classifier:
+        if self._classifier is None:
+            self._classifier = make_classifier(self.settings)
+        return self._classifier
+
+    def _route(self, incoming: Incoming) -> tuple[Route, Prediction | None] | None:
+        """The route, or ``None`` when the classifier is down and ``on_error = "wait"``."""
+        email = incoming.email
+        screened = screen(email, self.settings)
+        if screened is not None:
+            return screened, None
+        if self._classifier_down:
+            return None
+        item = ClassifyInput(
+            text=email.body or email.full_text,
+            subject=email.subject,
+            sender_domain=email.sender_domain,
+        )
+        try:
+            prediction = self._classifier_or_none().classify(item)
+        except ClassifierError as exc:
+            if self.settings.classifier.on_error == "triage":
+                return decide(None, email, self.settings, error=str(exc)), None
+            self._classifier_down = True
+            event(log, "classifier_unavailable", logging.WARNING, error=str(exc))
+            return None
+        except Exception as exc:  # a backend bug: this message goes to a human
+            log.exception("classifier failed on uid %s", incoming.uid)
+            return decide(None, email, self.settings, error=f"{type(exc).__name__}: {exc}"), None
+        return decide(prediction, email, self.settings), prediction
+
+    def _report(
+        self,
+        report: RoundReport,
+        incoming: Incoming,
+        route: str,
+        department: str | None,
+        address: str | None,
+        prediction: Prediction | None,
+        reason: str,
+    ) -> None:
+        email = incoming.email
+        decision = Decision(
+            uid=incoming.uid,
+            message_id=email.message_id,
+            sender=email.sender,
+            subject=email.subject,
+            route=route,
+            department=department,
+            address=address,
+            confidence=prediction.confidence if prediction else None,
+            model=prediction.model if prediction else None,
+            reason=reason,
+        )
+        report.decisions.append(decision)
+        event(
+            log,
+            "decision",
+            mailbox=self.mailbox.key,
+            uid=incoming.uid,
+            message_id=email.message_id,
+            sender=email.sender,
+            route=route,
+            department=department,
+            address=address,
+            confidence=round(decision.confidence, 3) if decision.confidence is not None else None,
+            model=decision.model,
+            reason=reason,
+            dry_run=self.dry_run,
+        )
+
+    # --- forwarding -------------------------------------------------------------------------
+
+    def _token_of(self, forward_id: str) -> str:
+        if self._token is None:
+            from .tokens import token_maker
+
+            self._token = token_maker(self.settings)
+        return self._token(forward_id)
+
+    def _new_forward(
+        self,
+        record: MessageRecord,
+        *,
+        kind: str,
+        destination: str | None = None,
+        department: str | None = None,
+        state: MessageState | None = MessageState.FORWARDING,
+    ) -> ForwardRecord:
+        if destination is None:
+            destination = record.destination or self.settings.smtp.triage_address
+            department = record.department if record.route == "department" else None
+        return self.state.add_forward(
+            record.id,
+            kind=kind,
+            destination=destination,
+            department=department,
+            domain=self.domain,
+            token=self._token_of,
+            state=state,
+        )
+
+    def _facts(self, record: MessageRecord, forward: ForwardRecord, reason: str) -> ForwardFacts:
+        return ForwardFacts(
+            forward_id=forward.forward_id,
+            message_id=forward.message_id,
+            token=forward.token,
+            destination=forward.destination,
+            department=forward.department,
+            confidence=record.confidence,
+            model=record.model,
+            reason=reason,
+        )
+
+    def _forward_pending(
+        self, record: MessageRecord, incoming: Incoming, report: RoundReport
+    ) -> bool:
+        """Send the message's open forward; True when sending is over (sent or given up)."""
+        forward = self.state.open_forward(record.id)
+        if forward is None:  # nothing left to send
+            self.state.update(record.id, MessageState.FORWARDED)
+            return True
+        if self._smtp_down or self.sender is None:
+            report.waiting += 1
+            return False
+        reason = "" if forward.kind == "route" else (record.reason or "")
+        if forward.kind == "failure":
+            failed = [f for f in self.state.forwards_of(record.id) if f.status == "failed"]
+            last = failed[-1] if failed else None
+            reason = f"refused by {last.destination}: {last.last_error}" if last else reason
+        data = compose_forward(
+            incoming.raw,
+            incoming.email,
+            self._facts(record, forward, reason),
+            self.settings,
+            notice=self._notice(self._facts(record, forward, reason)),
+            headers_only=incoming.headers_only,
+        )
+        smtp = self.settings.smtp
+        try:
+            send_with_retry(
+                self.sender,
+                data,
+                forward.destination,
+                attempts=smtp.max_attempts,
+                backoff=smtp.backoff_seconds,
+            )
+        except SmtpError as exc:
+            return self._send_failed(record, forward, incoming, exc, report)
+        self.state.forward_sent(
+            forward.forward_id,
+            message_state=MessageState.FORWARDED,
+            attempts=0,
+            next_attempt_at=None,
+            last_error=None,
+        )
+        report.forwarded += 1
+        event(
+            log,
+            "forwarded",
+            id=record.id,
+            forward_id=forward.forward_id,
+            kind=forward.kind,
+            to=forward.destination,
+            message_id=forward.message_id,
+        )
+        return True
+
+    def _notice(self, facts: ForwardFacts) -> Notice | None:
+        if self.notice is None:
+            return None
+        try:
+            return self.notice(self.settings, facts)
+        except Exception:  # the links are a convenience; the forward matters more
+            log.exception("building the correction notice failed")
+            return None
+
+    def _send_failed(
+        self,
+        record: MessageRecord,
+        forward: ForwardRecord,
+        incoming: Incoming,
+        exc: SmtpError,
+        report: RoundReport,
+    ) -> bool:
+        if not exc.permanent:
+            attempts = record.attempts + 1
+            base = self.settings.smtp.defer_seconds
+            delay = backoff_delay(attempts - 1, base, cap=3600.0)
+            self.state.forward_attempted(forward.forward_id, str(exc))
+            self.state.update(
+                record.id,
+                attempts=attempts,
+                next_attempt_at=time.time() + delay,
+                last_error=str(exc),
+            )
+            if exc.code is None or exc.code == 421:
+                self._smtp_down = True  # the server, not this message: stop sending this round
+            report.deferred += 1
+            event(log, "forward_deferred", logging.WARNING, id=record.id, code=exc.code,
+                  error=str(exc), retry_in_s=round(delay, 1))  # fmt: skip
+            return False
+        report.failed += 1
+        triage_address = self.settings.smtp.triage_address
+        event(log, "forward_failed", logging.ERROR, id=record.id, to=forward.destination,
+              code=exc.code, error=str(exc))  # fmt: skip
+        self.state.forward_failed(
+            forward.forward_id,
+            str(exc),
+            outcome=str(MessageState.FAILED),
+            folder="triage",
+            last_error=str(exc),
+        )
+        if forward.kind != "failure" and forward.destination != triage_address:
+            self._new_forward(record, kind="failure", destination=triage_address, state=None)
+            return self._forward_pending(self.state.message(record.id), incoming, report)
+        self.state.update(record.id, MessageState.FORWARDED)
+        return True
+
+    def _quarantine(
+        self,
+        incoming: Incoming,
+        uidvalidity: int,
+        exc: Exception,
+        filing: dict[str | None, list[tuple[int, int, MessageState]]],
+    ) -> None:
+        log.exception("processing uid %s failed", incoming.uid)
+        if self.dry_run:
+            return
+        key, email = self.mailbox.key, incoming.email
+        reason = f"internal error: {type(exc).__name__}: {exc}"[:500]
+        record = self.state.find(key, uidvalidity, incoming.uid)
+        values = {"route": "error", "reason": reason, "outcome": "failed", "folder": "triage"}
+        if record is None:
+            record = self.state.add_message(
+                key, uidvalidity, incoming.uid, state=MessageState.CLASSIFIED,
+                content_hash=email.content_hash, message_id=email.message_id,
+                sender=email.sender, subject=email.subject, size=incoming.size, **values,
+            )  # fmt: skip
+        else:
+            record = self.state.update(record.id, MessageState.CLASSIFIED, **values)
+        filing.setdefault("triage", []).append((incoming.uid, record.id, MessageState.FAILED))
+
+    # --- filing -----------------------------------------------------------------------------
+
+    def _file(
+        self, filing: dict[str | None, list[tuple[int, int, MessageState]]], report: RoundReport
+    ) -> None:
+        for target, items in filing.items():
+            if target is not None:
+                self.mailbox.file([uid for uid, _, _ in items], target)
+            self.state.finalize([(message, final) for _, message, final in items])
+            report.filed += len(items)
+
+    def _settle(self, in_box: set[int], uidvalidity: int) -> None:
+        """Close the records of messages that left the folder (filed before a crash, or removed)."""
+        for record in self.state.pending(self.mailbox.key):
+            if record.uidvalidity == uidvalidity and record.uid in in_box:
+                continue
+            if record.state == MessageState.FORWARDED or (
+                record.state == MessageState.CLASSIFIED and record.route not in FORWARDING_ROUTES
+            ):
+                self.state.finalize([(record.id, MessageState(record.outcome or "filed"))])
+            elif record.state in (MessageState.CLASSIFIED, MessageState.FORWARDING):
+                reason = "removed from the mailbox before it was forwarded"
+                event(log, "message_vanished", logging.WARNING, id=record.id, uid=record.uid)
+                self.state.update(record.id, MessageState.FAILED, reason=reason)
+
+    # --- for other parts --------------------------------------------------------------------
+
+    def send_forward(
+        self,
+        record: MessageRecord,
+        raw: bytes,
+        *,
+        destination: str,
+        department: str | None,
+        kind: str = "correction",
+        reason: str = "",
+    ) -> ForwardRecord:
+        """Forward ``record``'s original (``raw``) again, with a new forward id and token.
+
+        The forward row is committed before sending; SMTP errors are raised (after the retries)
+        as :class:`SmtpError` and the row stays ``pending`` (or ``failed`` when permanent).
+        """
+        if self.sender is None:
+            raise SmtpError("dry run: nothing is sent")
+        forward = self._new_forward(
+            record, kind=kind, destination=destination, department=department, state=None
+        )
+        facts = self._facts(record, forward, reason)
+        email = _parse(raw, self.settings.mailbox.max_message_bytes)
+        data = compose_forward(raw, email, facts, self.settings, notice=self._notice(facts))
+        smtp = self.settings.smtp
+        try:
+            send_with_retry(
+                self.sender, data, destination, attempts=smtp.max_attempts,
+                backoff=smtp.backoff_seconds,
+            )  # fmt: skip
+        except SmtpError as exc:
+            if exc.permanent:
+                self.state.forward_failed(forward.forward_id, str(exc))
+            else:
+                self.state.forward_attempted(forward.forward_id, str(exc))
+            raise
+        self.state.forward_sent(forward.forward_id)
+        return self.state.forward(forward.forward_id)
+
+    def send_plain(self, data: bytes, recipient: str) -> None:
+        """Send a message the caller composed (a confirmation, a digest), with the retries."""
+        if self.sender is None:
+            raise SmtpError("dry run: nothing is sent")
+        smtp = self.settings.smtp
+        send_with_retry(
+            self.sender, data, recipient, attempts=smtp.max_attempts, backoff=smtp.backoff_seconds
+        )
+
+
+def _parse(raw: bytes, limit: int) -> Email:
+    try:
+        return parse_email(raw, max_bytes=limit)
+    except Exception:  # parse_email never raises; if it ever does, the mail goes to triage
+        log.exception("parse_email raised")
+        return Email(raw_size=len(raw), content_hash=hashlib.sha256(raw).hexdigest(),
+                     defects=("unparseable",))  # fmt: skip

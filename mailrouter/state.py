@@ -1,0 +1,652 @@
+"""The state database: what happened to every message, every forward, correction and model.
+
+SQLite in WAL mode, one file (``settings.state_path``). The schema grows by ordered migrations
+recorded in ``schema_migrations``; a database written by an older version is upgraded at open, a
+newer one is refused. Every transition of a message is one committed transaction, so a crash at
+any point leaves a state the next start resumes from (see :data:`FINAL` and :meth:`State.pending`).
+
+The lifecycle (DESIGN §4)::
+
+    new → classified → forwarding → forwarded → filed      (a department)
+                                              → triaged    (sent to the triage address)
+    new → spam | ignored                                    (filed, never forwarded)
+    forwarding → failed                                     (permanent SMTP error: filed to triage)
+
+A forward's Message-ID is stored (``forwarding``) before the SMTP transaction starts: a crash
+between the server's "250" and the next commit re-sends the very same message, which receivers
+deduplicate on its Message-ID.
+
+Other parts own their rows but not the schema: the ``corrections``, ``models``,
+``training_runs`` and ``kv`` tables are created here so migrations live in one place; their
+owners read and write them through :meth:`State.execute` / :meth:`State.query` or their own
+small helpers.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import MailRouterError
+
+
+class StateError(MailRouterError):
+    """The state database is unreadable, locked for too long, or newer than this program."""
+
+
+class MessageState(StrEnum):
+    NEW = "new"
+    CLASSIFIED = "classified"
+    FORWARDING = "forwarding"
+    FORWARDED = "forwarded"
+    FILED = "filed"
+    TRIAGED = "triaged"
+    SPAM = "spam"
+    IGNORED = "ignored"
+    FAILED = "failed"
+
+
+FINAL = frozenset(
+    {
+        MessageState.FILED,
+        MessageState.TRIAGED,
+        MessageState.SPAM,
+        MessageState.IGNORED,
+        MessageState.FAILED,
+    }
+)
+
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (
+        1,
+        "messages, forwards, decisions",
+        """
+        CREATE TABLE messages (
+            id INTEGER PRIMARY KEY,
+            mailbox TEXT NOT NULL,
+            uidvalidity INTEGER NOT NULL,
+            uid INTEGER NOT NULL,
+            message_id TEXT NOT NULL DEFAULT '',
+            content_hash TEXT NOT NULL,
+            sender TEXT NOT NULL DEFAULT '',
+            subject TEXT NOT NULL DEFAULT '',
+            size INTEGER NOT NULL DEFAULT 0,
+            state TEXT NOT NULL,
+            route TEXT,
+            label TEXT,
+            department TEXT,
+            destination TEXT,
+            confidence REAL,
+            model TEXT,
+            reason TEXT,
+            outcome TEXT,
+            folder TEXT,
+            duplicate_of INTEGER REFERENCES messages(id),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL,
+            last_error TEXT,
+            created TEXT NOT NULL,
+            updated TEXT NOT NULL,
+            UNIQUE (mailbox, uidvalidity, uid)
+        );
+        CREATE INDEX messages_state ON messages(state);
+        CREATE INDEX messages_hash ON messages(mailbox, content_hash);
+        CREATE INDEX messages_msgid ON messages(mailbox, message_id);
+        CREATE TABLE forwards (
+            forward_id TEXT PRIMARY KEY,
+            message INTEGER NOT NULL REFERENCES messages(id),
+            kind TEXT NOT NULL,
+            destination TEXT NOT NULL,
+            department TEXT,
+            message_id TEXT NOT NULL UNIQUE,
+            token TEXT NOT NULL,
+            status TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            created TEXT NOT NULL,
+            sent TEXT
+        );
+        CREATE INDEX forwards_message ON forwards(message);
+        CREATE INDEX forwards_token ON forwards(token);
+        CREATE TABLE decisions (
+            id INTEGER PRIMARY KEY,
+            message INTEGER NOT NULL REFERENCES messages(id),
+            at TEXT NOT NULL,
+            state TEXT NOT NULL,
+            route TEXT,
+            label TEXT,
+            confidence REAL,
+            model TEXT,
+            destination TEXT,
+            reason TEXT
+        );
+        CREATE INDEX decisions_message ON decisions(message);
+        """,
+    ),
+    (
+        2,
+        "corrections, models, training runs, key-value",
+        """
+        CREATE TABLE corrections (
+            id INTEGER PRIMARY KEY,
+            forward_id TEXT REFERENCES forwards(forward_id),
+            message INTEGER REFERENCES messages(id),
+            by TEXT NOT NULL,
+            command TEXT NOT NULL,
+            old_label TEXT,
+            new_label TEXT,
+            status TEXT NOT NULL,
+            created TEXT NOT NULL
+        );
+        CREATE INDEX corrections_message ON corrections(message);
+        CREATE INDEX corrections_by ON corrections(by, created);
+        CREATE TABLE models (
+            version TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            created TEXT NOT NULL,
+            metrics TEXT NOT NULL DEFAULT '{}',
+            status TEXT NOT NULL CHECK (status IN ('in_service', 'retired', 'rejected'))
+        );
+        CREATE TABLE training_runs (
+            id INTEGER PRIMARY KEY,
+            started TEXT NOT NULL,
+            ended TEXT,
+            dataset_hash TEXT,
+            counts TEXT NOT NULL DEFAULT '{}',
+            base_model TEXT,
+            params TEXT NOT NULL DEFAULT '{}',
+            metrics TEXT NOT NULL DEFAULT '{}',
+            decision TEXT,
+            reason TEXT,
+            error TEXT
+        );
+        CREATE TABLE kv (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL,
+            updated TEXT NOT NULL
+        );
+        """,
+    ),
+)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class MessageRecord:
+    """One message of the watched mailbox and where it is in its lifecycle."""
+
+    id: int
+    mailbox: str
+    uidvalidity: int
+    uid: int
+    message_id: str
+    content_hash: str
+    sender: str
+    subject: str
+    size: int
+    state: MessageState
+    route: str | None
+    label: str | None
+    department: str | None
+    destination: str | None
+    confidence: float | None
+    model: str | None
+    reason: str | None
+    outcome: str | None  # the final state this message reaches once filed
+    folder: str | None  # the filing target: routed | triage | spam (None: left in place)
+    duplicate_of: int | None
+    attempts: int
+    next_attempt_at: float | None
+    last_error: str | None
+    created: str
+    updated: str
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL
+
+
+@dataclass(frozen=True)
+class ForwardRecord:
+    """One forward: its id, Message-ID and token exist before the message is sent."""
+
+    forward_id: str
+    message: int
+    kind: str  # route | triage | failure | correction | notice
+    destination: str
+    department: str | None
+    message_id: str
+    token: str
+    status: str  # pending | sent | failed
+    attempts: int
+    last_error: str | None
+    created: str
+    sent: str | None
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One recorded decision, with the message it concerns."""
+
+    id: int
+    message: int
+    at: str
+    state: str
+    route: str | None
+    label: str | None
+    confidence: float | None
+    model: str | None
+    destination: str | None
+    reason: str | None
+    sender: str
+    subject: str
+    message_id: str
+
+
+_T = TypeVar("_T")
+
+
+def _row(cls: type[_T], row: sqlite3.Row) -> _T:
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    data = {k: row[k] for k in row.keys() if k in names}  # noqa: SIM118
+    if cls is MessageRecord:
+        data["state"] = MessageState(data["state"])
+    return cls(**data)
+
+
+def new_forward_id() -> str:
+    """A short random id: it names the forward in its Message-ID, its token and corrections."""
+    return secrets.token_hex(6)
+
+
+class State:
+    """The state database: thread-safe (one connection behind a lock); several processes may
+    open the same file."""
+
+    def __init__(self, path: Path | str, *, timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        try:
+            self.conn = sqlite3.connect(
+                str(path), timeout=timeout, isolation_level=None, check_same_thread=False
+            )
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed "forwarding" survives a power cut, not only a crash.
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: cannot open the state database: {exc}") from exc
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    def __enter__(self) -> State:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write (``BEGIN IMMEDIATE``): all of it is committed or none."""
+        with self._lock:
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StateError(f"{self.path}: {exc}") from exc
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+
+    def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> int:
+        """Run one write statement in its own transaction; returns ``lastrowid``."""
+        with self.transaction() as conn:
+            return int(conn.execute(sql, params).lastrowid or 0)
+
+    def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self.conn.execute(sql, params))
+
+    def schema_version(self) -> int:
+        row = self.query("SELECT MAX(version) AS v FROM schema_migrations")
+        return int(row[0]["v"] or 0)
+
+    def _migrate(self) -> None:
+        self.conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied TEXT NOT NULL)"
+        )
+        done = {r[0] for r in self.conn.execute("SELECT version FROM schema_migrations")}
+        latest = MIGRATIONS[-1][0]
+        if done and max(done) > latest:
+            raise StateError(
+                f"{self.path} has schema version {max(done)}, this program knows up to {latest}: "
+                "upgrade mailrouter"
+            )
+        for version, name, sql in MIGRATIONS:
+            if version in done:
+                continue
+            with self.transaction() as conn:
+                for statement in sql.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, name, applied) VALUES (?, ?, ?)",
+                    (version, name, now_iso()),
+                )
+
+    # --- messages ---------------------------------------------------------------------------
+
+    def message(self, message_id: int) -> MessageRecord:
+        rows = self.query("SELECT * FROM messages WHERE id = ?", (message_id,))
+        if not rows:
+            raise KeyError(message_id)
+        return _row(MessageRecord, rows[0])
+
+    def find(self, mailbox: str, uidvalidity: int, uid: int) -> MessageRecord | None:
+        rows = self.query(
+            "SELECT * FROM messages WHERE mailbox = ? AND uidvalidity = ? AND uid = ?",
+            (mailbox, uidvalidity, uid),
+        )
+        return _row(MessageRecord, rows[0]) if rows else None
+
+    def known_uids(self, mailbox: str, uidvalidity: int) -> dict[int, MessageState]:
+        """Every UID of this mailbox generation the database knows, with its state."""
+        rows = self.query(
+            "SELECT uid, state FROM messages WHERE mailbox = ? AND uidvalidity = ?",
+            (mailbox, uidvalidity),
+        )
+        return {int(r["uid"]): MessageState(r["state"]) for r in rows}
+
+    def find_copy(
+        self, mailbox: str, content_hash: str, message_id: str, sender: str
+    ) -> MessageRecord | None:
+        """An earlier record of the same mail: same bytes, or same Message-ID from the same sender.
+
+        This is what keeps a UIDVALIDITY reset (the mailbox recreated, the same mail under new
+        UIDs) or a second delivery of one message from being forwarded twice.
+        """
+        rows = self.query(
+            "SELECT * FROM messages WHERE mailbox = ? AND duplicate_of IS NULL AND "
+            "(content_hash = ? OR (message_id != '' AND message_id = ? AND sender = ?)) "
+            "ORDER BY id LIMIT 1",
+            (mailbox, content_hash, message_id, sender),
+        )
+        return _row(MessageRecord, rows[0]) if rows else None
+
+    def add_message(
+        self,
+        mailbox: str,
+        uidvalidity: int,
+        uid: int,
+        *,
+        content_hash: str,
+        message_id: str = "",
+        sender: str = "",
+        subject: str = "",
+        size: int = 0,
+        state: MessageState = MessageState.NEW,
+        **extra: Any,
+    ) -> MessageRecord:
+        """Record a message seen in the mailbox (``new`` unless said otherwise)."""
+        stamp = now_iso()
+        values: dict[str, Any] = {
+            "mailbox": mailbox,
+            "uidvalidity": uidvalidity,
+            "uid": uid,
+            "content_hash": content_hash,
+            "message_id": message_id,
+            "sender": sender,
+            "subject": subject[:500],
+            "size": size,
+            "state": str(state),
+            "created": stamp,
+            "updated": stamp,
+            **extra,
+        }
+        columns = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        with self.transaction() as conn:
+            rowid = conn.execute(
+                f"INSERT INTO messages ({columns}) VALUES ({marks})", tuple(values.values())
+            ).lastrowid
+            assert rowid is not None
+            if state != MessageState.NEW:
+                self._decide(conn, rowid)
+        return self.message(rowid)
+
+    def update(
+        self, message: int, state: MessageState | None = None, **values: Any
+    ) -> MessageRecord:
+        """Change a message's fields and, with ``state``, record the transition in the history."""
+        if state is not None:
+            values["state"] = str(state)
+        values["updated"] = now_iso()
+        assignments = ", ".join(f"{k} = ?" for k in values)
+        with self.transaction() as conn:
+            conn.execute(
+                f"UPDATE messages SET {assignments} WHERE id = ?", (*values.values(), message)
+            )
+            if state is not None:
+                self._decide(conn, message)
+        return self.message(message)
+
+    def _decide(self, conn: sqlite3.Connection, message: int) -> None:
+        conn.execute(
+            "INSERT INTO decisions (message, at, state, route, label, confidence, model, "
+            "destination, reason) SELECT id, ?, state, route, label, confidence, model, "
+            "destination, reason FROM messages WHERE id = ?",
+            (now_iso(), message),
+        )
+
+    def pending(self, mailbox: str | None = None, *, due: bool = False) -> list[MessageRecord]:
+        """Messages in a non-final state, oldest first; with ``due``, only those whose retry time
+        has come. These are resumed at start and at every round."""
+        marks = ", ".join("?" for _ in FINAL)
+        sql = f"SELECT * FROM messages WHERE state NOT IN ({marks})"
+        params: list[Any] = [str(s) for s in FINAL]
+        if mailbox is not None:
+            sql += " AND mailbox = ?"
+            params.append(mailbox)
+        if due:
+            sql += " AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
+            params.append(time.time())
+        return [_row(MessageRecord, r) for r in self.query(sql + " ORDER BY id", params)]
+
+    def finalize(self, items: Sequence[tuple[int, MessageState]]) -> None:
+        """Move several messages to their final states in one transaction (after filing)."""
+        if not items:
+            return
+        stamp = now_iso()
+        with self.transaction() as conn:
+            for message, state in items:
+                conn.execute(
+                    "UPDATE messages SET state = ?, next_attempt_at = NULL, updated = ? "
+                    "WHERE id = ?",
+                    (str(state), stamp, message),
+                )
+                self._decide(conn, message)
+
+    def counts(self) -> dict[str, int]:
+        """How many messages are in each state."""
+        rows = self.query("SELECT state, COUNT(*) AS n FROM messages GROUP BY state")
+        return {r["state"]: int(r["n"]) for r in rows}
+
+    # --- forwards ---------------------------------------------------------------------------
+
+    def add_forward(
+        self,
+        message: int,
+        *,
+        kind: str,
+        destination: str,
+        department: str | None,
+        domain: str,
+        token: Any,
+        state: MessageState | None = MessageState.FORWARDING,
+    ) -> ForwardRecord:
+        """Create a forward (status ``pending``) with its Message-ID and token, and move the
+        message to ``state`` in the same transaction: both are on disk before anything is sent.
+
+        ``token`` is a callable ``forward_id -> str`` (see :func:`mailrouter.tokens.make_token`).
+        """
+        forward_id = new_forward_id()
+        header = f"<fwd-{forward_id}@{domain}>"
+        stamp = now_iso()
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO forwards (forward_id, message, kind, destination, department, "
+                "message_id, token, status, created) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+                (
+                    forward_id,
+                    message,
+                    kind,
+                    destination,
+                    department,
+                    header,
+                    token(forward_id),
+                    stamp,
+                ),
+            )
+            if state is not None:
+                conn.execute(
+                    "UPDATE messages SET state = ?, updated = ? WHERE id = ?",
+                    (str(state), stamp, message),
+                )
+                self._decide(conn, message)
+        return self.forward(forward_id)
+
+    def forward(self, forward_id: str) -> ForwardRecord:
+        rows = self.query("SELECT * FROM forwards WHERE forward_id = ?", (forward_id,))
+        if not rows:
+            raise KeyError(forward_id)
+        return _row(ForwardRecord, rows[0])
+
+    def forward_by(
+        self, *, token: str | None = None, message_id: str | None = None
+    ) -> ForwardRecord | None:
+        """The forward with this token or this Message-ID header (``<fwd-…@…>``)."""
+        if token is not None:
+            rows = self.query("SELECT * FROM forwards WHERE token = ?", (token,))
+        elif message_id is not None:
+            rows = self.query("SELECT * FROM forwards WHERE message_id = ?", (message_id,))
+        else:
+            raise ValueError("give a token or a message_id")
+        return _row(ForwardRecord, rows[0]) if rows else None
+
+    def forwards_of(self, message: int) -> list[ForwardRecord]:
+        rows = self.query(
+            "SELECT * FROM forwards WHERE message = ? ORDER BY created, rowid", (message,)
+        )
+        return [_row(ForwardRecord, r) for r in rows]
+
+    def open_forward(self, message: int) -> ForwardRecord | None:
+        """The message's forward not yet sent, if any (the one to resume)."""
+        rows = self.query(
+            "SELECT * FROM forwards WHERE message = ? AND status = 'pending' "
+            "ORDER BY created, rowid LIMIT 1",
+            (message,),
+        )
+        return _row(ForwardRecord, rows[0]) if rows else None
+
+    def forward_sent(
+        self, forward_id: str, *, message_state: MessageState | None = None, **values: Any
+    ) -> None:
+        """Mark a forward sent and, in the same transaction, move its message on."""
+        self._forward_done(forward_id, "sent", message_state, None, values)
+
+    def forward_failed(
+        self,
+        forward_id: str,
+        error: str,
+        *,
+        message_state: MessageState | None = None,
+        **values: Any,
+    ) -> None:
+        self._forward_done(forward_id, "failed", message_state, error, values)
+
+    def _forward_done(
+        self,
+        forward_id: str,
+        status: str,
+        message_state: MessageState | None,
+        error: str | None,
+        values: dict[str, Any],
+    ) -> None:
+        stamp = now_iso()
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE forwards SET status = ?, attempts = attempts + 1, last_error = ?, "
+                "sent = CASE WHEN ? = 'sent' THEN ? ELSE sent END WHERE forward_id = ?",
+                (status, error, status, stamp, forward_id),
+            )
+            if message_state is not None or values:
+                row = conn.execute(
+                    "SELECT message FROM forwards WHERE forward_id = ?", (forward_id,)
+                ).fetchone()
+                updates = dict(values, updated=stamp)
+                if message_state is not None:
+                    updates["state"] = str(message_state)
+                assignments = ", ".join(f"{k} = ?" for k in updates)
+                conn.execute(
+                    f"UPDATE messages SET {assignments} WHERE id = ?",
+                    (*updates.values(), row["message"]),
+                )
+                if message_state is not None:
+                    self._decide(conn, row["message"])
+
+    def forward_attempted(self, forward_id: str, error: str) -> None:
+        """A temporary failure: the forward stays pending."""
+        self.execute(
+            "UPDATE forwards SET attempts = attempts + 1, last_error = ? WHERE forward_id = ?",
+            (error, forward_id),
+        )
+
+    # --- history and key-value --------------------------------------------------------------
+
+    def history(self, limit: int = 20) -> list[HistoryEntry]:
+        """The latest recorded decisions, newest first."""
+        rows = self.query(
+            "SELECT d.*, m.sender, m.subject, m.message_id FROM decisions d "
+            "JOIN messages m ON m.id = d.message ORDER BY d.id DESC LIMIT ?",
+            (limit,),
+        )
+        return [_row(HistoryEntry, r) for r in rows]
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        rows = self.query("SELECT value FROM kv WHERE key = ?", (key,))
+        return rows[0]["value"] if rows else default
+
+    def set(self, key: str, value: str) -> None:
+        self.execute(
+            "INSERT INTO kv (key, value, updated) VALUES (?, ?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated = excluded.updated",
+            (key, value, now_iso()),
+        )
+
+
+def open_state(settings: Any) -> State:
+    """The state database of these settings (``data_dir/state.db``)."""
+    return State(settings.state_path)
