@@ -297,7 +297,8 @@ def confusion_svg(report: Report) -> str:
     e = html.escape
     columns = [*report.labels, UNKNOWN]
     size, left, top = 56, 110, 90
-    width, height = left + size * len(columns) + 10, top + size * len(report.labels) + 10
+    # the extra width on the right is room for the last rotated column name
+    width, height = left + size * len(columns) + 70, top + size * len(report.labels) + 10
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">'

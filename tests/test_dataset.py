@@ -107,7 +107,7 @@ batches = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(batches=batches)
 def test_adding_examples_never_moves_an_existing_one(tmp_path_factory, batches) -> None:
     store = Dataset(tmp_path_factory.mktemp("ds") / "examples.jsonl")
