@@ -176,6 +176,16 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        3,
+        "corrections: the correction mail and the example it recorded",
+        """
+        ALTER TABLE corrections ADD COLUMN mail_id TEXT;
+        ALTER TABLE corrections ADD COLUMN example_id TEXT;
+        ALTER TABLE corrections ADD COLUMN reason TEXT;
+        CREATE INDEX corrections_mail ON corrections(mail_id);
+        """,
+    ),
 )
 
 
