@@ -594,9 +594,10 @@ class SmtpSink:
 
 def local_config(
     imap: ImapAccount,
-    smtp: SmtpSink | tuple[str, int],
+    sink: SmtpSink | tuple[str, int],
     data_dir: Path,
-    **sections: dict[str, Any],
+    /,
+    **sections: Any,
 ) -> dict[str, Any]:
     """Settings data for a router that talks to these loopback servers (no TLS, no AUTH).
 
@@ -605,7 +606,7 @@ def local_config(
     The router's own address is ``router@mailrouter.test`` and triage goes to
     ``triage@mailrouter.test``; departments keep their defaults unless ``departments=[...]``.
     """
-    smtp_host, smtp_port = (smtp.host, smtp.port) if isinstance(smtp, SmtpSink) else smtp
+    smtp_host, smtp_port = (sink.host, sink.port) if isinstance(sink, SmtpSink) else sink
     data: dict[str, Any] = {
         "data_dir": str(data_dir),
         "mailbox": {

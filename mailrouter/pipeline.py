@@ -376,7 +376,7 @@ class Pipeline:
         return self.state.add_message(
             self.mailbox.key, uidvalidity, incoming.uid, state=MessageState.CLASSIFIED,
             content_hash=email.content_hash, message_id=email.message_id, sender=email.sender,
-            subject=email.subject, size=incoming.size, route=copy.route, reason=reason,
+            subject=email.subject, size=incoming.size, route="duplicate", reason=reason,
             department=copy.department, duplicate_of=copy.id,
             outcome=str(MessageState.IGNORED), folder=copy.folder,
         )  # fmt: skip
