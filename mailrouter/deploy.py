@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import plistlib
+import re
 import shlex
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from .errors import ConfigError
 
 LABEL = "com.mailrouter.agent"
 UNIT = "mailrouter.service"
+_INSTANCE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 THROTTLE_SECONDS = 30
 TEMPLATES = Path(__file__).resolve().parent.parent / "deploy"
 # launchd starts agents with a bare PATH (/usr/bin:/bin:/usr/sbin:/sbin): add Homebrew's two
@@ -50,6 +52,19 @@ class Target:
     home: Path
     uid: int
     config_home: Path  # $XDG_CONFIG_HOME (systemd user units live below it)
+    instance: str = ""  # one service per mailbox: "" is the default one
+
+    @property
+    def label(self) -> str:
+        return f"com.mailrouter.{self.instance}" if self.instance else LABEL
+
+    @property
+    def unit(self) -> str:
+        return f"mailrouter-{self.instance}.service" if self.instance else UNIT
+
+    @property
+    def log_name(self) -> str:
+        return f"mailrouter-{self.instance}" if self.instance else "mailrouter"
 
     @property
     def path_env(self) -> str:
@@ -65,8 +80,8 @@ class Target:
     def unit_file(self) -> Path:
         """The file ``install`` writes: the LaunchAgent plist or the systemd user unit."""
         if self.manager == "launchd":
-            return self.home / "Library" / "LaunchAgents" / f"{LABEL}.plist"
-        return self.config_home / "systemd" / "user" / UNIT
+            return self.home / "Library" / "LaunchAgents" / f"{self.label}.plist"
+        return self.config_home / "systemd" / "user" / self.unit
 
     @property
     def domain(self) -> str:
@@ -74,7 +89,7 @@ class Target:
 
     @property
     def service(self) -> str:
-        return f"gui/{self.uid}/{LABEL}"
+        return f"gui/{self.uid}/{self.label}"
 
 
 def target_for(
@@ -84,8 +99,13 @@ def target_for(
     manager: Manager | None = None,
     program: Path | None = None,
     environ: dict[str, str] | None = None,
+    instance: str = "",
 ) -> Target:
     """Resolve the real paths; a missing config file is an error that names ``mailrouter init``."""
+    if instance and not _INSTANCE_RE.match(instance):
+        raise ConfigError(
+            f"instance name {instance!r}: use lower-case letters, digits and '-' (e.g. 'sales')"
+        )
     if config is None:
         raise ConfigError(
             "the service needs a configuration file: run `mailrouter init`, then "
@@ -102,6 +122,7 @@ def target_for(
         home=home,
         uid=os.getuid(),
         config_home=Path(env.get("XDG_CONFIG_HOME") or home / ".config"),
+        instance=instance,
     )
 
 
@@ -128,7 +149,8 @@ def _read_template(manager: Manager, templates: Path) -> Template:
 def render_plist(target: Target, templates: Path = TEMPLATES) -> str:
     """The LaunchAgent, checked with ``plistlib``: a bad path or template never reaches launchd."""
     values = {
-        "label": LABEL,
+        "label": target.label,
+        "log_name": target.log_name,
         "program": str(target.program),
         "config": str(target.config),
         "workdir": str(target.workdir),
@@ -150,7 +172,7 @@ def check_plist(text: str, target: Target) -> dict:
     except Exception as exc:  # plistlib raises ExpatError, ValueError, InvalidFileException
         raise ConfigError(f"rendered LaunchAgent is not a valid plist: {exc}") from exc
     expected = [str(target.program), "--config", str(target.config), "serve"]
-    if data.get("Label") != LABEL or data.get("ProgramArguments") != expected:
+    if data.get("Label") != target.label or data.get("ProgramArguments") != expected:
         raise ConfigError("rendered LaunchAgent lost its Label or ProgramArguments")
     return data
 
@@ -168,6 +190,7 @@ def render_unit(target: Target, templates: Path = TEMPLATES) -> str:
         "workdir": str(target.workdir).replace("%", "%%"),
         "path": _systemd_quote(target.path_env),
         "throttle": str(THROTTLE_SECONDS),
+        "name": target.instance or "contact mailbox",
     }
     return _read_template("systemd", templates).substitute(values)
 
@@ -269,7 +292,13 @@ def _launchd_steps(
         return (Run(("launchctl", "print", t.service)),)
     tail = ("tail", "-n", str(lines), *(("-F",) if follow else ()))
     return (
-        Run((*tail, str(t.log_dir / "mailrouter.err.log"), str(t.log_dir / "mailrouter.out.log"))),
+        Run(
+            (
+                *tail,
+                str(t.log_dir / f"{t.log_name}.err.log"),
+                str(t.log_dir / f"{t.log_name}.out.log"),
+            )
+        ),
     )
 
 
@@ -281,20 +310,20 @@ def _systemd_steps(
             MakeDir(t.unit_file.parent),
             WriteFile(t.unit_file, render_unit(t, templates)),
             _systemctl("daemon-reload"),
-            _systemctl("enable", "--now", UNIT),
+            _systemctl("enable", "--now", t.unit),
         )
     if action == "uninstall":
         return (
-            _systemctl("disable", "--now", UNIT, check=False),
+            _systemctl("disable", "--now", t.unit, check=False),
             RemoveFile(t.unit_file),
             _systemctl("daemon-reload"),
         )
     if action == "restart":
-        return (_systemctl("restart", UNIT),)
+        return (_systemctl("restart", t.unit),)
     if action == "status":
         # `status` exits 3 for a stopped unit: still a useful answer, not a failure.
-        return (_systemctl("status", "--no-pager", UNIT, check=False),)
-    journal = ["journalctl", "--user", "-u", UNIT, "-n", str(lines), "--no-pager"]
+        return (_systemctl("status", "--no-pager", t.unit, check=False),)
+    journal = ["journalctl", "--user", "-u", t.unit, "-n", str(lines), "--no-pager"]
     if follow:
         journal.append("-f")
     return (Run(tuple(journal)),)

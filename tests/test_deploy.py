@@ -135,6 +135,26 @@ def test_systemd_commands(tmp_path: Path) -> None:
     ]
 
 
+def test_a_second_instance_has_its_own_names(tmp_path: Path) -> None:
+    base = _target(tmp_path, "launchd")
+    sales = deploy.Target(**{**base.__dict__, "instance": "sales"})
+    data = plistlib.loads(deploy.render_plist(sales).encode())
+    assert data["Label"] == "com.mailrouter.sales"
+    assert data["StandardErrorPath"].endswith("/mailrouter-sales.err.log")
+    assert sales.unit_file.name == "com.mailrouter.sales.plist"
+    assert deploy.plan("restart", sales).commands == [
+        ("launchctl", "kickstart", "-k", "gui/501/com.mailrouter.sales")
+    ]
+    unit = deploy.Target(**{**sales.__dict__, "manager": "systemd"})
+    assert unit.unit_file.name == "mailrouter-sales.service"
+    assert "Description=mailrouter (sales)" in deploy.render_unit(unit)
+    assert deploy.plan("restart", unit).commands == [
+        ("systemctl", "--user", "restart", "mailrouter-sales.service")
+    ]
+    with pytest.raises(ConfigError, match="instance name"):
+        deploy.target_for(tmp_path / "c.toml", instance="Sales Team")
+
+
 def test_execute_writes_runs_and_stops_on_failure(tmp_path: Path) -> None:
     t = _target(tmp_path, "launchd")
     ran: list[tuple[str, ...]] = []

@@ -20,13 +20,20 @@ service_app = typer.Typer(
 app.add_typer(service_app, name="service")
 
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the steps; change nothing.")]
+Instance = Annotated[
+    str,
+    typer.Option(
+        "--instance",
+        help="Name of this service when one machine runs several (one per mailbox).",
+    ),
+]
 
 # Swap point for tests: the function that runs launchctl / systemctl.
 runner: deploy.Runner = deploy.subprocess_runner
 
 
-def _target(workdir: Path | None = None) -> deploy.Target:
-    return deploy.target_for(resolve_config_path(state.config), workdir=workdir)
+def _target(instance: str, workdir: Path | None = None) -> deploy.Target:
+    return deploy.target_for(resolve_config_path(state.config), workdir=workdir, instance=instance)
 
 
 def _run(
@@ -56,30 +63,31 @@ def install(
         Path | None,
         typer.Option(help="Working directory of the service (data_dir is relative to it)."),
     ] = None,
+    instance: Instance = "",
 ) -> None:
     """Write the agent/unit with this virtualenv's paths and start it now and at every login."""
-    target = _target(workdir)
+    target = _target(instance, workdir)
     _run("install", dry_run, target)
     if not dry_run:
         console.print(f"installed {target.unit_file}; check it with `mailrouter service status`")
 
 
 @service_app.command()
-def uninstall(dry_run: DryRun = False) -> None:
+def uninstall(dry_run: DryRun = False, instance: Instance = "") -> None:
     """Stop the service and remove the agent/unit (data and logs are kept)."""
-    _run("uninstall", dry_run, _target())
+    _run("uninstall", dry_run, _target(instance))
 
 
 @service_app.command()
-def restart(dry_run: DryRun = False) -> None:
+def restart(dry_run: DryRun = False, instance: Instance = "") -> None:
     """Restart the running service (after a config change or an upgrade)."""
-    _run("restart", dry_run, _target())
+    _run("restart", dry_run, _target(instance))
 
 
 @service_app.command("status")
-def service_status(dry_run: DryRun = False) -> None:
+def service_status(dry_run: DryRun = False, instance: Instance = "") -> None:
     """What launchd/systemd says about the service (see also `mailrouter status`)."""
-    _run("status", dry_run, _target())
+    _run("status", dry_run, _target(instance))
 
 
 @service_app.command()
@@ -89,9 +97,10 @@ def logs(
         bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
     ] = False,
     dry_run: DryRun = False,
+    instance: Instance = "",
 ) -> None:
     """The service's log lines (launchd: ~/Library/Logs/mailrouter/; systemd: the journal)."""
-    _run("logs", dry_run, _target(), lines=lines, follow=follow)
+    _run("logs", dry_run, _target(instance), lines=lines, follow=follow)
 
 
 @app.command()
@@ -107,7 +116,9 @@ def doctor(
     results = checks.run(
         state.config,
         send_test=send_test,
-        emit=lambda check: console.print(check.line(), highlight=False, markup=False),
+        emit=lambda check: console.print(
+            check.line(), highlight=False, markup=False, soft_wrap=True
+        ),
     )
     if checks.failed(results):
         raise typer.Exit(1)
