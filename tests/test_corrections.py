@@ -1,0 +1,394 @@
+"""Corrections by reply, end to end on a real Dovecot and a real SMTP server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+import pytest
+
+from mailrouter.classify import ClassifyInput, Prediction, make_classifier
+from mailrouter.config import Settings, load_settings
+from mailrouter.corrections import list_corrections, revert_correction, send_spam_digest
+from mailrouter.dataset import Dataset
+from mailrouter.localservers import Delivered, ImapAccount, SmtpSink
+from mailrouter.pipeline import Pipeline, RoundReport
+from mailrouter.state import State
+from tests.conftest import TEST_DATA
+from tests.fixtures.mail import make_email
+from tests.sample_examples import write_sample_dataset
+
+REPLIES = TEST_DATA / "replies"
+STAFF = "marie.dupont@example.com"
+ROUTER = "router@mailrouter.test"
+INVOICE = make_email(
+    "Erreur sur la facture F-2026-114",
+    "Bonjour, la facture F-2026-114 compte deux fois la maintenance. Pouvez-vous corriger ?",
+    sender="compta@client-sarl.test",
+)
+
+
+@dataclass
+class Forced:
+    """A classifier whose answer the test chooses: the route to correct is known in advance."""
+
+    label: str | None
+    confidence: float = 0.93
+    name: str = "forced"
+    seen: list[ClassifyInput] = field(default_factory=list)
+
+    def classify(self, item: ClassifyInput) -> Prediction:
+        self.seen.append(item)
+        return Prediction(self.label, self.confidence, self.name)
+
+
+@pytest.fixture
+def dataset(data_dir: Path) -> Dataset:
+    write_sample_dataset(data_dir / "examples.jsonl")
+    return Dataset(data_dir / "examples.jsonl")
+
+
+@pytest.fixture
+def settings(dataset: Dataset, make_mail_config: Callable[..., Path]) -> Settings:
+    return load_settings(make_mail_config())
+
+
+def run(settings: Settings, classifier: Any = None) -> RoundReport:
+    pipeline = Pipeline(settings, classifier=classifier or Forced("Support"))
+    try:
+        return pipeline.run_once()
+    finally:
+        pipeline.close()
+
+
+def forwards(sink: SmtpSink) -> list[Delivered]:
+    return [d for d in sink.delivered() if d.header("X-MailRouter-Forward-Id")]
+
+
+def to(sink: SmtpSink, address: str) -> list[Delivered]:
+    return [d for d in sink.delivered() if address in d.rcpt_tos]
+
+
+def staff_reply(
+    forward: Delivered,
+    text: str,
+    *,
+    sender: str = STAFF,
+    subject: str | None = None,
+    headers: dict[str, str] | None = None,
+    in_reply_to: bool = True,
+) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = ROUTER
+    msg["Subject"] = subject or f"Re: {forward.header('Subject')}"
+    msg["Date"] = formatdate(localtime=True)
+    msg["Message-ID"] = make_msgid(domain="example.com")
+    if in_reply_to:
+        msg["In-Reply-To"] = forward.header("Message-ID")
+        msg["References"] = forward.header("Message-ID")
+    for name, value in (headers or {}).items():
+        msg[name] = value
+    msg.set_content(f"{text}\n\nLe 3 nov. 2026, router a écrit :\n> Mauvais service ?\n")
+    return msg.as_bytes(policy=SMTP)
+
+
+def route_invoice_to_support(settings: Settings, account: ImapAccount, sink: SmtpSink) -> Delivered:
+    account.append([INVOICE])
+    run(settings, Forced("Support"))
+    forward = forwards(sink)[-1]
+    assert forward.rcpt_tos == ("support@example.com",)
+    return forward
+
+
+def fixture_reply(name: str, forward: Delivered) -> bytes:
+    """A reply fixture, pointed at the forward the test made."""
+    raw = (REPLIES / name).read_bytes()
+    return raw.replace(b"<fwd-TEST@mailrouter.invalid>", forward.header("Message-ID").encode())
+
+
+def _reply_cases() -> list[tuple[str, str | None]]:
+    index = REPLIES / "index.json"
+    if not index.exists():  # test_reply_fixtures_exist says so
+        return []
+    return [(name, case["expect"]) for name, case in sorted(json.loads(index.read_text()).items())]
+
+
+def test_reply_fixtures_exist() -> None:
+    assert len(_reply_cases()) >= 10, f"reply fixtures missing in {REPLIES}"
+
+
+@pytest.mark.parametrize(("name", "expect"), _reply_cases())
+def test_a_reply_from_each_mail_client_is_read_and_applied(
+    name: str,
+    expect: str | None,
+    settings: Settings,
+    imap_account: ImapAccount,
+    smtp_sink: SmtpSink,
+    dataset: Dataset,
+) -> None:
+    forward = route_invoice_to_support(settings, imap_account, smtp_sink)
+    imap_account.append([fixture_reply(name, forward)])
+    report = run(settings)
+
+    assert [d.route for d in report.decisions] == ["correction"]
+    examples = [e for e in dataset.load() if e.source in ("correction", "confirmation")]
+    replies = to(smtp_sink, STAFF)
+    assert len(replies) == 1, "exactly one answer to the staff member"
+    if expect in ("RH", "Support", "Commercial", "Finance") and expect != "Support":
+        (again,) = [d for d in forwards(smtp_sink) if d is not forward and d != forward]
+        assert again.rcpt_tos == (settings.department(expect).address,)
+        assert again.data.count(b"F-2026-114") >= 1
+        (example,) = examples
+        assert (example.label, example.source) == (expect, "correction")
+        assert (example.corrected_from, example.by) == ("Support", STAFF)
+        assert example.subject == "Erreur sur la facture F-2026-114"
+    elif expect in ("ok", "Support"):
+        assert len(forwards(smtp_sink)) == 1
+        (example,) = examples
+        assert (example.label, example.source) == ("Support", "confirmation")
+    elif expect == "spam":
+        assert len(forwards(smtp_sink)) == 1
+        (example,) = examples
+        assert (example.label, example.source) == ("SPAM", "correction")
+    else:  # unreadable: a help reply listing the departments, nothing else
+        assert len(forwards(smtp_sink)) == 1
+        assert examples == []
+        assert b"Finance" in replies[0].data
+
+
+def test_the_same_correction_twice_gives_one_example_and_one_forward(
+    settings: Settings, imap_account: ImapAccount, smtp_sink: SmtpSink, dataset: Dataset
+) -> None:
+    forward = route_invoice_to_support(settings, imap_account, smtp_sink)
+    first = staff_reply(forward, "Finance")
+    imap_account.append([first, staff_reply(forward, "-> compta")])
+    run(settings)
+    imap_account.append([first])  # the very same mail delivered again
+    run(settings)
+
+    assert len(to(smtp_sink, "finance@example.com")) == 1
+    assert len([e for e in dataset.load() if e.source == "correction"]) == 1
+    with State(settings.state_path) as state:
+        assert [r.status for r in list_corrections(state)] == ["applied"]
+
+
+def test_a_later_correction_supersedes_the_earlier_one(
+    settings: Settings, imap_account: ImapAccount, smtp_sink: SmtpSink, dataset: Dataset
+) -> None:
+    forward = route_invoice_to_support(settings, imap_account, smtp_sink)
+    imap_account.append([staff_reply(forward, "Commercial")])
+    run(settings)
+    imap_account.append([staff_reply(forward, "Finance")])
+    run(settings)
+
+    assert len(to(smtp_sink, "commercial@example.com")) == 1
+    assert len(to(smtp_sink, "finance@example.com")) == 1
+    (example,) = [e for e in dataset.load() if e.source == "correction"]
+    assert (example.label, example.corrected_from) == ("Finance", "Commercial")
+
+
+def test_the_correction_link_subject_works_without_reply_headers(
+    settings: Settings, imap_account: ImapAccount, smtp_sink: SmtpSink, dataset: Dataset
+) -> None:
+    forward = route_invoice_to_support(settings, imap_account, smtp_sink)
+    link = _mailto(forward, "Finance")
+    subject = unquote(parse_qs(urlparse(link).query)["subject"][0])
+    assert subject == f"[MR-{forward.header('X-MailRouter-Token')}] Finance"
+    imap_account.append([staff_reply(forward, "", subject=subject, in_reply_to=False)])
+    run(settings)
+    assert len(to(smtp_sink, "finance@example.com")) == 1
+
+
+def _mailto(delivered: Delivered, department: str) -> str:
+    text = delivered.message().get_body(("plain",)).get_content()
+    match = re.search(rf"{department} : (mailto:\S+)", text)
+    assert match, text
+    return match.group(1)
+
+
+def _refused(
+    settings: Settings,
+    imap_account: ImapAccount,
+    smtp_sink: SmtpSink,
+    dataset: Dataset,
+    caplog: pytest.LogCaptureFixture,
+    make: Callable[[Delivered], bytes],
+) -> str:
+    forward = route_invoice_to_support(settings, imap_account, smtp_sink)
+    before = len(smtp_sink.delivered())
+    imap_account.append([make(forward)])
+    with caplog.at_level(logging.INFO):
+        run(settings)
+    assert len(smtp_sink.delivered()) == before, "nothing is sent"
+    assert [e for e in dataset.load() if e.source == "correction"] == []
+    return "\n".join(r.getMessage() + str(getattr(r, "fields", "")) for r in caplog.records)
+
+
+def test_an_outsider_cannot_correct(
+    settings: Settings, imap_account: ImapAccount, smtp_sink: SmtpSink, dataset: Dataset,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    logs = _refused(settings, imap_account, smtp_sink, dataset, caplog,
+                    lambda f: staff_reply(f, "Finance", sender="eve@evil.test"))  # fmt: skip
+    assert "not staff" in logs
+
+
+def test_a_forged_from_without_authentication_is_refused(
+    dataset: Dataset, make_mail_config: Callable[..., Path], imap_account: ImapAccount,
+    smtp_sink: SmtpSink, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    settings = load_settings(
+        make_mail_config(corrections={"trusted_authserv_id": "mx.example.com"})
+    )
+    forged = "evil.test; dkim=pass header.d=example.com"
+    headers = {"Authentication-Results": forged}
+    logs = _refused(settings, imap_account, smtp_sink, dataset, caplog,
+                    lambda f: staff_reply(f, "Finance", headers=headers))  # fmt: skip
+    assert "not authenticated" in logs
+
+
+def test_an_authenticated_staff_reply_is_accepted(
+    dataset: Dataset, make_mail_config: Callable[..., Path], imap_account: ImapAccount,
+    smtp_sink: SmtpSink,
+) -> None:  # fmt: skip
+    settings = load_settings(
+        make_mail_config(corrections={"trusted_authserv_id": "mx.example.com"})
+    )
+    forward = route_invoice_to_support(settings, imap_account, smtp_sink)
+    good = "mx.example.com; dkim=pass header.d=example.com; spf=pass smtp.mailfrom=example.com"
+    imap_account.append([staff_reply(forward, "Finance", headers={"Authentication-Results": good})])
+    run(settings)
+    assert len(to(smtp_sink, "finance@example.com")) == 1
+
+
+def test_a_tampered_token_is_refused(
+    settings: Settings, imap_account: ImapAccount, smtp_sink: SmtpSink, dataset: Dataset,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    def tampered(forward: Delivered) -> bytes:
+        token = forward.header("X-MailRouter-Token")
+        bad = ("0" if token[0] != "0" else "1") + token[1:]
+        return staff_reply(forward, "", subject=f"[MR-{bad}] Finance", in_reply_to=False)
+
+    logs = _refused(settings, imap_account, smtp_sink, dataset, caplog, tampered)
+    assert "altered token" in logs
+
+
+def test_a_token_for_another_message_is_refused(
+    settings: Settings, imap_account: ImapAccount, smtp_sink: SmtpSink, dataset: Dataset,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    other = make_email("Candidature", "Bonjour, voici ma candidature.", sender="jean@gmail.test")
+    imap_account.append([other])
+    run(settings, Forced("Commercial"))
+    other_token = forwards(smtp_sink)[0].header("X-MailRouter-Token")
+
+    def crossed(forward: Delivered) -> bytes:  # answers one forward with the other's token
+        return staff_reply(forward, "", subject=f"Re: [MR-{other_token}] Finance")
+
+    logs = _refused(settings, imap_account, smtp_sink, dataset, caplog, crossed)
+    assert "another message" in logs
+
+
+def test_customer_mail_quoting_a_department_or_mr_text_is_classified(
+    settings: Settings, imap_account: ImapAccount, smtp_sink: SmtpSink
+) -> None:
+    raw = make_email(
+        "[MR-0123456789ab] Finance",
+        "Bonjour, votre service Finance m'a dit d'écrire [MR-deadbeef00] ici. Commande 12.",
+        sender="client@customer.test",
+    )
+    imap_account.append([raw])
+    forced = Forced("Commercial")
+    report = run(settings, forced)
+    assert len(forced.seen) == 1
+    assert [d.route for d in report.decisions] == ["department"]
+    assert [d.rcpt_tos for d in forwards(smtp_sink)] == [("commercial@example.com",)]
+
+
+def test_spam_digest_links_route_the_mail_and_record_the_example(
+    settings: Settings, imap_account: ImapAccount, smtp_sink: SmtpSink, dataset: Dataset
+) -> None:
+    imap_account.append([INVOICE])
+    run(settings, Forced("SPAM"))
+    assert smtp_sink.delivered() == []
+    assert send_spam_digest(settings) == 1
+    assert send_spam_digest(settings) == 0, "each spam is listed once"
+    (digest,) = to(smtp_sink, "triage@mailrouter.test")
+    text = digest.message().get_body(("plain",)).get_content()
+    assert "Erreur sur la facture F-2026-114" in text
+    link = re.search(r"Finance : (mailto:\S+)", text).group(1)
+    subject = unquote(parse_qs(urlparse(link).query)["subject"][0])
+    imap_account.append([make_email(subject, "Finance", sender=STAFF)])
+    run(settings)
+
+    (forward,) = forwards(smtp_sink)
+    assert forward.rcpt_tos == ("finance@example.com",)
+    (example,) = [e for e in dataset.load() if e.source == "correction"]
+    assert (example.label, example.corrected_from) == ("Finance", "SPAM")
+
+
+def test_revert_removes_the_example(
+    settings: Settings, imap_account: ImapAccount, smtp_sink: SmtpSink, dataset: Dataset
+) -> None:
+    forward = route_invoice_to_support(settings, imap_account, smtp_sink)
+    imap_account.append([staff_reply(forward, "Finance")])
+    run(settings)
+    with State(settings.state_path) as state:
+        (row,) = list_corrections(state)
+        assert "removed" in revert_correction(settings, state, row.id)
+        assert "already" in revert_correction(settings, state, row.id)
+    assert [e for e in dataset.load() if e.source == "correction"] == []
+
+
+def test_the_daily_cap_stops_a_flood_of_corrections(
+    dataset: Dataset, make_mail_config: Callable[..., Path], imap_account: ImapAccount,
+    smtp_sink: SmtpSink,
+) -> None:  # fmt: skip
+    settings = load_settings(make_mail_config(corrections={"daily_cap": 1}))
+    mails = [make_email(f"Question {i}", f"Bonjour, question numéro {i} sur nos commandes.",
+                        sender=f"c{i}@customer.test") for i in range(2)]  # fmt: skip
+    imap_account.append(mails)
+    run(settings, Forced("Support"))
+    first, second = forwards(smtp_sink)
+    imap_account.append([staff_reply(first, "Finance"), staff_reply(second, "Finance")])
+    run(settings)
+    assert len(to(smtp_sink, "finance@example.com")) == 1
+
+
+def test_the_baseline_learns_from_corrections(
+    settings: Settings, imap_account: ImapAccount, smtp_sink: SmtpSink, dataset: Dataset
+) -> None:
+    """The embedded loop: corrections → examples → retrained baseline → the next one goes right."""
+
+    def mail(i: int) -> bytes:
+        return make_email(
+            f"Borne Zorblax {i}",
+            f"Bonjour, la borne Zorblax du site {i} affiche le code ZX-{i}. Merci de voir.",
+            sender=f"site{i}@client-zorblax.test",
+        )
+
+    probe = ClassifyInput("Bonjour, la borne Zorblax du site 99 affiche le code ZX-99.",
+                          "Borne Zorblax 99", "client-zorblax.test")  # fmt: skip
+    before = make_classifier(settings, "baseline").classify(probe).label
+    target = next(d.name for d in settings.departments if d.name not in (before, "SPAM"))
+
+    imap_account.append([mail(i) for i in range(5)])
+    run(settings, make_classifier(settings, "baseline"))
+    for forward in forwards(smtp_sink):
+        if forward.header("X-MailRouter-Department") != target:
+            imap_account.append([staff_reply(forward, target)])
+    run(settings)
+
+    after = make_classifier(settings, "baseline").classify(probe)
+    assert after.label == target, (before, after)
