@@ -1,0 +1,421 @@
+"""A trained model as one GGUF file that llama.cpp, and so Ollama, loads and tokenizes like mlx-lm.
+
+Public entry point::
+
+    export_gguf(base_model, adapter_dir, out_path, *, quantize=None, dtype="f16",
+                timeout=3600) -> GgufExport
+
+``base_model`` is a local model folder or a Hugging Face repo id already in the cache (mlx-lm or
+Hugging Face layout, ``model_type`` mistral or llama, quantised or not); ``adapter_dir`` is an
+mlx-lm LoRA adapter folder, or ``None`` to export the base alone. The adapter is first fused into
+the base with ``mlx_lm fuse --dequantize`` in a child process (:func:`fuse`), then the float
+weights are written with llama.cpp's own writer, the ``gguf`` package (:func:`write_gguf`), and
+optionally quantised by llama.cpp (:func:`quantize_gguf`, needs ``llama-cpp-python``). Ollama can
+also quantise at ``/api/create``; a local quantisation only makes the upload smaller.
+
+Why not ``mlx_lm fuse --export-gguf``: its file is refused by llama.cpp (token types stored as
+UINT32 instead of INT32) and, once repaired, tokenizes most prompts differently (every score is
+-1000, so SentencePiece merges happen in the wrong order) and lacks the chat template and BOS flag.
+Here the tokenizer comes from the model's own ``tokenizer.model``: real scores, control pieces
+(``<s>``, ``</s>``, ``[INST]``, ``[/INST]``…) typed CONTROL so ``[INST]`` in a prompt becomes the
+control id, byte pieces typed BYTE, all as INT32.
+
+``tokenizer.ggml.add_space_prefix`` is written false. llama.cpp adds that space in front of every
+piece of text that follows a special token, so with it ``[INST] Bonjour`` becomes ``[INST]``,
+``▁▁Bonjour``. Without it, the string :func:`mailrouter.prompt.render_chat` sends to Ollama
+tokenizes to exactly the ids mlx-lm trained on (``<s>[INST]▁Bonjour…[/INST]``): the tests check
+it for every starter test email.
+
+Weights are read straight from the safetensors files (float32, float16 or bfloat16; no MLX
+import), one tensor at a time, so exporting a 7B model needs memory for one tensor, not the model.
+Query and key projections are permuted from Hugging Face's rotary layout to llama.cpp's, as
+llama.cpp's ``convert_hf_to_gguf.py`` does for the llama family.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import TrainingError
+
+#: Quantisations :func:`quantize_gguf` knows, by Ollama's names (lower case).
+QUANT_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+SUPPORTED_MODEL_TYPES = ("mistral", "llama")
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+
+@dataclass(frozen=True)
+class GgufExport:
+    """What :func:`export_gguf` wrote. ``file_type`` is f32, f16 or the quantisation applied."""
+
+    path: Path
+    file_type: str
+    size_bytes: int
+    seconds: float
+
+
+def export_gguf(
+    base_model: str | Path,
+    adapter_dir: str | Path | None,
+    out_path: str | Path,
+    *,
+    quantize: str | None = None,
+    dtype: str = "f16",
+    timeout: float = 3600,
+) -> GgufExport:
+    """Fuse ``adapter_dir`` into ``base_model`` (if given) and write ``out_path`` as GGUF.
+
+    ``dtype`` is the float type of the matrices (``f16``, or ``f32`` for exact comparisons);
+    ``quantize`` (``q8_0``, ``q4_k_m``) re-encodes them with llama.cpp afterwards. The file appears
+    at ``out_path`` only when complete (written beside it, then renamed).
+    """
+    started = time.monotonic()
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base_dir = model_dir(base_model)
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out.parent) as tmp:
+        work = Path(tmp)
+        source = base_dir
+        if adapter_dir is not None:
+            source = fuse(base_model, adapter_dir, work / "fused", timeout=timeout)
+        written = write_gguf(
+            source,
+            work / "model.gguf",
+            dtype=dtype,
+            tokenizer_model=find_tokenizer_model(source, base_dir),
+        )
+        file_type = dtype
+        if quantize:
+            file_type = quantize_gguf(written, work / "model.q.gguf", quantize)
+            written = work / "model.q.gguf"
+        written.replace(out)
+    return GgufExport(out, file_type, out.stat().st_size, time.monotonic() - started)
+
+
+def model_dir(model: str | Path) -> Path:
+    """A local folder for ``model``: the path itself, or its copy in the Hugging Face cache."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(model), local_files_only=True))
+    except Exception as exc:  # huggingface_hub raises several unrelated types here
+        raise TrainingError(
+            f"base model {model!r} is neither a folder nor in the Hugging Face cache "
+            "(run `mailrouter train` once to download it)"
+        ) from exc
+
+
+def fuse(
+    base_model: str | Path, adapter_dir: str | Path, out_dir: str | Path, *, timeout: float = 3600
+) -> Path:
+    """Merge a LoRA adapter into its base with ``mlx_lm fuse`` (a child process, dequantised).
+
+    ``--dequantize`` is always passed: it is a no-op for a float base and turns a 4-bit base into
+    float weights, which is what a GGUF export needs. A child process keeps MLX out of the caller.
+    """
+    out = Path(out_dir)
+    cmd = [
+        sys.executable, "-m", "mlx_lm", "fuse",
+        "--model", str(base_model),
+        "--adapter-path", str(adapter_dir),
+        "--save-path", str(out),
+        "--dequantize",
+    ]  # fmt: skip
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise TrainingError(f"mlx_lm fuse took longer than {timeout:.0f} s") from exc
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
+        raise TrainingError(
+            f"mlx_lm fuse failed (exit {result.returncode}) for base {base_model} and adapter "
+            f"{adapter_dir}: " + " | ".join(tail)
+        )
+    return out
+
+
+def find_tokenizer_model(*folders: Path) -> Path:
+    """The SentencePiece ``tokenizer.model``: ``mlx_lm fuse`` does not copy it, so look in order."""
+    for folder in folders:
+        candidate = folder / "tokenizer.model"
+        if candidate.is_file():
+            return candidate
+    raise TrainingError(
+        "no tokenizer.model (SentencePiece) in "
+        + ", ".join(str(f) for f in folders)
+        + ": the GGUF export needs it for the token scores; use a base model that ships it"
+    )
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def write_gguf(
+    model_path: str | Path,
+    out_path: str | Path,
+    *,
+    dtype: str = "f16",
+    tokenizer_model: str | Path | None = None,
+    name: str | None = None,
+) -> Path:
+    """Write the float model folder ``model_path`` as a llama-architecture GGUF at ``out_path``."""
+    import gguf
+
+    if dtype not in ("f16", "f32"):
+        raise ValueError(f"dtype {dtype!r}: expected f16 or f32")
+    folder = Path(model_path)
+    config = _read_json(folder / "config.json")
+    hp = _hyperparameters(config, folder)
+    sp_path = Path(tokenizer_model) if tokenizer_model else find_tokenizer_model(folder)
+    vocab = sentencepiece_vocab(sp_path, hp["vocab_size"])
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise TrainingError(f"{folder}: no .safetensors weights")
+
+    writer = gguf.GGUFWriter(str(out_path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    ftype = gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16
+    _add_metadata(writer, hp, vocab, _chat_template(folder), name or folder.name, ftype)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp["block_count"])
+    plan = []
+    for key, (path, info) in _safetensors_index(files).items():
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        target = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise TrainingError(f"{folder}: tensor {key} has no llama.cpp name (unsupported model)")
+        out_dtype = np.float32 if dtype == "f32" or len(info["shape"]) == 1 else np.float16
+        plan.append((target, key, path, info, out_dtype))
+    for target, _key, _path, info, out_dtype in plan:
+        nbytes = int(np.prod(info["shape"])) * np.dtype(out_dtype).itemsize
+        writer.add_tensor_info(target, info["shape"], np.dtype(out_dtype), nbytes)
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for _target, key, path, info, out_dtype in plan:
+        data = _read_tensor(path, info)
+        if key.endswith("q_proj.weight"):
+            data = permute_qk(data, hp["head_count"])
+        elif key.endswith("k_proj.weight"):
+            data = permute_qk(data, hp["head_count_kv"])
+        writer.write_tensor_data(np.ascontiguousarray(data, dtype=out_dtype))
+    writer.close()
+    return Path(out_path)
+
+
+def permute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """Hugging Face stores rotary pairs as two halves of each head; llama.cpp interleaves them."""
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+@dataclass(frozen=True)
+class Vocab:
+    tokens: list[str]
+    scores: list[float]
+    types: list[int]
+    bos_id: int
+    eos_id: int
+    unk_id: int
+
+
+def sentencepiece_vocab(path: Path, vocab_size: int) -> Vocab:
+    """Pieces, real scores and llama.cpp token types from a SentencePiece model file."""
+    import sentencepiece as spm
+    from gguf import TokenType
+
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    size = sp.get_piece_size()
+    if size > vocab_size:
+        raise TrainingError(
+            f"{path} has {size} pieces but the model's vocab_size is {vocab_size}: "
+            "tokenizer and model do not belong together"
+        )
+    tokens, scores, types = [], [], []
+    for i in range(size):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(float(sp.get_score(i)))
+        if sp.is_unknown(i):
+            kind = TokenType.UNKNOWN
+        elif sp.is_control(i):
+            kind = TokenType.CONTROL
+        elif sp.is_unused(i):
+            kind = TokenType.UNUSED
+        elif sp.is_byte(i):
+            kind = TokenType.BYTE
+        else:
+            kind = TokenType.NORMAL
+        types.append(int(kind))
+    for i in range(size, vocab_size):  # embedding rows beyond the tokenizer: never produced
+        tokens.append(f"[PAD{i}]")
+        scores.append(-1000.0)
+        types.append(int(TokenType.UNUSED))
+    return Vocab(tokens, scores, types, sp.bos_id(), sp.eos_id(), sp.unk_id())
+
+
+def _hyperparameters(config: dict[str, Any], folder: Path) -> dict[str, Any]:
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise TrainingError(
+            f"{folder}: model_type {model_type!r} cannot be exported to GGUF here "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    if config.get("quantization") or config.get("quantization_config"):
+        raise TrainingError(f"{folder}: weights are quantised; fuse with --dequantize first")
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    return {
+        "vocab_size": config["vocab_size"],
+        "context_length": config.get("max_position_embeddings", 32768),
+        "embedding_length": hidden,
+        "block_count": config["num_hidden_layers"],
+        "feed_forward_length": config["intermediate_size"],
+        "head_count": heads,
+        "head_count_kv": config.get("num_key_value_heads", heads),
+        "head_dim": head_dim,
+        "rms_eps": config.get("rms_norm_eps", 1e-5),
+        "rope_theta": config.get("rope_theta", 10000.0),
+        "tied": config.get("tie_word_embeddings", False),
+    }
+
+
+def _add_metadata(
+    writer: Any, hp: dict[str, Any], vocab: Vocab, template: str | None, name: str, ftype: int
+) -> None:
+    writer.add_name(name)
+    writer.add_file_type(ftype)
+    writer.add_quantization_version(2)
+    writer.add_vocab_size(hp["vocab_size"])
+    writer.add_context_length(hp["context_length"])
+    writer.add_embedding_length(hp["embedding_length"])
+    writer.add_block_count(hp["block_count"])
+    writer.add_feed_forward_length(hp["feed_forward_length"])
+    writer.add_head_count(hp["head_count"])
+    writer.add_head_count_kv(hp["head_count_kv"])
+    writer.add_rope_dimension_count(hp["head_dim"])
+    if hp["head_dim"] != hp["embedding_length"] // hp["head_count"]:
+        writer.add_key_length(hp["head_dim"])
+        writer.add_value_length(hp["head_dim"])
+    writer.add_layer_norm_rms_eps(hp["rms_eps"])
+    writer.add_rope_freq_base(hp["rope_theta"])
+
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.types)
+    writer.add_bos_token_id(vocab.bos_id)
+    writer.add_eos_token_id(vocab.eos_id)
+    writer.add_unk_token_id(vocab.unk_id)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(False)
+    if template:
+        writer.add_chat_template(template)
+
+
+def _chat_template(folder: Path) -> str | None:
+    """The template mlx-lm trained with: ``chat_template.jinja`` or the tokenizer config's."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config_path = folder / "tokenizer_config.json"
+    template = _read_json(config_path).get("chat_template") if config_path.is_file() else None
+    return template if isinstance(template, str) else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"{path}: cannot read: {exc}") from exc
+
+
+# --- safetensors, read without a framework ------------------------------------------------------
+
+
+def _safetensors_index(files: list[Path]) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """Every tensor of the files: name → (file, header entry with an absolute data offset)."""
+    index: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for path in files:
+        with path.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise TrainingError(
+                    f"{path}: tensor {key} is {info['dtype']}; only float weights can be exported "
+                    "(fuse with --dequantize)"
+                )
+            start, end = info["data_offsets"]
+            index[key] = (path, {**info, "start": 8 + size + start, "end": 8 + size + end})
+    return dict(sorted(index.items(), key=lambda item: _order(item[0])))
+
+
+def _order(key: str) -> tuple[int, int, str]:
+    """Embeddings, then the blocks in order, then the final norm and the output head."""
+    if "embed_tokens" in key:
+        return (0, 0, key)
+    parts = key.split(".")
+    if "layers" in parts:
+        return (1, int(parts[parts.index("layers") + 1]), key)
+    return (2, 0, key)
+
+
+def _read_tensor(path: Path, info: dict[str, Any]) -> np.ndarray:
+    raw = np.memmap(
+        path, dtype=np.uint8, mode="r", offset=info["start"], shape=(info["end"] - info["start"],)
+    )
+    data = raw.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    if info["dtype"] == "BF16":
+        return (data.astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(data)
+
+
+# --- quantisation -------------------------------------------------------------------------------
+
+
+def quantize_gguf(src: str | Path, dst: str | Path, kind: str) -> str:
+    """Re-encode ``src`` as ``kind`` with llama.cpp; returns the type actually written.
+
+    Q4_K needs rows whose length is a multiple of 256; llama.cpp then falls back per tensor. If it
+    still fails (tiny models), Q8_0 is written instead and returned, so callers can record it.
+    """
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise TrainingError(
+            "quantising a GGUF needs llama-cpp-python (`pip install llama-cpp-python`), "
+            "or leave quantize unset and let Ollama quantise at /api/create"
+        ) from exc
+    key = kind.lower()
+    if key not in QUANT_TYPES:
+        raise TrainingError(f"unknown quantisation {kind!r}: expected one of {sorted(QUANT_TYPES)}")
+    for attempt in dict.fromkeys([key, "q8_0"]):
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, QUANT_TYPES[attempt])
+        code = llama_cpp.llama_model_quantize(
+            str(src).encode(), str(dst).encode(), llama_cpp.byref(params)
+        )
+        if code == 0:
+            return attempt
+    raise TrainingError(f"llama.cpp could not quantise {src} to {kind} (nor to q8_0)")

@@ -1,0 +1,208 @@
+"""The GGUF export, checked by llama.cpp itself: it loads, tokenizes and answers like mlx-lm."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+from gguf import GGUFReader, GGUFValueType, TokenType
+
+from mailrouter.errors import TrainingError
+from mailrouter.prompt import CHAT_TEMPLATE, render_chat
+from mailrouter.training.gguf import export_gguf, quantize_gguf, write_gguf
+from tests.conftest import require
+from tests.fixtures.models import starter_test_prompts
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a dev dependency")
+
+ANSWER_TOKENS = 3
+
+
+def _field(reader: GGUFReader, key: str) -> tuple[list[GGUFValueType], object]:
+    field = reader.fields[key]
+    return list(field.types), field.contents()
+
+
+def _llama(path: Path, *, vocab_only: bool = False) -> object:
+    return llama_cpp.Llama(
+        str(path), n_ctx=1024, n_threads=2, verbose=False, vocab_only=vocab_only, seed=0
+    )
+
+
+def _llama_greedy(llm: object, ids: list[int], n: int) -> list[int]:
+    """Greedy tokens from llama.cpp; a shared prompt prefix is reused from its cache."""
+    out: list[int] = []
+    for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):  # type: ignore[attr-defined]
+        if token == llm.token_eos() or len(out) == n:  # type: ignore[attr-defined]
+            break
+        out.append(token)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[str]:
+    found = starter_test_prompts()
+    require(bool(found), "the starter data has no test split")
+    return found
+
+
+def test_tokenizer_metadata(tiny_gguf: Path, tiny_model: Path) -> None:
+    reader = GGUFReader(tiny_gguf)
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_model / "tokenizer.model"))
+    assert _field(reader, "general.architecture")[1] == "llama"
+    assert _field(reader, "tokenizer.ggml.model")[1] == "llama"
+
+    types, values = _field(reader, "tokenizer.ggml.token_type")
+    assert types == [GGUFValueType.ARRAY, GGUFValueType.INT32]  # llama.cpp refuses UINT32
+    assert len(values) == 32768
+    tokens = _field(reader, "tokenizer.ggml.tokens")[1]
+    for piece in ["<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[control_100]"]:
+        assert values[tokens.index(piece)] == TokenType.CONTROL, piece
+    assert values[0] == TokenType.UNKNOWN
+    assert values[tokens.index("<0x0A>")] == TokenType.BYTE
+    assert values[tokens.index("▁Bon")] == TokenType.NORMAL
+
+    types, scores = _field(reader, "tokenizer.ggml.scores")
+    assert types == [GGUFValueType.ARRAY, GGUFValueType.FLOAT32]
+    expected = [sp.get_score(i) for i in range(sp.get_piece_size())]
+    assert np.allclose(scores, expected) and len(set(scores)) > 1000
+
+    assert _field(reader, "tokenizer.ggml.bos_token_id")[1] == 1
+    assert _field(reader, "tokenizer.ggml.eos_token_id")[1] == 2
+    assert _field(reader, "tokenizer.ggml.add_bos_token") == ([GGUFValueType.BOOL], True)
+    assert _field(reader, "tokenizer.ggml.add_eos_token") == ([GGUFValueType.BOOL], False)
+    assert _field(reader, "tokenizer.ggml.add_space_prefix")[1] is False
+    assert _field(reader, "tokenizer.chat_template")[1] == CHAT_TEMPLATE
+
+
+def test_tensors(tiny_gguf: Path) -> None:
+    shapes = {
+        t.name: (tuple(int(d) for d in t.shape), t.tensor_type.name)
+        for t in GGUFReader(tiny_gguf).tensors
+    }
+    assert shapes["token_embd.weight"] == ((64, 32768), "F32")  # ggml order: columns first
+    assert shapes["output.weight"] == ((64, 32768), "F32")
+    assert shapes["blk.1.attn_q.weight"] == ((64, 64), "F32")
+    assert shapes["blk.1.attn_k.weight"] == ((64, 32), "F32")
+    assert shapes["blk.0.ffn_gate.weight"] == ((64, 128), "F32")
+    assert shapes["output_norm.weight"] == ((64,), "F32")
+    assert len(shapes) == 3 + 2 * 9
+
+
+def test_llama_cpp_tokenizes_like_mlx(
+    tiny_gguf: Path, tiny_model: Path, prompts: list[str]
+) -> None:
+    """The string Ollama gets (``render_chat``) becomes exactly the ids mlx-lm trained on."""
+    from mlx_lm.utils import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model)
+    llm = _llama(tiny_gguf, vocab_only=True)
+    for prompt in prompts:
+        expected = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True
+        )
+        expected = list(expected["input_ids"] if isinstance(expected, dict) else expected)
+        got = llm.tokenize(render_chat(prompt).encode(), add_bos=True, special=True)
+        assert got == expected
+
+
+def test_llama_cpp_answers_like_mlx(tiny_gguf: Path, tiny_model: Path, prompts: list[str]) -> None:
+    from mailrouter.classify.mlx import MlxClassifier
+    from mailrouter.config import default_departments
+
+    mlx = MlxClassifier(tiny_model, default_departments(), max_tokens=ANSWER_TOKENS)
+    llm = _llama(tiny_gguf)
+    for prompt in prompts:
+        ids = mlx.prompt_ids(prompt)
+        tokens, _text, _probs = mlx.answer(ids)
+        assert _llama_greedy(llm, ids, ANSWER_TOKENS)[: len(tokens)] == tokens
+
+
+def test_adapter_is_fused(
+    tiny_model: Path, tiny_adapter: Path, tiny_gguf: Path, tmp_path: Path, prompts: list[str]
+) -> None:
+    """Base + adapter → ``mlx_lm fuse`` → GGUF answers as MLX with the adapter, then Q8_0 loads."""
+    from mailrouter.classify.mlx import MlxClassifier
+    from mailrouter.config import default_departments
+
+    result = export_gguf(tiny_model, tiny_adapter, tmp_path / "out" / "fused.gguf", dtype="f32")
+    assert result.path.is_file() and result.file_type == "f32"
+    assert [p.name for p in result.path.parent.iterdir()] == ["fused.gguf"]  # no leftovers
+
+    def tensor(path: Path, name: str) -> np.ndarray:
+        return next(t.data for t in GGUFReader(path).tensors if t.name == name)
+
+    assert not np.allclose(
+        tensor(result.path, "blk.0.attn_q.weight"), tensor(tiny_gguf, "blk.0.attn_q.weight")
+    )
+
+    mlx = MlxClassifier(
+        tiny_model, default_departments(), adapter_path=tiny_adapter, max_tokens=ANSWER_TOKENS
+    )
+    llm = _llama(result.path)
+    for prompt in prompts[:5]:
+        ids = mlx.prompt_ids(prompt)
+        tokens, _text, _probs = mlx.answer(ids)
+        assert _llama_greedy(llm, ids, ANSWER_TOKENS)[: len(tokens)] == tokens
+
+    q8 = tmp_path / "q8.gguf"
+    assert quantize_gguf(result.path, q8, "q8_0") == "q8_0"
+    assert q8.stat().st_size < result.size_bytes / 3
+    assert _llama(q8).tokenize(b"[INST] Bonjour[/INST]", add_bos=True, special=True)[:2] == [1, 3]
+    # Q4_K_M needs rows of 256: llama.cpp falls back per tensor, or we fall back to Q8_0.
+    assert quantize_gguf(result.path, tmp_path / "q4.gguf", "q4_K_M") in {"q4_k_m", "q8_0"}
+    _llama(tmp_path / "q4.gguf")
+
+
+def test_bfloat16_weights_are_exported(tiny_model: Path, tmp_path: Path) -> None:
+    """Real checkpoints are bfloat16, which numpy lacks: the reader widens it to float32."""
+    from safetensors.numpy import load_file
+
+    folder = tmp_path / "bf16"
+    shutil.copytree(tiny_model, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    # bfloat16 = the top 16 bits of a float32: truncate, and remember what it must decode to.
+    halves = {k: (v.view(np.uint32) >> 16).astype(np.uint16) for k, v in weights.items()}
+    raw = b"".join(h.tobytes() for h in halves.values())
+    header: dict[str, object] = {}
+    offset = 0
+    for key, h in halves.items():
+        header[key] = {
+            "dtype": "BF16",
+            "shape": list(h.shape),
+            "data_offsets": [offset, offset + h.nbytes],
+        }
+        offset += h.nbytes
+    blob = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob + raw)
+    out = write_gguf(folder, tmp_path / "bf16.gguf", dtype="f32")
+    got = next(t.data for t in GGUFReader(out).tensors if t.name == "output_norm.weight")
+    assert np.array_equal(got, np.ones(64, np.float32))
+    embd = next(t.data for t in GGUFReader(out).tensors if t.name == "token_embd.weight")
+    expected = (halves["model.embed_tokens.weight"].astype(np.uint32) << 16).view(np.float32)
+    assert np.array_equal(embd, expected)
+
+
+def test_refuses_what_it_cannot_export(tiny_model: Path, tmp_path: Path) -> None:
+    quantised = tmp_path / "q"
+    shutil.copytree(tiny_model, quantised)
+    config = json.loads((quantised / "config.json").read_text())
+    (quantised / "config.json").write_text(json.dumps({**config, "quantization": {"bits": 4}}))
+    with pytest.raises(TrainingError, match="dequantize"):
+        write_gguf(quantised, tmp_path / "x.gguf")
+
+    (quantised / "config.json").write_text(json.dumps({**config, "model_type": "gemma"}))
+    with pytest.raises(TrainingError, match="gemma"):
+        write_gguf(quantised, tmp_path / "x.gguf")
+
+    (quantised / "config.json").write_text(json.dumps(config))
+    (quantised / "tokenizer.model").unlink()
+    with pytest.raises(TrainingError, match=r"tokenizer\.model"):
+        write_gguf(quantised, tmp_path / "x.gguf")
+
+    with pytest.raises(TrainingError, match="Hugging Face cache"):
+        export_gguf("nobody/not-a-model", None, tmp_path / "x.gguf")
