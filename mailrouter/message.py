@@ -374,23 +374,34 @@ def parse_addresses(
 ) -> list[tuple[str, str]]:
     """(decoded display name, lower-cased address) pairs from raw address header values.
 
-    Addresses are split before RFC 2047 decoding, so an encoded comma in a name splits nothing.
+    Encoded words are set aside while addresses are split, so a comma some mailers leave inside
+    an encoded name (``=?utf-8?q?Dupont,_Jean?=``) splits nothing.
     """
     sink = defects if defects is not None else _Defects()
-    texts = [_FOLD.sub("", _raw_header_text(v, sink))[:MAX_HEADER_CHARS] for v in values]
     pairs: list[tuple[str, str]] = []
-    for text in texts:
+    for value in values:
+        words: list[str] = []
+
+        def set_aside(match: re.Match[str], words: list[str] = words) -> str:
+            words.append(match.group(0))
+            return f"\ue010{len(words) - 1}\ue011"
+
+        def restore(text: str, words: list[str] = words) -> str:
+            return re.sub("\ue010(\\d+)\ue011", lambda m: words[int(m.group(1))], text)
+
+        text = _FOLD.sub("", _raw_header_text(value, sink))[:MAX_HEADER_CHARS]
+        protected = _ENCODED_WORD.sub(set_aside, text.replace("\ue010", "").replace("\ue011", ""))
         try:
-            found = getaddresses([text])
+            found = [(n, a) for n, a in getaddresses([protected]) if "@" in a or n]
         except Exception:
             found = []
-        found = [(n, a) for n, a in found if "@" in a or n]
         if not found:
             found = [("", a) for a in re.findall(r"[\w.+'-]+@[\w-]+(?:\.[\w-]+)+", text)]
             if text.strip():
                 sink.add("unparseable address header")
         for name, addr in found:
-            pairs.append((decode_header_value(name, sink), addr.strip().strip("<>").lower()))
+            clean = restore(addr).strip().strip("<>").lower()
+            pairs.append((decode_header_value(restore(name), sink), clean))
     return pairs
 
 
