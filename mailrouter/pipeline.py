@@ -36,6 +36,7 @@ import hashlib
 import importlib
 import importlib.util
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -305,11 +306,12 @@ class Pipeline:
     ) -> MessageRecord | None:
         """Decide and record a message never seen in this mailbox generation."""
         email, key = incoming.email, self.mailbox.key
-        copy = self.state.find_copy(key, email.content_hash, email.message_id, email.sender)
+        copy = self.state.find_copy(key, email.content_hash, fingerprint(incoming))
         if copy is not None:
             return self._copy_of(copy, incoming, uidvalidity, report)
         identity = {
             "content_hash": email.content_hash,
+            "fingerprint": fingerprint(incoming),
             "message_id": email.message_id,
             "sender": email.sender,
             "subject": email.subject,
@@ -375,8 +377,9 @@ class Pipeline:
         email = incoming.email
         return self.state.add_message(
             self.mailbox.key, uidvalidity, incoming.uid, state=MessageState.CLASSIFIED,
-            content_hash=email.content_hash, message_id=email.message_id, sender=email.sender,
-            subject=email.subject, size=incoming.size, route="duplicate", reason=reason,
+            content_hash=email.content_hash, fingerprint=fingerprint(incoming),
+            message_id=email.message_id, sender=email.sender, subject=email.subject,
+            size=incoming.size, route="duplicate", reason=reason,
             department=copy.department, duplicate_of=copy.id,
             outcome=str(MessageState.IGNORED), folder=copy.folder,
         )  # fmt: skip
@@ -711,6 +714,24 @@ class Pipeline:
         send_with_retry(
             self.sender, data, recipient, attempts=smtp.max_attempts, backoff=smtp.backoff_seconds
         )
+
+
+def fingerprint(incoming: Incoming) -> str:
+    """The same mail with other transport headers: same Message-ID and same body bytes.
+
+    Empty without a Message-ID: then only identical bytes make a copy. (A Message-ID alone is
+    not enough: some web forms send every message with the same one.)
+    """
+    email = incoming.email
+    if not email.message_id:
+        return ""
+    if incoming.headers_only:
+        body = f"size:{incoming.size}".encode()
+    else:
+        match = re.search(rb"\r?\n\r?\n", incoming.raw)
+        body = incoming.raw[match.end() :] if match else b""
+    digest = hashlib.sha256(email.message_id.encode("utf-8", "surrogatepass") + b"\0" + body)
+    return digest.hexdigest()
 
 
 def _parse(raw: bytes, limit: int) -> Email:

@@ -77,6 +77,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             uid INTEGER NOT NULL,
             message_id TEXT NOT NULL DEFAULT '',
             content_hash TEXT NOT NULL,
+            fingerprint TEXT NOT NULL DEFAULT '',
             sender TEXT NOT NULL DEFAULT '',
             subject TEXT NOT NULL DEFAULT '',
             size INTEGER NOT NULL DEFAULT 0,
@@ -100,7 +101,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         CREATE INDEX messages_state ON messages(state);
         CREATE INDEX messages_hash ON messages(mailbox, content_hash);
-        CREATE INDEX messages_msgid ON messages(mailbox, message_id);
+        CREATE INDEX messages_fingerprint ON messages(mailbox, fingerprint);
         CREATE TABLE forwards (
             forward_id TEXT PRIMARY KEY,
             message INTEGER NOT NULL REFERENCES messages(id),
@@ -203,6 +204,7 @@ class MessageRecord:
     uid: int
     message_id: str
     content_hash: str
+    fingerprint: str
     sender: str
     subject: str
     size: int
@@ -390,19 +392,18 @@ class State:
         )
         return {int(r["uid"]): MessageState(r["state"]) for r in rows}
 
-    def find_copy(
-        self, mailbox: str, content_hash: str, message_id: str, sender: str
-    ) -> MessageRecord | None:
-        """An earlier record of the same mail: same bytes, or same Message-ID from the same sender.
+    def find_copy(self, mailbox: str, content_hash: str, fingerprint: str) -> MessageRecord | None:
+        """An earlier record of the same mail: the same bytes, or the same fingerprint (Message-ID,
+        sender, subject, date and text: the same mail with other transport headers).
 
         This is what keeps a UIDVALIDITY reset (the mailbox recreated, the same mail under new
-        UIDs) or a second delivery of one message from being forwarded twice.
+        UIDs) or a second delivery of one message from being forwarded twice. The Message-ID
+        alone is not enough: some web forms send every message with the same one.
         """
         rows = self.query(
             "SELECT * FROM messages WHERE mailbox = ? AND duplicate_of IS NULL AND "
-            "(content_hash = ? OR (message_id != '' AND message_id = ? AND sender = ?)) "
-            "ORDER BY id LIMIT 1",
-            (mailbox, content_hash, message_id, sender),
+            "(content_hash = ? OR (fingerprint != '' AND fingerprint = ?)) ORDER BY id LIMIT 1",
+            (mailbox, content_hash, fingerprint),
         )
         return _row(MessageRecord, rows[0]) if rows else None
 
@@ -413,6 +414,7 @@ class State:
         uid: int,
         *,
         content_hash: str,
+        fingerprint: str = "",
         message_id: str = "",
         sender: str = "",
         subject: str = "",
@@ -427,6 +429,7 @@ class State:
             "uidvalidity": uidvalidity,
             "uid": uid,
             "content_hash": content_hash,
+            "fingerprint": fingerprint,
             "message_id": message_id,
             "sender": sender,
             "subject": subject[:500],
