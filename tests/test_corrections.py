@@ -113,6 +113,7 @@ def route_invoice_to_support(settings: Settings, account: ImapAccount, sink: Smt
 def fixture_reply(name: str, forward: Delivered) -> bytes:
     """A reply fixture, pointed at the forward the test made."""
     raw = (REPLIES / name).read_bytes()
+    raw = raw.replace(b"@@TOKEN@@", forward.header("X-MailRouter-Token").encode())
     return raw.replace(b"<fwd-TEST@mailrouter.invalid>", forward.header("Message-ID").encode())
 
 
