@@ -202,10 +202,15 @@ class Service:
                 os.killpg(child.pid, signal.SIGKILL)
 
     def _send_digest(self) -> None:
+        """Failures are logged; the spam not yet listed goes into the next digest."""
         self._digest_due = False
         from .corrections import send_spam_digest
 
-        send_spam_digest(self.settings, dry_run=self.dry_run)
+        try:
+            send_spam_digest(self.settings)
+        except MailRouterError as exc:
+            event(log, "spam_digest_failed", logging.WARNING, error=str(exc))
+            self._record_error("spam_digest_failed", str(exc))
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -252,7 +257,7 @@ class Service:
         scheduler = build_scheduler(
             self.settings,
             training=self.train,
-            digest=self.digest if _digest_available() else None,
+            digest=self.digest if _digest_available() and not self.dry_run else None,
             retry=self.retry_deferred,
             heartbeat=self.heartbeat,
         )
