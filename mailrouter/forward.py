@@ -156,7 +156,7 @@ def _html_body(rows: list[tuple[str, str]], attached: bool, notice: Notice) -> s
 
 def _attachment(original: bytes, headers_only: bool, boundary: str) -> bytes:
     """The original as a MIME part, unchanged but for line endings (CRLF on the wire)."""
-    data = re.sub(rb"\r?\n|\r", b"\r\n", original)
+    data = original.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     if headers_only:
         head = b"Content-Type: text/rfc822-headers\r\n"
         head += b'Content-Disposition: attachment; filename="original-headers.txt"\r\n'
@@ -167,7 +167,7 @@ def _attachment(original: bytes, headers_only: bool, boundary: str) -> bytes:
 
 
 def _encoded(head: bytes, data: bytes, boundary: str) -> bytes:
-    longest = max((len(line) for line in data.split(b"\r\n")), default=0)
+    longest = max(map(len, data.split(b"\r\n")))  # RFC 5322: at most 998 characters a line
     if boundary.encode() in data or b"\x00" in data or longest > 998:
         # Unsafe to send as is: base64 keeps every byte (clients open it all the same).
         encoded = base64.encodebytes(data).replace(b"\n", b"\r\n")
