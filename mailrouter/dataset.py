@@ -42,6 +42,7 @@ SOURCES = ("seed", "import", "correction", "confirmation", "manual")
 AUTHORITATIVE = frozenset({"correction", "confirmation", "manual"})
 _SPLIT_ALIASES = {"validation": "valid", "val": "valid", "dev": "valid", "eval": "test"}
 LOCK_TIMEOUT = 30.0
+_OPTIONAL = ("sender_domain", "message_id", "corrected_from", "by")
 
 
 def example_id(text: str, subject: str = "") -> str:
@@ -116,13 +117,15 @@ class Example:
         )
 
     def to_json(self) -> str:
-        """One JSONL line; ``None`` fields and empty subject/sender domain are left out."""
-        data = {
-            k: v
-            for k, v in asdict(self).items()
-            if v is not None and not (k in ("subject", "sender_domain") and v == "")
-        }
-        return json.dumps(data, ensure_ascii=False)
+        """One JSONL line in a fixed key order; unset optional fields are left out.
+
+        ``subject`` is always written (the starter file has it on every line), so rewriting an
+        unchanged file reproduces it byte for byte and its diffs show only real changes.
+        """
+        data = asdict(self)
+        order = ["id", "text", "subject", "label", "split", "source", "created", *_OPTIONAL]
+        kept = {k: data[k] for k in order if k not in _OPTIONAL or data[k] not in (None, "")}
+        return json.dumps(kept, ensure_ascii=False)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Example:

@@ -1,4 +1,4 @@
-"""The dataset, classify, evaluate and demo commands, run without any config file."""
+"""The dataset, classify and evaluate commands, run without any config file."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from mailrouter.cli import app
 from mailrouter.dataset import Dataset
 
-from .conftest import REPO, STARTER, require
+from .conftest import REPO
 from .sample_examples import write_sample_dataset
 
 runner = CliRunner()
@@ -162,18 +162,3 @@ def test_classify_files_stdin_and_failures(sample: Dataset, tmp_path: Path) -> N
 
     result = run("classify", "--backend", "baseline", "-", input=invoice.read_bytes())
     assert result.exit_code == 0 and result.stdout.split("\t")[:2] == ["-", "Finance"]
-
-
-def test_demo(sample: Dataset) -> None:
-    result = run("demo")
-    assert result.exit_code == 0
-    assert "expected" in result.stdout and "predicted" in result.stdout
-    assert "accuracy" in result.stdout and ("✓" in result.stdout or "✗" in result.stdout)
-
-
-def test_demo_on_the_starter_data(request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    require(STARTER.is_file(), f"{STARTER} is missing")
-    request.getfixturevalue("starter_data")
-    done = mailrouter("demo", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert "accuracy" in done.stdout

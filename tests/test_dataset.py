@@ -449,3 +449,11 @@ def test_export_empty_dataset(tmp_path: Path) -> None:
     result = Dataset(tmp_path / "none.jsonl").export(tmp_path / "out", DEPS)
     assert result.counts == {"train": 0, "valid": 0, "test": 0}
     assert sorted(os.listdir(tmp_path / "out")) == ["test.jsonl", "train.jsonl", "valid.jsonl"]
+
+
+def test_rewriting_the_starter_file_reproduces_it(starter_data: Path) -> None:
+    before = starter_data.read_bytes()
+    store = Dataset(starter_data)
+    store.add([ex("Un email de passage", "RH")])
+    assert store.remove(example_id("Un email de passage"))
+    assert starter_data.read_bytes() == before
