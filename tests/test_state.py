@@ -1,0 +1,115 @@
+"""The state database: migrations, lifecycle transitions, forwards, history, resume."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from mailrouter.state import MIGRATIONS, MessageState, State, StateError
+
+
+def _add(db: State, uid: int = 1, **extra: object) -> int:
+    return db.add_message(
+        "contact/INBOX", 7, uid, content_hash=f"h{uid}", message_id=f"<{uid}@x>", **extra
+    ).id
+
+
+def test_migrations_are_recorded_and_wal_is_on(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with State(path) as state:
+        assert state.schema_version() == MIGRATIONS[-1][0]
+        rows = state.query("SELECT version, name FROM schema_migrations ORDER BY version")
+        assert [r["version"] for r in rows] == [m[0] for m in MIGRATIONS]
+        assert state.query("PRAGMA journal_mode")[0][0] == "wal"
+        tables = {r[0] for r in state.query("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {
+        "messages",
+        "forwards",
+        "decisions",
+        "corrections",
+        "models",
+        "training_runs",
+        "kv",
+    } <= tables
+    with State(path) as again:  # reopening applies nothing twice
+        assert len(again.query("SELECT * FROM schema_migrations")) == len(MIGRATIONS)
+
+
+def test_a_newer_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    State(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO schema_migrations VALUES (999, 'future', 'now')")
+    with pytest.raises(StateError, match="upgrade mailrouter"):
+        State(path)
+
+
+def test_lifecycle_and_history(tmp_path: Path) -> None:
+    with State(tmp_path / "s.db") as state:
+        mid = _add(state, state=MessageState.CLASSIFIED, route="department", department="RH",
+                   destination="rh@x.org", outcome="filed", folder="routed")  # fmt: skip
+        forward = state.add_forward(
+            mid, kind="route", destination="rh@x.org", department="RH", domain="corp.example",
+            token=lambda fid: f"t-{fid}",
+        )  # fmt: skip
+        assert forward.message_id == f"<fwd-{forward.forward_id}@corp.example>"
+        assert forward.token == f"t-{forward.forward_id}" and forward.status == "pending"
+        assert state.message(mid).state == MessageState.FORWARDING
+        assert state.open_forward(mid) == forward
+        assert state.forward_by(token=forward.token) == forward
+        assert state.forward_by(message_id=forward.message_id) == forward
+        state.forward_sent(forward.forward_id, message_state=MessageState.FORWARDED)
+        assert state.open_forward(mid) is None
+        assert state.forward(forward.forward_id).status == "sent"
+        assert [r.id for r in state.pending()] == [mid]
+        state.finalize([(mid, MessageState.FILED)])
+        assert state.pending() == [] and state.counts() == {"filed": 1}
+        assert [h.state for h in state.history(10)] == [
+            "filed",
+            "forwarded",
+            "forwarding",
+            "classified",
+        ]
+
+
+def test_pending_respects_retry_time(tmp_path: Path) -> None:
+    with State(tmp_path / "s.db") as state:
+        mid = _add(state, state=MessageState.CLASSIFIED)
+        state.update(mid, next_attempt_at=4102444800.0)  # 2100
+        assert state.pending(due=True) == []
+        assert [r.id for r in state.pending()] == [mid]
+
+
+def test_copies_are_found_by_bytes_or_fingerprint(tmp_path: Path) -> None:
+    with State(tmp_path / "s.db") as state:
+        mid = state.add_message("c/INBOX", 1, 5, content_hash="abc", fingerprint="fp").id
+        assert state.find_copy("c/INBOX", "abc", "other").id == mid
+        assert state.find_copy("c/INBOX", "zzz", "fp").id == mid
+        assert state.find_copy("c/INBOX", "zzz", "") is None
+        assert state.find_copy("other/INBOX", "abc", "fp") is None
+        assert state.known_uids("c/INBOX", 1) == {5: MessageState.NEW}
+        assert state.find("c/INBOX", 1, 5).id == mid
+
+
+def test_identity_is_unique(tmp_path: Path) -> None:
+    with State(tmp_path / "s.db") as state:
+        _add(state)
+        with pytest.raises(sqlite3.IntegrityError):
+            _add(state)
+
+
+def test_key_value(tmp_path: Path) -> None:
+    with State(tmp_path / "s.db") as state:
+        assert state.get("last_poll") is None
+        state.set("last_poll", "1")
+        state.set("last_poll", "2")
+        assert state.get("last_poll") == "2"
+
+
+def test_two_connections_see_each_other(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with State(path) as one, State(path) as two:
+        mid = _add(one)
+        assert two.message(mid).uid == 1
