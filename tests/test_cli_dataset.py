@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from email.message import EmailMessage
@@ -162,3 +163,17 @@ def test_classify_files_stdin_and_failures(sample: Dataset, tmp_path: Path) -> N
 
     result = run("classify", "--backend", "baseline", "-", input=invoice.read_bytes())
     assert result.exit_code == 0 and result.stdout.split("\t")[:2] == ["-", "Finance"]
+
+
+def test_classify_falls_back_to_the_baseline_without_ollama(
+    sample: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MAILROUTER_CLASSIFIER__OLLAMA_HOST", f"http://127.0.0.1:{port}")
+    job = eml(tmp_path / "job.eml", "Candidature", "Je postule, voici mon CV pour le poste.")
+    result = run("classify", str(job))
+    assert result.exit_code == 0
+    assert "classifying with the baseline" in flat(result.stderr)
+    assert result.stdout.split("\t")[1:2] == ["RH"]

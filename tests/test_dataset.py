@@ -457,3 +457,22 @@ def test_rewriting_the_starter_file_reproduces_it(starter_data: Path) -> None:
     store.add([ex("Un email de passage", "RH")])
     assert store.remove(example_id("Un email de passage"))
     assert starter_data.read_bytes() == before
+
+
+def test_every_starter_example_exports_its_prompt_once(starter_data: Path, tmp_path: Path) -> None:
+    store = Dataset(starter_data)
+    result = store.export(tmp_path / "mlx", DEPS)
+    assert sum(result.counts.values()) == len(store.load()) and not result.skipped
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    template = env.from_string(CHAT_TEMPLATE)
+    for split in SPLITS:
+        for line in (tmp_path / "mlx" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            messages = [
+                {"role": "user", "content": row["prompt"]},
+                {"role": "assistant", "content": row["completion"]},
+            ]
+            rendered = template.render(messages=messages, bos_token="<s>", eos_token="</s>")
+            assert rendered.count(row["prompt"]) == 1
+            assert rendered.count("[INST]") == 1 + row["prompt"].count("[INST]")
+            assert rendered == f"<s>[INST] {row['prompt']}[/INST] {row['completion']}</s>"

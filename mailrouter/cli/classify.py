@@ -11,8 +11,9 @@ import typer
 
 from ..classify import make_classifier
 from ..classify.base import Classifier, ClassifyInput
+from ..config import Settings
 from ..dataset import SPLITS, Dataset
-from ..errors import ClassifierError, DatasetError
+from ..errors import ClassifierError, DatasetError, MailRouterError
 from ..evaluation import evaluate as run_evaluation
 from ..evaluation import format_report, write_html
 from ..message import parse_email
@@ -37,20 +38,23 @@ def classify(
 ) -> None:
     """Print the department of each email: file, department, confidence, backend."""
     current = settings()
-    classifier = make_classifier(current, _backend(backend))
+    classifier = (
+        make_classifier(current, _backend(backend)) if backend else _usable_classifier(current)
+    )
     failed = 0
     for name in files:
         try:
             line = _classify_one(classifier, name, current.mailbox.max_message_bytes)
         except (OSError, ClassifierError) as exc:
             failed += 1
+            reason = f"cannot read it: {exc.strerror}" if isinstance(exc, OSError) else str(exc)
             line = {
                 "file": name,
                 "department": None,
                 "confidence": None,
                 "backend": classifier.name,
+                "error": reason,
             }
-            line["error"] = str(exc)
         if as_json:
             typer.echo(json.dumps(line, ensure_ascii=False))
         elif "error" in line:
@@ -60,6 +64,24 @@ def classify(
             typer.echo(f"{name}\t{department}\t{line['confidence']:.3f}\t{line['backend']}")
     if failed:
         raise typer.Exit(1)
+
+
+def _usable_classifier(current: Settings) -> Classifier:
+    """The configured backend, or the baseline (with a note) when the configured Ollama cannot
+    answer: ``classify`` then works on a machine without Ollama, as the baseline is the fallback."""
+    classifier = make_classifier(current)
+    if current.classifier.backend != "ollama":
+        return classifier
+    try:
+        classifier.start()  # type: ignore[attr-defined]
+        classifier.resolve_model()  # type: ignore[attr-defined]
+    except MailRouterError as exc:
+        reason = str(exc).splitlines()[0]
+        err_console.print(
+            f"note: {reason}; classifying with the baseline (--backend chooses)", highlight=False
+        )
+        return make_classifier(current, "baseline")
+    return classifier
 
 
 def _classify_one(classifier: Classifier, name: str, max_bytes: int) -> dict[str, object]:
