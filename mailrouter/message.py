@@ -23,11 +23,16 @@ from email import policy
 from email.message import Message
 from email.parser import BytesParser
 from email.utils import getaddresses, parsedate_to_datetime
+from html import unescape
 
 #: Body text kept for the classifier and the forward; longer text is cut and ``truncated`` is set.
 MAX_BODY_CHARS = 100_000
-#: HTML read from one part: enough for MAX_BODY_CHARS of text, and bounds the HTML parser's time.
-MAX_HTML_CHARS = 300_000
+#: HTML read from one part: ample for a mail's words, and it bounds BeautifulSoup's time (seconds).
+MAX_HTML_CHARS = 200_000
+#: Deeper HTML is reduced to text by a tag stripper instead of BeautifulSoup.
+MAX_HTML_DEPTH = 500
+#: Text parts read from one message; more is a crafted message, not correspondence.
+MAX_TEXT_PARTS = 100
 #: A broken multipart's payload searched for its real boundary.
 MAX_PART_CHARS = 1_000_000
 #: Over ``max_bytes``, only the headers and this much of the body are parsed.
@@ -113,9 +118,8 @@ def parse_email(raw: bytes, *, max_bytes: int = 25 * 1024 * 1024) -> Email:
         data = _head_and_start(data, max_bytes)
     try:
         msg = BytesParser(policy=policy.compat32).parsebytes(data)
-    except (
-        Exception
-    ) as exc:  # the stdlib parser is lenient, but a crash here must not lose the mail
+    # The stdlib parser is lenient, but a crash there must not lose the mail.
+    except Exception as exc:
         defects.add(f"MIME parse failed: {type(exc).__name__}")
         return _fallback(data, size, digest, defects, truncated)
 
@@ -435,6 +439,8 @@ class _Walk:
     into_messages: bool = False
     attachments: list[str] = field(default_factory=list)
     cut: bool = False
+    text_parts: int = 0
+    chars: int = 0
 
 
 def _body_text(msg: Message, defects: _Defects) -> tuple[str, bool]:
@@ -442,7 +448,7 @@ def _body_text(msg: Message, defects: _Defects) -> tuple[str, bool]:
     walk = _Walk(defects)
     text = _text_of(msg, 0, walk)
     if not text.strip():
-        walk.into_messages = True
+        walk.into_messages, walk.text_parts = True, 0
         text = _text_of(msg, 0, walk)
     if not text.strip() and walk.attachments:
         defects.add("no text part: attachment names used as text")
@@ -471,10 +477,8 @@ def _text_of(part: Message, depth: int, walk: _Walk) -> str:
         if name := _filename(part):
             walk.attachments.append(name)
         return ""
-    if ctype == "text/plain":
-        return _decoded_payload(part, MAX_BODY_CHARS + 1, walk)
-    if ctype == "text/html":
-        return html_to_text(_decoded_payload(part, MAX_HTML_CHARS, walk))
+    if ctype in _TEXT_TYPES:
+        return _text_part(part, ctype, walk)
     children = part.get_payload()
     if not part.is_multipart() or not isinstance(children, list):
         return _text_of_broken_multipart(part, depth, walk)
@@ -486,6 +490,22 @@ def _text_of(part: Message, depth: int, walk: _Walk) -> str:
         return next((t for t in candidates if t.strip()), "")
     texts = [_text_of(c, depth + 1, walk) for c in children]
     return "\n\n".join(t for t in texts if t.strip())
+
+
+def _text_part(part: Message, ctype: str, walk: _Walk) -> str:
+    if walk.text_parts >= MAX_TEXT_PARTS:
+        walk.defects.add(f"more than {MAX_TEXT_PARTS} text parts: the others are ignored")
+        return ""
+    if walk.chars > MAX_BODY_CHARS:
+        walk.cut = True
+        return ""
+    walk.text_parts += 1
+    if ctype == "text/html":
+        text = html_to_text(_decoded_payload(part, MAX_HTML_CHARS, walk))
+    else:
+        text = _decoded_payload(part, MAX_BODY_CHARS + 1, walk)
+    walk.chars += len(text)
+    return text
 
 
 def _text_of_broken_multipart(part: Message, depth: int, walk: _Walk) -> str:
@@ -575,6 +595,12 @@ _BLOCKS = frozenset(
      "section", "article", "header", "footer", "dl", "dt", "dd", "address"}
 )  # fmt: skip
 _DROPPED = frozenset({"script", "style", "head", "title", "noscript", "template"})
+_VOID = frozenset(
+    {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track",
+     "wbr", "param", "!doctype"}
+)  # fmt: skip
+_UNCLOSED_TAG = re.compile(r"<(?=[^<>]*(?:<|$))")
+_TAG = re.compile(r"<(/?)([A-Za-z!][^\s/<>]*)[^<>]*?(/?)>")  # [^<>]: linear on unclosed tags
 
 
 def html_to_text(html: str) -> str:
@@ -583,12 +609,48 @@ def html_to_text(html: str) -> str:
     Quoted replies in HTML mail are blockquotes; marking them like plain-text quotes lets
     :func:`strip_quoted` handle both the same way.
     """
-    html = html.replace(_QUOTE_START, "").replace(_QUOTE_END, "")
+    html = _defuse(html.replace(_QUOTE_START, "").replace(_QUOTE_END, ""))
     try:
+        if _nesting_depth(html) > MAX_HTML_DEPTH:
+            raise ValueError("HTML nested too deeply")  # BeautifulSoup slows down superlinearly
         text = _soup_text(html)
-    except Exception:  # deeply nested or pathological markup: a tag stripper still keeps the words
-        text = re.sub(r"<[^>]*>", " ", re.sub(r"(?is)<(script|style)\b.*?</\1\s*>", " ", html))
+    except Exception:  # pathological markup: a tag stripper still keeps the words and line breaks
+        text = re.sub(r"(?is)<(script|style)\b.*?</\1\s*>", " ", html)
+        text = re.sub(r"(?i)<(?:br|/p|/div|/tr|/li|/h\d)\b[^>]*>", "\n", text)
+        text = unescape(re.sub(r"<[^>]*>", " ", text))
     return _apply_quote_marks(text)
+
+
+def _defuse(html: str) -> str:
+    """Remove what makes the stdlib HTML parser (under BeautifulSoup) quadratic.
+
+    Each unterminated comment, CDATA section or tag sends it scanning to the end of the input
+    again; comments and marked sections are dropped here in one pass (an unterminated one runs to
+    the end, as in a browser) and a ``<`` that no ``>`` closes becomes text.
+    """
+    for start, end in (("<!--", "-->"), ("<![", "]]>")):
+        pieces: list[str] = []
+        pos = 0
+        while (found := html.find(start, pos)) != -1:
+            pieces.append(html[pos:found])
+            close = html.find(end, found + len(start))
+            pos = len(html) if close == -1 else close + len(end)
+        pieces.append(html[pos:])
+        html = "".join(pieces)
+    return _UNCLOSED_TAG.sub("&lt;", html)
+
+
+def _nesting_depth(html: str) -> int:
+    """Deepest element nesting, counting unclosed tags as BeautifulSoup would nest them."""
+    depth = deepest = 0
+    for match in _TAG.finditer(html):
+        closing, name = match.group(1), match.group(2).lower()
+        if closing:
+            depth = max(depth - 1, 0)
+        elif name not in _VOID and not match.group(3):
+            depth += 1
+            deepest = max(deepest, depth)
+    return deepest
 
 
 def _soup_text(html: str) -> str:
@@ -634,7 +696,7 @@ def _apply_quote_marks(text: str) -> str:
         depth += line.count(_QUOTE_START) - line.count(_QUOTE_END)
         line = line.replace(_QUOTE_START, "").replace(_QUOTE_END, "").strip()
         if line:
-            lines.append("> " * max(depth, 0) + line)
+            lines.append("> " * min(max(depth, 0), 3) + line)
         elif not lines or lines[-1]:
             lines.append("")
     return "\n".join(lines)
@@ -745,22 +807,31 @@ def _library_cut(lines: list[str]) -> int:
     regex = _reply_header_regex()
     if regex is None:
         return len(lines)
-    # Its patterns expect stripped lines. Only short lines with a colon can be (part of) a header;
-    # the others are blanked and only the first 30 000 characters are searched, since its patterns
-    # backtrack quadratically on long lines.
-    stripped = "\n".join(
-        line.strip() if len(line) <= 200 and ":" in line else "" for line in lines
-    )[:30_000]
-    for match in regex.finditer(stripped):
+    # Its patterns expect stripped lines and backtrack quadratically on long ones: only short lines
+    # with a colon (a header line has one) are searched, runs of other lines become one blank line,
+    # and the search stops after 30 000 characters.
+    index_of: list[int] = []  # line number in ``lines`` of each searched line
+    searched: list[str] = []
+    size = 0
+    for i, line in enumerate(lines):
+        if size > 30_000:
+            break
+        if len(line) <= 200 and ":" in line:
+            size += len(line)
+            if index_of and index_of[-1] != i - 1:
+                index_of.append(-1)
+                searched.append("")
+            index_of.append(i)
+            searched.append(line.strip())
+    text = "\n".join(searched)
+    for match in regex.finditer(text):
         start = match.start()
-        while start < len(stripped) and stripped[start] == "\n":
+        while start < len(text) and text[start] == "\n":
             start += 1
-        index = stripped.count("\n", 0, start)
+        index = index_of[min(text.count("\n", 0, start), len(index_of) - 1)]
         # Quotes and French/English attributions are the own rules' business (they keep text
         # written between quotes).
-        if index < len(lines) and not (
-            _QUOTED.match(lines[index]) or _attribution_span(lines, index)
-        ):
+        if index >= 0 and not (_QUOTED.match(lines[index]) or _attribution_span(lines, index)):
             return index
     return len(lines)
 
