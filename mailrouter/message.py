@@ -42,7 +42,10 @@ MAX_HEADER_CHARS = 16_000
 #: Deeper MIME nesting is not searched for text.
 MAX_DEPTH = 30
 MAX_DEFECTS = 50
-_TEXT_TYPES = ("text/plain", "text/html")
+# text/* types that are data, not words someone wrote; other text/* parts are read as plain text.
+_NOT_BODY = frozenset(
+    {"text/calendar", "text/vcard", "text/x-vcard", "text/rfc822-headers", "text/csv", "text/xml"}
+)
 
 _FALLBACK_CHARSETS = ("utf-8", "cp1252", "latin-1")
 # Declared charsets that utf-8 text is often mislabelled as; valid non-ASCII utf-8 wins over them.
@@ -410,11 +413,12 @@ def parse_addresses(
 
 
 def _first_id(value: str) -> str:
+    """The first ``<id>``; a bare ``left@right`` token is given its missing brackets."""
     match = _MSGID.search(value)
     if match:
         return match.group(0)
-    token = value.strip().split()[0] if value.strip() else ""
-    return f"<{token.strip('<>')}>" if token.strip("<>") else ""
+    bare = next((t.strip("<>") for t in value.split() if "@" in t.strip("<>")), "")
+    return f"<{bare}>" if bare else ""
 
 
 def _parse_date(value: str, defects: _Defects) -> datetime | None:
@@ -473,11 +477,12 @@ def _text_of(part: Message, depth: int, walk: _Walk) -> str:
         if isinstance(inner, list) and inner and isinstance(inner[0], Message):
             return _text_of(inner[0], depth + 1, walk)
         return ""
-    if _is_attachment(part) or not (ctype.startswith("multipart/") or ctype in _TEXT_TYPES):
+    readable = ctype.startswith(("multipart/", "text/")) and ctype not in _NOT_BODY
+    if _is_attachment(part) or not readable:
         if name := _filename(part):
             walk.attachments.append(name)
         return ""
-    if ctype in _TEXT_TYPES:
+    if ctype.startswith("text/"):
         return _text_part(part, ctype, walk)
     children = part.get_payload()
     if not part.is_multipart() or not isinstance(children, list):

@@ -115,8 +115,9 @@ def test_message_ids_and_references():
     assert email.message_id == "<m1@x>"
     assert email.in_reply_to == "<m0@x>"
     assert email.references == ("<r1@x>", "<r2@x>", "<m0@x>")
-    bare = parse_email(mail("From: a@b.c\nMessage-ID: id-without-brackets@x"))
+    bare = parse_email(mail("From: a@b.c\nMessage-ID: id-without-brackets@x\nIn-Reply-To: junk"))
     assert bare.message_id == "<id-without-brackets@x>"
+    assert bare.in_reply_to == ""
     assert parse_email(mail("From: a@b.c")).message_id == ""
 
 
@@ -247,6 +248,41 @@ def test_multiple_inline_text_parts_are_joined():
     image.add_header("Content-Disposition", "inline", filename="photo.png")
     raw = multipart("mixed", MIMEText("avant"), image, MIMEText("après", "plain", "utf-8"))
     assert parse_email(raw).full_text == "avant\n\naprès"
+
+
+def test_calendar_is_not_body_but_other_text_types_are():
+    invite = MIMEText("BEGIN:VCALENDAR", "calendar")
+    assert parse_email(multipart("mixed", invite, MIMEText("Réunion ?", "plain"))).full_text == (
+        "Réunion ?"
+    )
+    assert parse_email(multipart("mixed", MIMEText("enriched words", "enriched"))).full_text == (
+        "enriched words"
+    )
+
+
+def test_many_text_parts_are_bounded():
+    raw = multipart("mixed", *[MIMEText(f"part {i}") for i in range(300)])
+    email = parse_email(raw)
+    assert "part 99" in email.full_text and "part 100" not in email.full_text
+    assert "more than 100 text parts: the others are ignored" in email.defects
+
+
+@pytest.mark.parametrize(
+    "html",
+    [
+        "<a" * 100_000,  # unclosed tags: quadratic in the stdlib HTML parser
+        "<!-- x >" * 25_000,  # unterminated comments
+        "<![CDATA[ x >" * 15_000,
+        "<div>" * 40_000 + "deep",  # nesting: superlinear in BeautifulSoup
+        "<blockquote>q\n" * 20_000,
+    ],
+    ids=["unclosed", "comments", "cdata", "deep", "quotes"],
+)
+def test_hostile_html_is_fast(html):
+    start = time.perf_counter()
+    email = parse_email(mail("From: a@b.c\nContent-Type: text/html", html))
+    assert time.perf_counter() - start < 10
+    assert len(email.full_text) <= MAX_BODY_CHARS
 
 
 def test_crlf_and_nul_bytes():
@@ -578,7 +614,7 @@ def test_random_mime_trees_never_raise(raw):
     assert_plausible(email, raw)
 
 
-@PROPERTY
+@settings(PROPERTY, max_examples=100)
 @given(st.lists(leaves(), max_size=4), st.sampled_from(["mixed", "related", "alternative"]))
 def test_a_real_text_part_is_always_found(others, subtype):
     """Whatever surrounds it, an honest text/plain body part reaches ``full_text``."""
@@ -591,3 +627,30 @@ def test_a_real_text_part_is_always_found(others, subtype):
     container["From"] = "a@b.c"
     container.set_boundary("==outer==")
     assert "Marqueur unique 4711" in parse_email(container.as_bytes()).full_text
+
+
+PRINTABLE = st.characters(blacklist_categories=["Cc", "Cs"], blacklist_characters="\xa0")
+QUOTE_LINES = st.sampled_from(
+    [
+        "> quoted",
+        "Le lun. 3 mars 2025, X <x@y> a écrit :",
+        "On Mon, X wrote:",
+        "De : X",
+        "Envoyé : lundi",
+        "From: X",
+        "Sent: Monday",
+        "-- ",
+        "Envoyé de mon iPhone",
+        "-----Original Message-----",
+        "",
+    ]
+)
+
+
+@PROPERTY
+@given(st.lists(st.one_of(QUOTE_LINES, st.text(PRINTABLE, max_size=80)), max_size=30))
+def test_strip_quoted_keeps_only_original_lines_in_order(lines):
+    text = "\n".join(lines)
+    kept = strip_quoted(text).split("\n")
+    source = iter(line.strip() for line in text.split("\n"))
+    assert all(any(line.strip() in s for s in source) for line in kept if line.strip())
