@@ -10,8 +10,8 @@ Decoding is greedy for at most ``classifier.num_predict`` tokens, stopping at ``
 of the prompt's stop strings; the text goes through :func:`map_label` like every other backend.
 Confidence is exact, since the logits are at hand: the softmax over the department names' first
 answer tokens at the first answer position. Where names share a first token, each of those
-names scores the probability of its whole token sequence (teacher-forced on the prompt's cache),
-so the shared token's mass is split by what the model would say next.
+names scores the probability of its whole token sequence up to the end token (teacher-forced on
+the prompt's cache), so the shared token's mass is split by what the model would say next.
 """
 
 from __future__ import annotations
@@ -133,8 +133,9 @@ class MlxClassifier:
         from mlx_lm.models.cache import make_prompt_cache
 
         cache = make_prompt_cache(self.model)
-        logits = self.model(mx.array(prompt_ids)[None], cache=cache)[0, -1]
+        logits = self._last_logits(mx.array(prompt_ids)[None], cache)
         first = logits - mx.logsumexp(logits)
+        mx.eval(first)
         probs = self._label_probs(first, cache)
 
         tokens: list[int] = []
@@ -147,11 +148,25 @@ class MlxClassifier:
             text = self.tokenizer.decode(tokens)
             if any(stop in text for stop in STOP):
                 break
-            step = self.model(mx.array([[token]]), cache=cache)[0, -1]
+            step = self._last_logits(mx.array([[token]]), cache)
         text = self.tokenizer.decode(tokens)
         for stop in STOP:
             text = text.split(stop, 1)[0]
         return tokens, text, probs
+
+    def _last_logits(self, inputs: Any, cache: list[Any]) -> Any:
+        """Logits at the last position only.
+
+        The output head of a 32,768-token vocabulary is most of the work for a small model; a
+        llama-family model in mlx-lm exposes its body (``model``) and head (``lm_head``), so the
+        head runs on one position instead of the whole prompt (ten times faster on the test model).
+        Other layouts (tied embeddings) take the full call.
+        """
+        body = getattr(self.model, "model", None)
+        head = getattr(self.model, "lm_head", None)
+        if body is None or head is None:
+            return self.model(inputs, cache=cache)[0, -1]
+        return head(body(inputs, cache=cache)[:, -1])[0]
 
     def _label_probs(self, first: Any, cache: list[Any]) -> dict[str, float]:
         """Softmax over the labels' answer scores (see the module docstring)."""
@@ -168,14 +183,14 @@ class MlxClassifier:
                 scores[names[0]] = head
                 continue
             for name in names:
-                ids = self._answers[name]
-                total = head
-                if len(ids) > 1:
-                    out = self.model(mx.array(ids[:-1])[None], cache=cache)[0]
-                    logp = out - mx.logsumexp(out, axis=-1, keepdims=True)
-                    total += sum(float(logp[i, t].item()) for i, t in enumerate(ids[1:]))
-                    trim_prompt_cache(cache, len(ids) - 1)
-                scores[name] = total
+                # With the end token, a label that is a prefix of another ("RH", "RHX") is told
+                # apart: each complete answer is scored once.
+                ids = [*self._answers[name], self.tokenizer.eos_token_id]
+                out = self.model(mx.array(ids[:-1])[None], cache=cache)[0]
+                logp = out - mx.logsumexp(out, axis=-1, keepdims=True)
+                mx.eval(logp)
+                trim_prompt_cache(cache, len(ids) - 1)
+                scores[name] = head + sum(float(logp[i, t].item()) for i, t in enumerate(ids[1:]))
         top = max(scores.values())
         weights = {name: math.exp(s - top) for name, s in scores.items()}
         norm = sum(weights.values())
