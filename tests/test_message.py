@@ -12,6 +12,7 @@ from email.mime.application import MIMEApplication
 from email.mime.message import MIMEMessage
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -384,6 +385,19 @@ def test_strip_quoted_is_fast_on_hostile_text():
     start = time.perf_counter()
     strip_quoted(hostile)
     assert time.perf_counter() - start < 5
+
+
+REPLIES = sorted((Path(__file__).parent / "data" / "replies").glob("*.eml"))
+
+
+@pytest.mark.parametrize("path", REPLIES, ids=lambda p: p.name)
+def test_staff_replies_from_real_clients_keep_only_their_own_lines(path):
+    """Each quotes a forward full of department names and tokens; none of it may stay in body."""
+    email = parse_email(path.read_bytes())
+    assert email.body.strip()
+    assert "@@TOKEN@@" in email.full_text
+    for quoted in ("@@TOKEN@@", "mailto:", "Mauvais service", "Problème de connexion"):
+        assert quoted not in email.body
 
 
 # --------------------------------------------------------------------------- limits
