@@ -404,7 +404,7 @@ def parse_addresses(
             found = []
         if not found:
             found = [("", a) for a in re.findall(r"[\w.+'-]+@[\w-]+(?:\.[\w-]+)+", text)]
-            if text.strip():
+            if "@" in text:  # an empty group (``undisclosed-recipients:;``) is no defect
                 sink.add("unparseable address header")
         for name, addr in found:
             clean = restore(addr).strip().strip("<>").lower()

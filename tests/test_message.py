@@ -23,7 +23,7 @@ from tests.data.mime.corpus import corpus_files, huge_message
 
 # The autouse hermetic fixture is function-scoped; parse_email touches no files, so sharing is safe.
 PROPERTY = settings(
-    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 
 
@@ -87,6 +87,8 @@ def test_headers_keep_order_lower_case_names_and_all_values():
 def test_to_lists_every_address_lower_cased():
     email = parse_email(mail("From: a@b.c\nTo: Contact <Contact@ACME.test>, other@x.y\nTo: z@q.r"))
     assert email.to == ("contact@acme.test", "other@x.y", "z@q.r")
+    group = parse_email(mail("From: a@b.c\nTo: undisclosed-recipients:;"))
+    assert group.to == () and not group.defects
 
 
 def test_missing_from_is_a_defect_and_sender_header_is_used():
@@ -549,6 +551,14 @@ HEADER_LINES = st.lists(
     ),
     max_size=12,
 )
+
+
+@PROPERTY
+@given(st.binary(max_size=3000), st.integers(0, 3000))
+def test_any_size_limit_never_raises(raw, max_bytes):
+    email = parse_email(b"From: a@b.c\n\n" + raw, max_bytes=max_bytes)
+    assert email.truncated or email.raw_size <= max_bytes
+    assert any("over the" in d for d in email.defects) == (email.raw_size > max_bytes)
 
 
 @PROPERTY
