@@ -177,6 +177,7 @@ class TrainingSettings(_Section):
     ollama_tolerance: float = Field(default=0.05, ge=0, le=1)
     publish: Literal["gguf", "adapter"] = "gguf"
     max_seq_length: int = Field(default=2048, ge=64)
+    val_batches: int = Field(default=25, ge=-1)
     nice: int = Field(default=10, ge=0, le=19)
 
 

@@ -1,1 +1,218 @@
-"""Commands: train (see the README)."""
+"""Commands: ``train [--now|--scheduled] [--force] [--iters N]`` and ``models …``."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, TaskID, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
+from rich.table import Table
+
+from ..errors import TrainingError
+from .app import app, console, err_console, settings
+
+models_app = typer.Typer(help="Published model versions: list, promote, roll back.")
+app.add_typer(models_app, name="models")
+
+
+@app.command("train")
+def train(
+    now: Annotated[bool, typer.Option("--now", help="Train now, in the foreground.")] = False,
+    scheduled: Annotated[
+        bool,
+        typer.Option(
+            "--scheduled",
+            help="Run as the nightly job: in a supervised child process, no progress bar.",
+        ),
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Train even if no example changed since last time.")
+    ] = False,
+    iters: Annotated[
+        int | None,
+        typer.Option("--iters", min=1, help="LoRA iterations (default: from epochs and size)."),
+    ] = None,
+) -> None:
+    """Fine-tune on the dataset, evaluate, and publish to Ollama if the gate allows it.
+
+    Without --now: what the next nightly training would do, and when.
+    """
+    current = settings()
+    if scheduled:
+        from ..training.job import run_job
+
+        result = run_job(current, force=force, iters=iters)
+        console.print(f"training: {result.decision} — {result.reason}", highlight=False)
+        if not result.ok:
+            raise typer.Exit(1)
+        return
+    if not now:
+        _plan()
+        return
+    _train_now(force=force, iters=iters)
+
+
+def _plan() -> None:
+    from ..dataset import Dataset
+    from ..scheduling import next_training
+    from ..state import open_state
+    from ..training import registry
+
+    current = settings()
+    with open_state(current) as state:
+        last = registry.last_trained_hash(state)
+        runs = registry.runs(state, limit=1)
+    dataset = Dataset.from_settings(current)
+    changed = dataset.content_hash() != last
+    upcoming = next_training(current)
+    console.print(
+        f"next scheduled training: {upcoming:%Y-%m-%d %H:%M} ({current.training.schedule})"
+        if upcoming
+        else "no scheduled training",
+        highlight=False,
+    )
+    if runs:
+        r = runs[0]
+        console.print(f"last run #{r.id} ({r.started}): {r.decision} — {r.reason}", highlight=False)
+    console.print(
+        "the dataset changed since the last training: it will train"
+        if changed
+        else "no example changed since the last training: it will skip (--force to train anyway)",
+        highlight=False,
+    )
+    console.print("run `mailrouter train --now` to train now", highlight=False)
+
+
+def _train_now(*, force: bool, iters: int | None) -> None:
+    from ..training.lora import Progress
+    from ..training.runner import Hooks, run_training
+
+    current = settings()
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
+    with RichProgress(*columns, console=console, transient=False) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def stage(name: str) -> None:
+            console.print(f"[bold]·[/bold] {name}", highlight=False)
+
+        def progress(p: Progress) -> None:
+            if "train" not in tasks:
+                tasks["train"] = bar.add_task("train", total=p.total, info="")
+            losses = [
+                f"{name} {value:.3f}"
+                for name, value in (("loss", p.train_loss), ("val", p.val_loss))
+                if value is not None
+            ]
+            bar.update(tasks["train"], completed=p.iteration, info=" ".join(losses))
+
+        def evaluation(done: int, total: int) -> None:
+            if done == 1:  # a new evaluation starts
+                tasks["eval"] = bar.add_task("evaluate", total=total, info="")
+            bar.update(tasks["eval"], completed=done)
+
+        outcome = run_training(
+            current,
+            force=force,
+            iters=iters,
+            hooks=Hooks(stage=stage, progress=progress, evaluation=evaluation),
+        )
+    style = {"published": "green", "rejected": "yellow", "skipped": "blue"}.get(
+        outcome.decision, "red"
+    )
+    console.print(
+        f"[{style}]{outcome.decision}[/{style}] (run #{outcome.run_id}): {outcome.reason}",
+        highlight=False,
+    )
+    metrics = outcome.metrics
+    for key in ("candidate", "current", "baseline", "ollama"):
+        m = metrics.get(key)
+        if m:
+            console.print(
+                f"  {key:<10} accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}",
+                highlight=False,
+            )
+    if outcome.run_dir is not None:
+        console.print(f"  files: {outcome.run_dir}", highlight=False)
+    if outcome.decision in ("failed", "busy"):
+        raise typer.Exit(1)
+
+
+@models_app.command("list")
+def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Published versions (newest first) and the last training runs."""
+    from ..state import open_state
+    from ..training import registry
+
+    with open_state(settings()) as state:
+        versions = registry.versions(state)
+        runs = registry.runs(state, limit=10)
+    if as_json:
+        data = {
+            "versions": [v.__dict__ for v in versions],
+            "runs": [r.__dict__ for r in runs],
+        }
+        typer.echo(json.dumps(data, ensure_ascii=False, default=str))
+        return
+    table = Table(title="model versions")
+    for col in ("version", "name", "created", "status", "accuracy (Ollama)", "macro-F1", "run"):
+        table.add_column(col)
+    for v in versions:
+        o = v.metrics.get("ollama") or {}
+        table.add_row(
+            v.version,
+            v.name,
+            v.created,
+            v.status,
+            _fmt(o.get("accuracy")),
+            _fmt(o.get("macro_f1")),
+            str(v.metrics.get("run", "")),
+        )
+    console.print(table)
+    runs_table = Table(title="training runs")
+    for col in ("run", "started", "decision", "reason"):
+        runs_table.add_column(col)
+    for r in runs:
+        runs_table.add_row(str(r.id), r.started, r.decision or "", (r.reason or "")[:100])
+    console.print(runs_table)
+
+
+@models_app.command("promote")
+def promote(version: Annotated[str, typer.Argument(help="A version, e.g. v3.")]) -> None:
+    """Put a kept version in service (copies it to the router's model name)."""
+    from ..state import open_state
+    from ..training.publish import latest_name
+    from ..training.publish import promote as do_promote
+
+    current = settings()
+    with open_state(current) as state:
+        model = do_promote(current, state, version if version.startswith("v") else f"v{version}")
+    console.print(f"{model.name} is in service as {latest_name(current)}", highlight=False)
+
+
+@models_app.command("rollback")
+def rollback() -> None:
+    """Put back the version that was in service before the current one."""
+    from ..state import open_state
+    from ..training.publish import latest_name
+    from ..training.publish import rollback as do_rollback
+
+    current = settings()
+    with open_state(current) as state:
+        try:
+            model = do_rollback(current, state)
+        except TrainingError as exc:
+            err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+            raise typer.Exit(1) from exc
+    console.print(f"rolled back: {model.name} is in service as {latest_name(current)}")
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, int | float) else "-"

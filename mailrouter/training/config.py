@@ -40,8 +40,8 @@ class LoraRun:
     steps_per_report: int
     steps_per_eval: int
     save_every: int
-    val_batches: int = -1
-    max_seq_length: int = 2048
+    val_batches: int
+    max_seq_length: int
     train: bool = True
     test: bool = False
     fine_tune_type: str = "lora"
@@ -103,4 +103,5 @@ def build_run(
         # One adapter file at the end; intermediate checkpoints only cost disk.
         save_every=total + 1,
         max_seq_length=training.max_seq_length,
+        val_batches=training.val_batches,
     )

@@ -1,0 +1,382 @@
+"""One training run, end to end: data → LoRA → evaluation → gate → publish → record.
+
+Steps, each recorded in the state database (``training_runs``) as it completes:
+
+1. Take the training lock (a file lock in ``models/``): two trainings never run at once, whether
+   started by the nightly job or by ``mailrouter train --now``; a lock held by a killed process is
+   released by the operating system.
+2. Snapshot the dataset into ``models/runs/<id>/examples.jsonl`` (writers may add examples
+   meanwhile; the run trains and evaluates on one consistent file) and hash it. The same hash as
+   the last completed run means nothing new to learn: the run is recorded as ``skipped``.
+3. Check Ollama answers (a candidate can only be published there), export the splits for mlx-lm
+   (train and valid for training, test only for evaluation), fetch the base model, write
+   ``run.yaml`` and run ``mlx_lm lora`` in a child process (:mod:`.lora`).
+4. Evaluate on the same test split: the candidate in-process with MLX, the model in service
+   through Ollama (or its recorded metrics when Ollama no longer has it), and the baseline.
+5. Gate (:mod:`.gate`); publish when it says so (:mod:`.publish`). Anything that fails leaves the
+   model in service untouched and is recorded with its error.
+
+``python -m mailrouter.training.runner`` runs one run from a JSON request on stdin: this is the
+child process :mod:`.job` starts, so the service never imports MLX.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from filelock import FileLock, Timeout
+
+from ..config import Settings
+from ..errors import MailRouterError, TrainingError
+from ..logs import event
+from ..prompt import PromptOptions
+from . import registry
+from .gate import GateRules, Scores, decide
+from .lora import Progress
+
+if TYPE_CHECKING:
+    from ..dataset import Example
+    from ..evaluation import Report
+    from ..state import State
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "training.lock"
+EXIT_FAILED = 1
+EXIT_BUSY = 75  # EX_TEMPFAIL: another training holds the lock
+
+
+@dataclass
+class Outcome:
+    """What a run decided. ``decision``: published, rejected, skipped, failed or busy."""
+
+    run_id: int | None
+    decision: str
+    reason: str
+    version: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    run_dir: Path | None = None
+
+
+@dataclass
+class Hooks:
+    """What a caller watches: stage names, LoRA progress, evaluation progress (done, total)."""
+
+    stage: Callable[[str], None] = lambda _name: None
+    progress: Callable[[Progress], None] | None = None
+    evaluation: Callable[[int, int], None] | None = None
+
+
+def lock_path(settings: Settings) -> Path:
+    return settings.models_dir / LOCK_NAME
+
+
+def run_dir(settings: Settings, run_id: int) -> Path:
+    return settings.models_dir / "runs" / f"{run_id:04d}"
+
+
+def scores(report: Report) -> Scores:
+    return Scores(report.accuracy, report.macro_f1, report.n)
+
+
+def _summary(report: Report) -> dict[str, Any]:
+    return {
+        "accuracy": round(report.accuracy, 4),
+        "macro_f1": round(report.macro_f1, 4),
+        "n": report.n,
+        "model": report.model,
+        "seconds": round(report.seconds, 2),
+    }
+
+
+def run_training(
+    settings: Settings,
+    *,
+    force: bool = False,
+    iters: int | None = None,
+    run_id: int | None = None,
+    hooks: Hooks | None = None,
+) -> Outcome:
+    """One run under the training lock; ``busy`` at once when another run holds it."""
+    from ..state import open_state
+
+    settings.models_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path(settings)), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        event(log, "training.busy", lock=lock_path(settings))
+        return Outcome(run_id, "busy", "another training is running")
+    try:
+        with open_state(settings) as state:
+            registry.close_stale_runs(state, keep=run_id)
+            if run_id is None:
+                run_id = registry.start_run(state)
+            return _Run(settings, state, run_id, hooks or Hooks()).execute(force=force, iters=iters)
+    finally:
+        lock.release()
+
+
+class _Run:
+    def __init__(self, settings: Settings, state: State, run_id: int, hooks: Hooks) -> None:
+        self.settings = settings
+        self.state = state
+        self.id = run_id
+        self.hooks = hooks
+        self.dir = run_dir(settings, run_id)
+        self.durations: dict[str, float] = {}
+        self.metrics: dict[str, Any] = {}
+
+    def _timed(self, name: str, started: float) -> None:
+        self.durations[name] = round(time.monotonic() - started, 2)
+        registry.update_run(self.state, self.id, metrics={"durations": self.durations})
+
+    def execute(self, *, force: bool, iters: int | None) -> Outcome:
+        event(log, "training.run.start", run=self.id, dir=self.dir)
+        try:
+            return self._execute(force=force, iters=iters)
+        except MailRouterError as exc:
+            return self._failed(exc)
+        except Exception as exc:  # a bug or a library error: recorded, then re-raised
+            self._failed(exc)
+            raise
+
+    def _failed(self, exc: BaseException) -> Outcome:
+        message = str(exc) or type(exc).__name__
+        registry.finish_run(self.state, self.id, "failed", "error", error=message[:4000])
+        event(log, "training.run.failed", logging.ERROR, run=self.id, error=message[:500])
+        return Outcome(self.id, "failed", message, metrics=self.metrics, run_dir=self.dir)
+
+    def _execute(self, *, force: bool, iters: int | None) -> Outcome:
+        from ..dataset import SPLITS, Dataset
+
+        settings, state = self.settings, self.state
+        self.dir.mkdir(parents=True, exist_ok=True)
+        snapshot = self.dir / "examples.jsonl"
+        source = settings.examples_path
+        if not source.is_file():
+            raise TrainingError(f"{source}: no dataset yet (`mailrouter dataset import FILE`)")
+        shutil.copyfile(source, snapshot)
+        dataset = Dataset(snapshot)
+        data_hash = dataset.content_hash()
+        examples = [e for e in dataset.load() if e.label in settings.labels]
+        counts = {s: sum(e.split == s for e in examples) for s in SPLITS}
+        registry.update_run(state, self.id, dataset_hash=data_hash, counts=counts)
+
+        if not force and data_hash == registry.last_trained_hash(state):
+            reason = "no example added or changed since the last training"
+            registry.finish_run(state, self.id, "skipped", reason)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            event(log, "training.skipped", run=self.id, reason=reason)
+            return Outcome(self.id, "skipped", reason)
+
+        from .publish import server_version
+
+        self.hooks.stage("checking Ollama")
+        self.metrics["ollama_version"] = server_version(settings)
+
+        test = [e for e in examples if e.split == "test"]
+        if not test:
+            raise TrainingError("the test split is empty: a candidate could not be judged")
+        self.hooks.stage("exporting the dataset")
+        data_dir = self.dir / "data"
+        exported = dataset.export(
+            data_dir, settings.departments, PromptOptions.from_settings(settings)
+        )
+        from .basemodel import resolve_base_model
+
+        self.hooks.stage("fetching the base model")
+        started = time.monotonic()
+        base_dir = resolve_base_model(settings)
+        self._timed("base_model", started)
+
+        from .config import build_run
+
+        adapter_dir = self.dir / "adapters"
+        lora_run = build_run(
+            settings.training,
+            model=base_dir,
+            data_dir=data_dir,
+            adapter_dir=adapter_dir,
+            n_train=exported.counts["train"],
+            n_valid=exported.counts["valid"],
+            iters=iters,
+        )
+        config_path = lora_run.write(self.dir / "run.yaml")
+        params = {k: v for k, v in asdict(lora_run).items() if k != "model"}
+        registry.update_run(state, self.id, base_model=settings.training.base_model, params=params)
+
+        from .lora import run_lora
+
+        self.hooks.stage(f"training ({lora_run.iters} iterations)")
+        trained = run_lora(
+            config_path,
+            adapter_dir=adapter_dir,
+            total_iters=lora_run.iters,
+            log_path=self.dir / "train.log",
+            timeout=settings.training.timeout_seconds,
+            nice=settings.training.nice,
+            on_progress=self.hooks.progress,
+        )
+        self.durations["train"] = round(trained.seconds, 2)
+        self.metrics["lora"] = {
+            "train_loss": trained.train_loss,
+            "val_loss": trained.val_loss,
+            "peak_rss_mb": round(trained.peak_rss_mb, 1),
+        }
+        registry.update_run(
+            state, self.id, metrics={"durations": self.durations, "lora": self.metrics["lora"]}
+        )
+
+        candidate, baseline, current = self._evaluate(base_dir, adapter_dir, examples, test)
+        rules = GateRules(
+            min_accuracy_gain=settings.training.min_accuracy_gain,
+            min_baseline_gain=settings.training.min_baseline_gain,
+        )
+        decision = decide(scores(candidate), current, scores(baseline), rules)
+        event(log, "training.gate", run=self.id, publish=decision.publish, reason=decision.reason)
+        if not decision.publish:
+            registry.finish_run(state, self.id, "rejected", decision.reason)
+            return Outcome(
+                self.id, "rejected", decision.reason, metrics=self.metrics, run_dir=self.dir
+            )
+
+        from .publish import publish
+
+        self.hooks.stage("publishing to Ollama")
+        started = time.monotonic()
+        published = publish(
+            settings,
+            state,
+            run_id=self.id,
+            base_dir=base_dir,
+            adapter_dir=adapter_dir,
+            run_dir=self.dir,
+            test_examples=test,
+            mlx_accuracy=candidate.accuracy,
+            metrics={"mlx": self.metrics["candidate"], "baseline": self.metrics["baseline"]},
+            progress=self.hooks.evaluation,
+        )
+        self._timed("publish", started)
+        self.metrics["ollama"] = _summary(published.ollama)
+        self.metrics["version"] = published.version
+        self.metrics["ollama_agreement"] = agreement(candidate, published.ollama)
+        reason = f"{decision.reason}; in service as {published.name}"
+        registry.finish_run(
+            state,
+            self.id,
+            "published",
+            reason,
+            metrics={k: self.metrics[k] for k in ("ollama", "version", "ollama_agreement")},
+        )
+        event(log, "training.published", run=self.id, model=published.name)
+        return Outcome(
+            self.id, "published", reason, published.version, self.metrics, run_dir=self.dir
+        )
+
+    def _evaluate(
+        self, base_dir: Path, adapter_dir: Path, examples: list[Example], test: list[Example]
+    ) -> tuple[Report, Report, Scores | None]:
+        from ..classify.baseline import BaselineClassifier
+        from ..classify.mlx import MlxClassifier
+        from ..evaluation import evaluate
+
+        settings, state = self.settings, self.state
+        options = PromptOptions.from_settings(settings)
+        threshold = settings.classifier.confidence_threshold
+
+        self.hooks.stage(f"evaluating the candidate on {len(test)} test emails (MLX)")
+        started = time.monotonic()
+        model = MlxClassifier(
+            base_dir,
+            settings.departments,
+            adapter_path=adapter_dir,
+            options=options,
+            max_tokens=settings.classifier.num_predict,
+            name=f"candidate-{self.id:04d}",
+        )
+        candidate = evaluate(
+            model, test, settings.departments, threshold, progress=self.hooks.evaluation
+        )
+        del model
+        self._timed("evaluate_candidate", started)
+        self.metrics["candidate"] = _summary(candidate)
+        self.metrics["predictions"] = {i.id: i.predicted for i in candidate.items}
+
+        self.hooks.stage("evaluating the baseline")
+        started = time.monotonic()
+        train = [e for e in examples if e.split in ("train", "valid")]
+        baseline_model = BaselineClassifier.fit(train, settings.departments, options)
+        baseline = evaluate(baseline_model, test, settings.departments, threshold)
+        self._timed("evaluate_baseline", started)
+        self.metrics["baseline"] = _summary(baseline)
+
+        current = self._current(test)
+        registry.update_run(
+            state,
+            self.id,
+            metrics={k: v for k, v in self.metrics.items() if k != "predictions"},
+        )
+        return candidate, baseline, current
+
+    def _current(self, test: list[Example]) -> Scores | None:
+        """The model in service on the same test split: through Ollama, else as recorded."""
+        from .publish import client, evaluate_on_ollama, latest_name, model_names
+
+        name = latest_name(self.settings)
+        if name in model_names(client(self.settings)):
+            self.hooks.stage(f"evaluating the model in service ({name}) through Ollama")
+            started = time.monotonic()
+            report = evaluate_on_ollama(self.settings, name, test, self.hooks.evaluation)
+            self._timed("evaluate_current", started)
+            self.metrics["current"] = {**_summary(report), "source": "ollama"}
+            return scores(report)
+        recorded = registry.in_service(self.state)
+        if recorded is not None:
+            found = recorded.metrics.get("ollama") or recorded.metrics.get("mlx") or {}
+            if "accuracy" in found and "macro_f1" in found:
+                self.metrics["current"] = {**found, "source": f"recorded ({recorded.version})"}
+                return Scores(found["accuracy"], found["macro_f1"], int(found.get("n", 0)))
+        self.metrics["current"] = None
+        return None
+
+
+def agreement(a: Report, b: Report) -> float:
+    """Share of examples where two reports predicted the same label (MLX vs Ollama)."""
+    theirs = {i.id: i.predicted for i in b.items}
+    same = sum(theirs.get(i.id) == i.predicted for i in a.items)
+    return round(same / len(a.items), 4) if a.items else 1.0
+
+
+# --- child-process entry point ---------------------------------------------------------------
+
+
+def main() -> int:
+    """Run one training from ``{"settings": …, "run_id": …, "force": …, "iters": …}`` on stdin."""
+    from ..logs import setup_logging
+
+    request = json.loads(sys.stdin.read())
+    settings = Settings(**request["settings"])
+    setup_logging(fmt=settings.log.format, level=settings.log.level)
+    outcome = run_training(
+        settings,
+        force=bool(request.get("force")),
+        iters=request.get("iters"),
+        run_id=request.get("run_id"),
+    )
+    print(json.dumps({"decision": outcome.decision, "reason": outcome.reason}), flush=True)
+    if outcome.decision == "busy":
+        return EXIT_BUSY
+    return EXIT_FAILED if outcome.decision == "failed" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
