@@ -119,13 +119,7 @@ def parse_email(raw: bytes, *, max_bytes: int = 25 * 1024 * 1024) -> Email:
         truncated = True
         defects.add(f"message of {size} bytes over the {max_bytes}-byte limit: body cut")
         data = _head_and_start(data, max_bytes)
-    try:
-        msg = BytesParser(policy=policy.compat32).parsebytes(data)
-    # The stdlib parser is lenient, but a crash there must not lose the mail.
-    except Exception as exc:
-        defects.add(f"MIME parse failed: {type(exc).__name__}")
-        return _fallback(data, size, digest, defects, truncated)
-
+    msg, complete = _parse(data, defects)
     fields: dict[str, object] = {}
     try:
         fields = _header_fields(msg, defects)
@@ -133,10 +127,13 @@ def parse_email(raw: bytes, *, max_bytes: int = 25 * 1024 * 1024) -> Email:
         defects.add(f"header decoding failed: {type(exc).__name__}")
     full_text = ""
     try:
-        full_text, cut = _body_text(msg, defects)
-        truncated = truncated or cut
+        if complete:
+            full_text, cut = _body_text(msg, defects)
+            truncated = truncated or cut
     except Exception as exc:
         defects.add(f"body extraction failed: {type(exc).__name__}")
+        complete = False
+    if not complete:
         full_text = _fallback_text(data)
     try:
         body = strip_quoted(full_text) or _unquote(full_text)
@@ -156,6 +153,24 @@ def parse_email(raw: bytes, *, max_bytes: int = 25 * 1024 * 1024) -> Email:
         truncated=truncated,
         **fields,  # type: ignore[arg-type]
     )
+
+
+def _parse(data: bytes, defects: _Defects) -> tuple[Message, bool]:
+    """(message, whether its MIME tree is complete).
+
+    When the stdlib parser gives up (it recurses per nesting level: 1000 nested multiparts raise
+    RecursionError), the headers alone are parsed and the body is read as raw text.
+    """
+    parser = BytesParser(policy=policy.compat32)
+    try:
+        return parser.parsebytes(data), True
+    except Exception as exc:
+        defects.add(f"MIME parse failed: {type(exc).__name__}")
+    try:
+        return parser.parsebytes(data, headersonly=True), False
+    except Exception as exc:
+        defects.add(f"header parse failed: {type(exc).__name__}")
+        return Message(), False
 
 
 class _Defects:
@@ -193,23 +208,12 @@ def _head_and_start(data: bytes, max_bytes: int) -> bytes:
     return data[: head_end + TRUNCATED_BODY_BYTES]
 
 
-def _fallback(data: bytes, size: int, digest: str, defects: _Defects, truncated: bool) -> Email:
-    text = _fallback_text(data)
-    return Email(
-        raw_size=size,
-        content_hash=digest,
-        body=strip_quoted(text) or text,
-        full_text=text,
-        defects=defects.items(),
-        truncated=truncated,
-    )
-
-
 def _fallback_text(data: bytes) -> str:
-    """Whatever follows the first blank line, decoded as best we can."""
+    """Whatever follows the first blank line, decoded as best we can, without MIME scaffolding."""
     normalized = data[:MAX_PART_CHARS].replace(b"\r\n", b"\n")
     _, sep, body = normalized.partition(b"\n\n")
-    return _clean_text(decode_bytes(body if sep else normalized)[0])[:MAX_BODY_CHARS]
+    text = _MIME_SCAFFOLDING.sub("", decode_bytes(body if sep else normalized)[0])
+    return _clean_text(text)[:MAX_BODY_CHARS]
 
 
 # --------------------------------------------------------------------------- charsets
@@ -249,6 +253,9 @@ _ENCODED_WORD = re.compile(r"=\?([^?\s]{1,80})\?([bBqQ])\?([^?\s]*)\?=")
 _QP_ESCAPE = re.compile(rb"=([0-9A-Fa-f]{2})")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_MIME_SCAFFOLDING = re.compile(
+    r"^(?:--[^\s]{1,80}|content-[\w-]+:.*|mime-version:.*)\n?", re.IGNORECASE | re.MULTILINE
+)
 _MSGID = re.compile(r"<[^<>\s]{1,998}>")
 
 

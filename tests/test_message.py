@@ -508,6 +508,13 @@ def test_corpus_quoted_replies_are_stripped():
     assert by_name["8bit-headers-utf8.eml"].subject == "Candidature spontanée – développeuse"
     assert by_name["8bit-headers-latin1.eml"].sender_name == "Hélène Moreau"
     assert by_name["rfc2047-split-multibyte.eml"].sender_name == "Jérôme"
+    unparsed = by_name["deep-nesting-1000.eml"]
+    assert "MIME parse failed: RecursionError" in unparsed.defects
+    assert (unparsed.sender, unparsed.subject) == (
+        "jean.dupont@example.fr",
+        "1000 nested multiparts",
+    )
+    assert "Texte au fond de 1000 niveaux." in unparsed.full_text
 
 
 def assert_plausible(email: Email, raw: bytes) -> None:
