@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
@@ -17,11 +16,17 @@ from tests.conftest import require
 from tests.fixtures.models import starter_test_prompts
 
 
-def _mistral_ids(prompt: str, answer: str) -> list[int]:
-    """Mistral's reference encoding of one training row (finetuning mode: ends with the answer)."""
-    tokenizer = MistralTokenizer.from_file(
+@functools.cache
+def _mistral_tokenizer() -> MistralTokenizer:
+    """Mistral's own tokenizer in fine-tuning mode (a row ends with the assistant's answer)."""
+    return MistralTokenizer.from_file(
         str(generator.mistral_tokenizer_path()), mode=ValidationMode.finetuning
     )
+
+
+def _mistral_ids(prompt: str, answer: str) -> list[int]:
+    """Mistral's reference encoding of one training row."""
+    tokenizer = _mistral_tokenizer()
     request = ChatCompletionRequest(
         messages=[UserMessage(content=prompt), AssistantMessage(content=answer)]
     )
@@ -67,41 +72,8 @@ def test_chat_template_tokens_equal_mistral_common(tiny_model: Path) -> None:
         assert full[: len(head)] == head and head[-1] == 4
 
 
-def test_mlx_lm_lora_trains(tiny_model: Path, tmp_path: Path) -> None:
-    """A few LoRA iterations through mlx-lm's own command (the training tests go further)."""
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = [
-        {"prompt": f"Email {i} : bonjour", "completion": label}
-        for i, label in enumerate(["RH", "Support", "Finance", "SPAM"])
-    ]
-    for split in ("train", "valid"):
-        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    adapters = tmp_path / "adapters"
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlx_lm",
-        "lora",
-        "--model",
-        str(tiny_model),
-        "--train",
-        "--data",
-        str(data),
-        "--iters",
-        "3",
-        "--batch-size",
-        "2",
-        "--num-layers",
-        "2",
-        "--mask-prompt",
-        "--val-batches",
-        "1",
-        "--steps-per-eval",
-        "3",
-        "--adapter-path",
-        str(adapters),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert (adapters / "adapters.safetensors").stat().st_size > 0
+def test_mlx_lm_lora_trains(tiny_adapter: Path) -> None:
+    """mlx-lm's own ``lora`` command trains it (the fixture runs it; training tests go further)."""
+    config = json.loads((tiny_adapter / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "lora" and config["num_layers"] == 2
+    assert (tiny_adapter / "adapters.safetensors").stat().st_size > 0
