@@ -1,0 +1,162 @@
+"""The training loop's parts without a model: output parsing, base model errors, registry, disk."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from mailrouter.config import load_settings
+from mailrouter.errors import TrainingError
+from mailrouter.state import State
+from mailrouter.training import registry
+from mailrouter.training.basemodel import download, resolve_base_model
+from mailrouter.training.job import settings_payload
+from mailrouter.training.lora import parse_line
+from mailrouter.training.publish import check_disk, float_gguf_bytes, gguf_dtype
+
+
+@pytest.mark.parametrize(
+    ("line", "parsed"),
+    [
+        # mlx-lm 0.30+: a table, with colour codes unless NO_COLOR is set.
+        (
+            "    10    \x1b[1m8.938 ▼\x1b[0m    \x1b[1m  1,234\x1b[0m      0.1k",
+            ("train", 10, 8.938, 1234.0),
+        ),
+        ("   120    2.010 ▲      512     12.5k", ("train", 120, 2.01, 512.0)),
+        ("    15    \x1b[1mval\x1b[0m \x1b[1m8.316\x1b[0m    1.91s", ("val", 15, 8.316, None)),
+        # older mlx-lm: one sentence per report.
+        (
+            "Iter 20: Train loss 1.234, Learning Rate 1.000e-05, It/sec 0.5, Tokens/sec 300.5, "
+            "Trained Tokens 1000, Peak mem 5.1 GB",
+            ("train", 20, 1.234, 300.5),
+        ),
+        ("Iter 1: Val loss 2.500, Val took 3.2s", ("val", 1, 2.5, None)),
+        ("Trainable parameters: 0.084% (0.004M/4.268M)", None),
+        ("  iter   train_loss     tok/s     tokens", None),
+        ("Loading pretrained model", None),
+    ],
+)
+def test_progress_lines_are_parsed(line: str, parsed: tuple | None) -> None:
+    assert parse_line(line) == parsed
+
+
+def test_local_base_model_is_used_as_is(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    settings = load_settings(training={"base_model": str(tmp_path)})
+    assert resolve_base_model(settings) == tmp_path.resolve()
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(TrainingError, match=r"without config\.json"):
+        resolve_base_model(settings)
+
+
+def test_offline_and_not_cached_says_so() -> None:
+    settings = load_settings(training={"base_model": "example-org/not-cached-model"})
+    with pytest.raises(TrainingError, match="not in the Hugging Face cache"):
+        resolve_base_model(settings)
+
+
+class _Hub(BaseHTTPRequestHandler):
+    """A Hub that answers every request as a gated repository would (403 + X-Error-Code)."""
+
+    status = 403
+    code = "GatedRepo"
+
+    def do_GET(self) -> None:
+        self.send_response(self.status)
+        if self.code:
+            self.send_header("X-Error-Code", self.code)
+        self.send_header("X-Error-Message", "Access to this model is restricted")
+        self.send_header("Content-Type", "application/json")
+        body = json.dumps({"error": "restricted"}).encode()
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_gated_model_without_token_names_the_licence_and_the_token(hub: str) -> None:
+    with pytest.raises(TrainingError) as err:
+        download("mistralai/Mistral-7B-Instruct-v0.3", token=None, endpoint=hub)
+    message = str(err.value)
+    assert (
+        "accept its licence at https://huggingface.co/mistralai/Mistral-7B-Instruct-v0.3" in message
+    )
+    assert "HF_TOKEN" in message
+
+
+def test_gated_model_with_a_token_without_access_says_accept_the_licence(hub: str) -> None:
+    with pytest.raises(TrainingError, match="has no access to it: accept the licence"):
+        download("mistralai/Mistral-7B-Instruct-v0.3", token="hf_not_a_real_token", endpoint=hub)
+
+
+def test_registry_versions_runs_and_stale_runs(tmp_path: Path) -> None:
+    with State(tmp_path / "state.db") as state:
+        assert registry.next_version(state) == "v1"
+        registry.add_version(state, "v1", "m:v1", {"ollama": {"accuracy": 0.5}})
+        registry.add_version(state, "v2", "m:v2", {})
+        registry.set_status(state, "v1", "in_service")
+        registry.set_status(state, "v2", "in_service")
+        assert registry.in_service(state).version == "v2"
+        assert [m.status for m in registry.versions(state)] == ["in_service", "retired"]
+        registry.remove_version(state, "v2")
+        assert registry.next_version(state) == "v3"  # never reused
+
+        first = registry.start_run(state)
+        registry.finish_run(state, first, "rejected", "worse", dataset_hash="abc")
+        crashed = registry.start_run(state)
+        mine = registry.start_run(state)
+        assert registry.close_stale_runs(state, keep=mine) == 1
+        assert registry.run(state, crashed).decision == "failed"
+        assert registry.run(state, mine).decision == registry.RUNNING
+        assert registry.last_trained_hash(state) == "abc"
+        registry.update_run(state, mine, metrics={"a": 1})
+        registry.update_run(state, mine, metrics={"b": 2})
+        assert registry.run(state, mine).metrics == {"a": 1, "b": 2}
+
+
+def test_disk_estimate_and_check(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 1000)
+    (tmp_path / "config.json").write_text(json.dumps({"quantization": {"bits": 4}}))
+    assert float_gguf_bytes(tmp_path) == 4000  # 4-bit weights become 16-bit
+    assert gguf_dtype(tmp_path) == "f16"
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float32"}))
+    assert float_gguf_bytes(tmp_path) == 1000
+    assert gguf_dtype(tmp_path) == "f32"
+    check_disk(tmp_path, 1)
+    with pytest.raises(TrainingError, match="not enough disk space"):
+        check_disk(tmp_path, 10**18)
+
+
+def test_child_settings_carry_no_secret() -> None:
+    settings = load_settings(
+        training={"hf_token": "hf_secret"}, mailbox={"password": "imap-secret"}
+    )
+    text = json.dumps(settings_payload(settings))
+    assert "secret" not in text
+    assert Path(settings_payload(settings)["data_dir"]).is_absolute()
