@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import codecs
 import hashlib
 import re
 import warnings
@@ -242,9 +241,12 @@ def decode_bytes(data: bytes, charset: str | None = None) -> tuple[str, str]:
 
 def _known_charset(label: str) -> bool:
     try:
-        return codecs.lookup(label)._is_text_encoding  # type: ignore[attr-defined]
+        b"a".decode(label)  # LookupError also for codecs that are not text encodings (zlib)
+    except UnicodeError:  # a real charset that cannot decode one "a" (utf-16)
+        return True
     except (LookupError, ValueError, TypeError):
         return False
+    return True
 
 
 # --------------------------------------------------------------------------- headers
