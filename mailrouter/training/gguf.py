@@ -50,6 +50,8 @@ from ..errors import TrainingError
 #: Quantisations :func:`quantize_gguf` knows, by Ollama's names (lower case).
 QUANT_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 SUPPORTED_MODEL_TYPES = ("mistral", "llama")
+#: What a cached base model needs here (as mlx-lm fetches it): config, weights, tokenizer.
+CACHED_FILES = ["*.json", "model*.safetensors", "tokenizer.model", "*.jinja"]
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
@@ -92,6 +94,7 @@ def export_gguf(
             work / "model.gguf",
             dtype=dtype,
             tokenizer_model=find_tokenizer_model(source, base_dir),
+            name=base_dir.name + (" + LoRA" if adapter_dir is not None else ""),
         )
         file_type = dtype
         if quantize:
@@ -109,7 +112,9 @@ def model_dir(model: str | Path) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(str(model), local_files_only=True))
+        return Path(
+            snapshot_download(str(model), local_files_only=True, allow_patterns=CACHED_FILES)
+        )
     except Exception as exc:  # huggingface_hub raises several unrelated types here
         raise TrainingError(
             f"base model {model!r} is neither a folder nor in the Hugging Face cache "
@@ -202,17 +207,19 @@ def write_gguf(
         nbytes = int(np.prod(info["shape"])) * np.dtype(out_dtype).itemsize
         writer.add_tensor_info(target, info["shape"], np.dtype(out_dtype), nbytes)
 
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for _target, key, path, info, out_dtype in plan:
-        data = _read_tensor(path, info)
-        if key.endswith("q_proj.weight"):
-            data = permute_qk(data, hp["head_count"])
-        elif key.endswith("k_proj.weight"):
-            data = permute_qk(data, hp["head_count_kv"])
-        writer.write_tensor_data(np.ascontiguousarray(data, dtype=out_dtype))
-    writer.close()
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for _target, key, path, info, out_dtype in plan:
+            data = _read_tensor(path, info)
+            if key.endswith("q_proj.weight"):
+                data = permute_qk(data, hp["head_count"])
+            elif key.endswith("k_proj.weight"):
+                data = permute_qk(data, hp["head_count_kv"])
+            writer.write_tensor_data(np.ascontiguousarray(data, dtype=out_dtype))
+    finally:
+        writer.close()
     return Path(out_path)
 
 
@@ -292,7 +299,6 @@ def _hyperparameters(config: dict[str, Any], folder: Path) -> dict[str, Any]:
         "head_dim": head_dim,
         "rms_eps": config.get("rms_norm_eps", 1e-5),
         "rope_theta": config.get("rope_theta", 10000.0),
-        "tied": config.get("tie_word_embeddings", False),
     }
 
 
