@@ -222,3 +222,25 @@ def test_refuses_what_it_cannot_export(tiny_model: Path, tmp_path: Path) -> None
 
     with pytest.raises(TrainingError, match="Hugging Face cache"):
         export_gguf("nobody/not-a-model", None, tmp_path / "x.gguf")
+
+
+def test_f16_export_answers_like_mlx(tiny_model: Path, tmp_path: Path, prompts: list[str]) -> None:
+    """The production width: f16 rounding moves logits by ~1e-3, so only clear choices count."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mailrouter.classify.mlx import MlxClassifier
+    from mailrouter.config import default_departments
+
+    mlx = MlxClassifier(tiny_model, default_departments())
+    llm = _llama(write_gguf(tiny_model, tmp_path / "f16.gguf", dtype="f16"))
+    clear = 0
+    for prompt in prompts[:10]:
+        ids = mlx.prompt_ids(prompt)
+        logits = mlx._last_logits(mx.array(ids)[None], make_prompt_cache(mlx.model))
+        top2 = np.sort(np.array(logits.astype(mx.float32)))[-2:]
+        if top2[1] - top2[0] < 0.05:
+            continue
+        clear += 1
+        assert _llama_greedy(llm, ids, 1) == [int(mx.argmax(logits).item())]
+    assert clear >= 5
