@@ -747,9 +747,11 @@ _OUTLOOK_NEXT = re.compile(
     r"^\s*\*?\s*(?:envoy[ée]|sent|date|[àa]|to|objet|subject|cc)\s*\*?\s*:", re.IGNORECASE
 )
 _SIGNATURE = re.compile(r"^--\s*$")
+# Mobile and webmail taglines ("Envoyé de mon iPhone", "Sent from Mail for Windows").
 _SENT_FROM = re.compile(
-    r"^\s*(?:envoy[ée] (?:de|depuis) mon|sent from my|get outlook for|obtenir outlook pour"
-    r"|envoy[ée] depuis)\b.{0,60}$",
+    r"^\s*(?:(?:envoy[ée] (?:de|depuis|à partir de)|sent from) "
+    r"(?:mon|ma|my|outlook|yahoo|mail|courrier|samsung)"
+    r"|get outlook for|obtenir outlook pour|t[ée]l[ée]chargez outlook pour)\b.{0,60}$",
     re.IGNORECASE,
 )
 _QUOTED = re.compile(r"^\s*>")

@@ -337,6 +337,10 @@ QUOTE_CASES = {
         "Ok pour moi",
     ),
     "sent_from_my_iphone": ("Paid.\n\nSent from my iPhone\n", "Paid."),
+    "envoye_depuis_galaxy": ("Oui.\nEnvoyé depuis mon appareil Galaxy\n", "Oui."),
+    "courrier_windows": ("Non.\n\nEnvoyé à partir de Courrier pour Windows\n", "Non."),
+    "outlook_ios": ("Vu.\n\nObtenir Outlook pour iOS\n", "Vu."),
+    "sent_sentence_kept": ("The parcel was sent from Lyon.\nThanks", None),
     "bottom_posting": ("> question ?\n\nréponse en dessous\n", "réponse en dessous"),
     "interleaved": (
         "On Mon, John wrote:\n> q1\nanswer1\n> q2\nanswer2\n",
