@@ -14,6 +14,7 @@ Usage: ``python tests/tiny_model.py OUT_DIR``, then ``training.base_model = "OUT
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -165,6 +166,7 @@ def _write_fast_tokenizer(out: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found"
     if len(argv) != 1:
         print("usage: python tests/tiny_model.py OUT_DIR", file=sys.stderr)
         return 2
