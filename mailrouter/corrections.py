@@ -43,7 +43,7 @@ from .dataset import Dataset
 from .errors import SmtpError
 from .forward import ForwardFacts, Notice, SmtpSender, address_domain, send_with_retry
 from .logs import event
-from .message import Email, parse_email
+from .message import Email, parse_email, strip_quoted
 from .notice import DigestItem, correction_block, spam_digest
 from .pipeline import Context, Incoming, Outcome
 from .router import screen
@@ -98,7 +98,7 @@ def find_claim(email: Email, state: State, key: bytes) -> Claim | None:
     answers a staff reply that quoted a forward is not correcting anything.
     """
     in_subject = find_tokens(email.subject)
-    tokens = in_subject + [t for t in find_tokens(email.body) if t not in in_subject]
+    tokens = in_subject + [t for t in find_tokens(own_text(email)) if t not in in_subject]
     answered = state.forward_by(message_id=email.in_reply_to) if email.in_reply_to else None
     if not tokens:
         return Claim(answered, False) if answered is not None else None
@@ -117,7 +117,12 @@ def command_of(email: Email, claim: Claim, settings: Settings) -> Command:
         words = subject_command(email.subject)
         if words:
             return parse_command(words, settings.departments)
-    return parse_command(first_command_line(email.body), settings.departments)
+    return parse_command(first_command_line(own_text(email)), settings.departments)
+
+
+def own_text(email: Email) -> str:
+    """What the writer typed: no quoted text, no signature (``""`` for a bare quote)."""
+    return strip_quoted(email.full_text)
 
 
 # --- the handler ------------------------------------------------------------------------------

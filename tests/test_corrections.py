@@ -393,3 +393,21 @@ def test_the_baseline_learns_from_corrections(
 
     after = make_classifier(settings, "baseline").classify(probe)
     assert after.label == target, (before, after)
+
+
+def test_a_reply_with_only_quoted_text_gets_help_not_a_guess(
+    settings: Settings, imap_account: ImapAccount, smtp_sink: SmtpSink, dataset: Dataset
+) -> None:
+    forward = route_invoice_to_support(settings, imap_account, smtp_sink)
+    quoted = forward.message().get_body(("plain",)).get_content()
+    body = "Le 3 nov. 2026, router a écrit :\n" + "".join(
+        f"> {line}\n" for line in quoted.split("\n")
+    )
+    headers = {"In-Reply-To": forward.header("Message-ID")}
+    subject = f"Re: {forward.header('Subject')}"
+    imap_account.append([make_email(subject, body, sender=STAFF, headers=headers)])
+    run(settings)
+    assert len(forwards(smtp_sink)) == 1
+    assert [e for e in dataset.load() if e.source == "correction"] == []
+    (help_reply,) = to(smtp_sink, STAFF)
+    assert "pas compris" in help_reply.message().get_content()
