@@ -142,7 +142,10 @@ def _wait(proc: subprocess.Popen[bytes], limit: float) -> tuple[int | None, str 
 
         previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        return proc.wait(limit), None
+        code = proc.wait(limit)
+        if code != 0:
+            _kill_group(proc)  # a killed runner may leave its mlx_lm child behind
+        return code, None
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         return None, f"timed out after {limit:.0f} s (training.timeout_seconds)"
