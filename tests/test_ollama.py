@@ -333,3 +333,20 @@ def test_server_stopped_mid_run_then_restarted(tmp_path: Path, tiny_gguf: Path) 
         assert after.confidence == pytest.approx(before.confidence)
     finally:
         server.stop()
+
+
+def test_cli_evaluate_with_the_ollama_backend(
+    ollama_server: OllamaEndpoint, tiny_ollama_model: str, starter_data: Path
+) -> None:
+    env = {
+        **os.environ,
+        "MAILROUTER_CLASSIFIER__OLLAMA_HOST": ollama_server.url,
+        "MAILROUTER_CLASSIFIER__MODEL": tiny_ollama_model,
+    }
+    cmd = [sys.executable, "-m", "mailrouter", "evaluate", "--backend", "ollama", "--json"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["model"].startswith(tiny_ollama_model)
+    assert report["n"] == len(Dataset(starter_data).split("test")) > 0
+    assert 0.0 <= report["accuracy"] <= 1.0 and 0.0 <= report["triage_rate"] <= 1.0
