@@ -14,8 +14,7 @@ inserted after the header block in the text and HTML bodies (the corrections mod
 HTML, the body is ``multipart/alternative``; without, plain text.
 
 Nothing from the email reaches a header unsanitised: control characters (CR, LF included) are
-replaced, lengths capped, addresses re-validated, and the message is rendered with
-``email.policy.SMTP``, which refuses a header with a line break.
+replaced, lengths capped, addresses re-validated, non-ASCII text RFC 2047-encoded.
 
 Sending: :class:`SmtpSender` keeps one connection for a round, TLS verified by default. Errors are
 mapped to :class:`~mailrouter.errors.SmtpError`: ``permanent`` only for a 5xx answer about this
@@ -26,6 +25,7 @@ refused login are temporary for the message (the configuration may be at fault, 
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import html
 import logging
@@ -37,10 +37,8 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
-from email.headerregistry import Address
-from email.message import EmailMessage
-from email.policy import SMTP
-from email.utils import format_datetime, formatdate
+from email.header import Header
+from email.utils import format_datetime, formataddr, formatdate
 from typing import TYPE_CHECKING
 
 from . import __version__
@@ -184,60 +182,106 @@ def compose_forward(
     *,
     notice: Notice | None = None,
     headers_only: bool = False,
+    size: int = 0,
 ) -> bytes:
     """The forward as bytes ready for SMTP (CRLF line endings).
 
-    ``headers_only``: ``original`` holds only the header of a message too large to forward; it
-    is attached as ``text/rfc822-headers`` and the body says where the original is.
+    ``headers_only``: ``original`` holds only the header of a message too large to forward
+    (``size`` bytes); it is attached as ``text/rfc822-headers`` and the body says where the
+    original is.
     """
-    outer = EmailMessage(policy=SMTP)
-    outer["From"] = settings.smtp.from_address
-    outer["To"] = facts.destination
+    head = [
+        _header("From", settings.smtp.from_address),
+        _header("To", facts.destination),
+    ]
     reply_to = safe_address(email.sender) if settings.corrections.reply_to == "sender" else None
     if reply_to is not None:
-        try:
-            name = clean_header_text(email.sender_name, 80)
-            outer["Reply-To"] = Address(name, addr_spec=reply_to)
-        except (ValueError, IndexError):
-            outer["Reply-To"] = reply_to
-    prefix = f"[{facts.department or 'Triage'}]"
+        name = clean_header_text(email.sender_name, 80)
+        head.append(_header("Reply-To", formataddr((name, reply_to), charset="utf-8")))
     subject = clean_header_text(email.subject) or "(sans objet / no subject)"
-    outer["Subject"] = f"{prefix} {subject}"
-    outer["Date"] = formatdate(localtime=True)
-    outer["Message-ID"] = facts.message_id
-    outer["Auto-Submitted"] = "auto-forwarded"
-    outer["X-Auto-Response-Suppress"] = "All"
-    outer["X-MailRouter-Forward-Id"] = facts.forward_id
-    outer["X-MailRouter-Token"] = facts.token
-    outer["X-MailRouter-Version"] = f"mailrouter {__version__}"
-    if facts.model:
-        outer["X-MailRouter-Model"] = clean_header_text(facts.model, 100)
-    if facts.department:
-        outer["X-MailRouter-Department"] = facts.department
-
-    rows = _body_lines(email, facts, 0 if not headers_only else email.raw_size)
-    text = _text_body(rows, not headers_only, notice)
-    body = EmailMessage(policy=SMTP)
-    body.set_content(text, subtype="plain", charset="utf-8", cte="quoted-printable")
-    if notice is not None and notice.html:
-        body.add_alternative(
-            _html_body(rows, not headers_only, notice), subtype="html", cte="quoted-printable"
-        )
-    del body["MIME-Version"]
-
-    boundary = "=_mailrouter_" + secrets.token_hex(12)
-    outer["MIME-Version"] = "1.0"
-    outer["Content-Type"] = f'multipart/mixed; boundary="{boundary}"'
-    head = b"".join(SMTP.fold_binary(name, value) for name, value in outer.items())
-    sep = b"--" + boundary.encode()
-    parts = [
-        head + b"\r\n",
-        b"This is a MIME message.\r\n",
-        sep + b"\r\n" + body.as_bytes(policy=SMTP),
-        b"\r\n" + sep + b"\r\n" + _attachment(original, headers_only, boundary),
+    head += [
+        _header("Subject", f"[{facts.department or 'Triage'}] {subject}"),
+        _header("Date", formatdate(localtime=True)),
+        _header("Message-ID", facts.message_id),
+        _header("Auto-Submitted", "auto-forwarded"),
+        _header("X-Auto-Response-Suppress", "All"),
+        _header("X-MailRouter-Forward-Id", facts.forward_id),
+        _header("X-MailRouter-Token", facts.token),
+        _header("X-MailRouter-Version", f"mailrouter {__version__}"),
     ]
-    end = b"" if parts[-1].endswith(b"\r\n") else b"\r\n"
-    return b"".join(parts) + end + sep + b"--\r\n"
+    if facts.model:
+        head.append(_header("X-MailRouter-Model", facts.model))
+    if facts.department:
+        head.append(_header("X-MailRouter-Department", facts.department))
+
+    rows = _body_lines(email, facts, size if headers_only else 0)
+    text = _part("plain", _text_body(rows, not headers_only, notice))
+    if notice is not None and notice.html:
+        inner = "=_mailrouter_alt_" + secrets.token_hex(12)
+        html_part = _part("html", _html_body(rows, not headers_only, notice))
+        body = _multipart("alternative", inner, [text, html_part])
+    else:
+        body = text
+    boundary = "=_mailrouter_" + secrets.token_hex(12)
+    head += [
+        b"MIME-Version: 1.0\r\n",
+        f'Content-Type: multipart/mixed; boundary="{boundary}"\r\n'.encode(),
+    ]
+    attachment = _attachment(original, headers_only, boundary)
+    return b"".join(head) + b"\r\n" + _multipart(None, boundary, [body, attachment])
+
+
+def _header(name: str, value: str) -> bytes:
+    """One header line; the value is cleaned of control characters, RFC 2047 when not ASCII."""
+    value = clean_header_text(value, 900)
+    if not value.isascii():
+        value = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
+    return f"{name}: {value}\r\n".encode("ascii")
+
+
+def _part(subtype: str, text: str) -> bytes:
+    """A UTF-8 text part: 8-bit as written when its lines are short enough (fewer, shorter
+    lines on the wire), else quoted-printable."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if subtype == "html":
+        text = "\n".join(_fold_html(line) for line in text.split("\n"))
+    data = text.encode("utf-8")
+    if max(map(len, data.split(b"\n"))) <= 998:
+        cte = "7bit" if data.isascii() else "8bit"
+        encoded = data.replace(b"\n", b"\r\n")
+    else:
+        cte = "quoted-printable"
+        encoded = binascii.b2a_qp(data, istext=True).replace(b"\n", b"\r\n")
+    head = f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
+    head += f"Content-Transfer-Encoding: {cte}\r\n\r\n"
+    return head.encode() + encoded
+
+
+def _fold_html(line: str, width: int = 800) -> str:
+    """Break a long HTML line after a tag (a line break there renders as nothing or a space)."""
+    out = []
+    while len(line.encode("utf-8")) > width:
+        cut = line.rfind(">", 0, width // 2) + 1 or line.find(">", width // 2) + 1
+        if cut <= 0:
+            break
+        out.append(line[:cut])
+        line = line[cut:]
+    out.append(line)
+    return "\n".join(out)
+
+
+def _multipart(subtype: str | None, boundary: str, parts: list[bytes]) -> bytes:
+    """The body of a multipart (with its own Content-Type line unless ``subtype`` is None)."""
+    sep = b"--" + boundary.encode()
+    out = b""
+    if subtype is not None:
+        out = f'Content-Type: multipart/{subtype}; boundary="{boundary}"\r\n\r\n'.encode()
+    else:
+        out = b"This is a MIME message.\r\n"
+    for part in parts:
+        end = b"" if part.endswith(b"\r\n") else b"\r\n"
+        out += sep + b"\r\n" + part + end
+    return out + sep + b"--\r\n"
 
 
 # --- sending ---------------------------------------------------------------------------------

@@ -535,6 +535,7 @@ class Pipeline:
             self.settings,
             notice=self._notice(self._facts(record, forward, reason)),
             headers_only=incoming.headers_only,
+            size=incoming.size,
         )
         smtp = self.settings.smtp
         try:

@@ -293,7 +293,7 @@ def test_too_large_mail_goes_to_triage_with_its_headers(
     assert report.forwarded == 1
     (delivered,) = smtp_sink.delivered()
     assert delivered.rcpt_tos == (settings.smtp.triage_address,)
-    assert len(delivered.data) < 4000
+    assert b"x" * 1000 not in delivered.data
     kinds = [p.get_content_type() for p in delivered.message().walk()]
     assert "text/rfc822-headers" in kinds
     assert _states(settings) == {"triaged": 1}

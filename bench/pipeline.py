@@ -1,0 +1,162 @@
+"""Benchmark: the routing pipeline against a bare IMAP-fetch + SMTP-send loop, same servers.
+
+Starts a Dovecot and an SMTP sink on loopback, puts the same N messages in two fresh mailboxes
+and times, in one run:
+
+* bare: imapclient SEARCH + FETCH BODY.PEEK[] in batches, smtplib sends each message as is over
+  one connection — the least any router must do;
+* pipeline: ``Pipeline.run_once()`` (what ``mailrouter serve --once`` runs) with the baseline
+  classifier (fitted beforehand, as in service): parse, classify, route, record in SQLite,
+  compose the forward with its correction block, send, move the original.
+
+Each side runs ``--repeat`` times on fresh mailboxes; the best time of each is kept. The last line
+is ``pipeline: n=…, ratio=…, overhead_ms=…`` with ratio = bare time / pipeline time (throughput
+of the pipeline relative to the bare loop) and overhead_ms the extra milliseconds per message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import smtplib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from mailrouter.classify import Classifier, ClassifyInput, Prediction, make_classifier  # noqa: E402
+from mailrouter.config import load_settings  # noqa: E402
+from mailrouter.dataset import Dataset  # noqa: E402
+from mailrouter.localservers import (  # noqa: E402
+    DovecotServer,
+    ImapAccount,
+    SmtpSink,
+    find_dovecot,
+    local_config,
+    write_toml,
+)
+from mailrouter.pipeline import Pipeline  # noqa: E402
+from tests.fixtures.mail import make_email  # noqa: E402
+
+
+def messages(data_dir: Path, n: int) -> list[bytes]:
+    """``n`` distinct customer emails built from the dataset's texts."""
+    examples = Dataset(data_dir / "examples.jsonl").load()
+    out = []
+    for i in range(n):
+        ex = examples[i % len(examples)]
+        subject = f"{ex.subject or 'Message'} ({i})"
+        out.append(make_email(subject, f"{ex.text}\n\n-- {i}", sender=f"client{i}@example.org"))
+    return out
+
+
+def bare_loop(account: ImapAccount, sink: SmtpSink, batch: int) -> float:
+    started = time.perf_counter()
+    client = account.client()
+    smtp = smtplib.SMTP(sink.host, sink.port)
+    client.select_folder("INBOX")
+    uids = client.search()
+    for i in range(0, len(uids), batch):
+        fetched = client.fetch(uids[i : i + batch], ["BODY.PEEK[]"])
+        for uid in uids[i : i + batch]:
+            smtp.sendmail("router@mailrouter.test", ["dept@example.com"], fetched[uid][b"BODY[]"])
+    smtp.quit()
+    client.logout()
+    return time.perf_counter() - started
+
+
+class Timed:
+    """The configured classifier, with the time spent in it counted."""
+
+    def __init__(self, inner: Classifier) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.seconds = 0.0
+
+    def classify(self, item: ClassifyInput) -> Prediction:
+        started = time.perf_counter()
+        try:
+            return self.inner.classify(item)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
+def pipeline_round(config: Path) -> tuple[float, float, int]:
+    """(seconds, seconds in the classifier, messages handled) of one ``run_once``."""
+    settings = load_settings(config)
+    started = time.perf_counter()
+    classifier = Timed(make_classifier(settings))
+    pipeline = Pipeline(settings, classifier=classifier)
+    try:
+        report = pipeline.run_once()
+    finally:
+        pipeline.close()
+    return time.perf_counter() - started, classifier.seconds, report.filed
+
+
+def dataset_into(data_dir: Path) -> None:
+    starter = REPO / "data" / "examples.jsonl"
+    if starter.is_file():
+        shutil.copyfile(starter, data_dir / "examples.jsonl")
+    else:
+        from tests.sample_examples import write_sample_dataset
+
+        write_sample_dataset(data_dir / "examples.jsonl")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=500)
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+    if find_dovecot() is None:
+        sys.exit("dovecot is not installed (apt-get install dovecot-imapd)")
+    logging.disable(logging.INFO)
+    os.environ.setdefault("MAILROUTER_CORRECTIONS__TOKEN_KEY", os.urandom(16).hex())
+    os.environ["MAILROUTER_NO_KEYRING"] = "1"
+    work = Path(tempfile.mkdtemp(prefix="mailrouter-bench-"))
+    try:
+        with DovecotServer() as dovecot, SmtpSink() as sink:
+            bare_times, pipe_times, classify_times = [], [], []
+            for rep in range(args.repeat):
+                data_dir = work / f"data{rep}"
+                data_dir.mkdir()
+                os.environ["MAILROUTER_DATA_DIR"] = str(data_dir)
+                dataset_into(data_dir)
+                mails = messages(data_dir, args.n)
+                bare, piped = dovecot.add_user(), dovecot.add_user()
+                bare.append(mails)
+                piped.append(mails)
+                config = write_toml(local_config(piped, sink, data_dir), work / f"c{rep}.toml")
+                make_classifier(load_settings(config), "baseline")  # fitted once, as in service
+                bare_times.append(bare_loop(bare, sink, 50))
+                seconds, classifying, done = pipeline_round(config)
+                if done < args.n:
+                    sys.exit(f"the pipeline handled {done} of {args.n} messages")
+                pipe_times.append(seconds)
+                classify_times.append(classifying)
+                print(
+                    f"run {rep + 1}: bare {bare_times[-1]:.2f}s, pipeline {seconds:.2f}s "
+                    f"(classifier {classifying:.2f}s)"
+                )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    best = pipe_times.index(min(pipe_times))
+    bare_s, pipe_s, classify_s = min(bare_times), pipe_times[best], classify_times[best]
+    ratio = bare_s / pipe_s
+    overhead = (pipe_s - bare_s) / args.n * 1000
+    classify_ms = classify_s / args.n * 1000
+    print(
+        f"pipeline: n={args.n}, ratio={ratio:.2f}, overhead_ms={overhead:.1f}, "
+        f"classify_ms={classify_ms:.1f}, ratio_without_classifier="
+        f"{bare_s / (pipe_s - classify_s):.2f}, bare_s={bare_s:.2f}, pipeline_s={pipe_s:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
