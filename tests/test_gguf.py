@@ -14,7 +14,7 @@ from gguf import GGUFReader, GGUFValueType, TokenType
 
 from mailrouter.errors import TrainingError
 from mailrouter.prompt import CHAT_TEMPLATE, render_chat
-from mailrouter.training.gguf import export_gguf, quantize_gguf, write_gguf
+from mailrouter.training.gguf import export_gguf, load_vocab, quantize_gguf, write_gguf
 from tests.conftest import require
 from tests.fixtures.models import starter_test_prompts
 
@@ -87,6 +87,7 @@ def test_tokenizer_metadata(reader: GGUFReader, tiny_model: Path) -> None:
     for piece in ["<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[control_100]"]:
         assert values[tokens.index(piece)] == TokenType.CONTROL, piece
     assert values[0] == TokenType.UNKNOWN
+    assert values[tokens.index("[REFERENCE_DOC_3]")] == TokenType.USER_DEFINED  # kept atomic
     assert values[tokens.index("<0x0A>")] == TokenType.BYTE
     assert values[tokens.index("▁Bon")] == TokenType.NORMAL
 
@@ -114,21 +115,45 @@ def test_tensors(reader: GGUFReader) -> None:
     assert len(shapes) == 3 + 2 * 9
 
 
-def test_llama_cpp_tokenizes_like_mlx(
-    tiny_gguf: Path, tiny_model: Path, prompts: list[str]
-) -> None:
-    """The string Ollama gets (``render_chat``) becomes exactly the ids mlx-lm trained on."""
+#: Text the starter emails do not exercise: accents, symbols, other scripts, emoji (byte
+#: fallback), tabs and runs of spaces, a user-defined piece.
+ODD_TEXT = "Ça coûte 12 € — vraiment ? 日本語 😀 \t tabs   spaces [REFERENCE_DOC_3] fin"
+
+
+def _assert_tokenizes_like_mlx(gguf_path: Path, tiny_model: Path, prompts: list[str]) -> None:
     from mlx_lm.utils import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model)
-    llm = _llama(tiny_gguf, vocab_only=True)
-    for prompt in prompts:
+    llm = _llama(gguf_path, vocab_only=True)
+    for prompt in [*prompts, ODD_TEXT]:
         expected = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True
         )
         expected = list(expected["input_ids"] if isinstance(expected, dict) else expected)
         got = llm.tokenize(render_chat(prompt).encode(), add_bos=True, special=True)
-        assert got == expected
+        assert got == expected, prompt
+
+
+def test_llama_cpp_tokenizes_like_mlx(
+    tiny_gguf: Path, tiny_model: Path, prompts: list[str]
+) -> None:
+    """The string Ollama gets (``render_chat``) becomes exactly the ids mlx-lm trained on."""
+    _assert_tokenizes_like_mlx(tiny_gguf, tiny_model, prompts)
+
+
+def test_vocabulary_from_tokenizer_json(
+    tiny_model: Path, tmp_path: Path, prompts: list[str]
+) -> None:
+    """A checkpoint without ``tokenizer.model``: the vocabulary is rebuilt from tokenizer.json."""
+    from_model = load_vocab(tiny_model / "tokenizer.model", 32768)
+    from_json = load_vocab(tiny_model / "tokenizer.json", 32768)
+    assert from_json.tokens == from_model.tokens and from_json.types == from_model.types
+    assert (from_json.bos_id, from_json.eos_id, from_json.unk_id) == (1, 2, 0)
+
+    folder = tmp_path / "no-spm"
+    shutil.copytree(tiny_model, folder)
+    (folder / "tokenizer.model").unlink()
+    _assert_tokenizes_like_mlx(write_gguf(folder, tmp_path / "json.gguf"), tiny_model, prompts)
 
 
 def test_llama_cpp_answers_like_mlx(tiny_gguf: Path, tiny_model: Path, prompts: list[str]) -> None:
@@ -217,7 +242,8 @@ def test_refuses_what_it_cannot_export(tiny_model: Path, tmp_path: Path) -> None
 
     (quantised / "config.json").write_text(json.dumps(config))
     (quantised / "tokenizer.model").unlink()
-    with pytest.raises(TrainingError, match=r"tokenizer\.model"):
+    (quantised / "tokenizer.json").unlink()
+    with pytest.raises(TrainingError, match=r"no tokenizer\.model or tokenizer\.json"):
         write_gguf(quantised, tmp_path / "x.gguf")
 
     with pytest.raises(TrainingError, match="Hugging Face cache"):
@@ -244,3 +270,31 @@ def test_f16_export_answers_like_mlx(tiny_model: Path, tmp_path: Path, prompts: 
         clear += 1
         assert _llama_greedy(llm, ids, 1) == [int(mx.argmax(logits).item())]
     assert clear >= 5
+
+
+def test_quantised_base_is_dequantised(
+    tiny_model: Path, tiny_adapter: Path, tmp_path: Path, prompts: list[str]
+) -> None:
+    """The default base is a 4-bit MLX conversion: fuse dequantises it, and since mlx-lm's
+    conversion drops ``tokenizer.model``, the vocabulary comes from tokenizer.json."""
+    import subprocess
+    import sys
+
+    from mailrouter.classify.mlx import MlxClassifier
+    from mailrouter.config import default_departments
+
+    base = tmp_path / "q4"
+    cmd = [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(tiny_model),
+           "--mlx-path", str(base), "-q", "--q-bits", "4", "--q-group-size", "64"]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    assert json.loads((base / "config.json").read_text())["quantization"]["bits"] == 4
+    assert not (base / "tokenizer.model").exists()
+
+    result = export_gguf(base, tiny_adapter, tmp_path / "q4.gguf", dtype="f32")
+    mlx = MlxClassifier(base, default_departments(), adapter_path=tiny_adapter, max_tokens=2)
+    llm = _llama(result.path)
+    for prompt in prompts[:3]:
+        ids = mlx.prompt_ids(prompt)
+        assert llm.tokenize(render_chat(prompt).encode(), add_bos=True, special=True) == ids
+        tokens, _text, _probs = mlx.answer(ids)
+        assert _llama_greedy(llm, ids, 2)[: len(tokens)] == tokens

@@ -18,11 +18,14 @@ UINT32 instead of INT32) and, once repaired, tokenizes most prompts differently 
 -1000, so SentencePiece merges happen in the wrong order) and lacks the chat template and BOS flag.
 Here the tokenizer comes from the model's own ``tokenizer.model``: real scores, control pieces
 (``<s>``, ``</s>``, ``[INST]``, ``[/INST]``…) typed CONTROL so ``[INST]`` in a prompt becomes the
-control id, byte pieces typed BYTE, all as INT32.
+control id, user-defined pieces kept atomic, byte pieces typed BYTE, all as INT32. A checkpoint
+without ``tokenizer.model`` (mlx-lm's own conversions drop it) has the same vocabulary rebuilt from
+its ``tokenizer.json`` (:func:`tokenizer_json_vocab`); the tests check both give llama.cpp the
+same tokens as mlx-lm.
 
 ``tokenizer.ggml.add_space_prefix`` is written false. llama.cpp adds that space in front of every
 piece of text that follows a special token, so with it ``[INST] Bonjour`` becomes ``[INST]``,
-``▁▁Bonjour``. Without it, the string :func:`mailrouter.prompt.render_chat` sends to Ollama
+``▁``, ``▁Bon``…. Without it, the string :func:`mailrouter.prompt.render_chat` sends to Ollama
 tokenizes to exactly the ids mlx-lm trained on (``<s>[INST]▁Bonjour…[/INST]``): the tests check
 it for every starter test email.
 
@@ -35,6 +38,7 @@ llama.cpp's ``convert_hf_to_gguf.py`` does for the llama family.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -43,7 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
+from gguf import TokenType
 
 from ..errors import TrainingError
 
@@ -52,6 +58,7 @@ QUANT_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_
 SUPPORTED_MODEL_TYPES = ("mistral", "llama")
 #: What a cached base model needs here (as mlx-lm fetches it): config, weights, tokenizer.
 CACHED_FILES = ["*.json", "model*.safetensors", "tokenizer.model", "*.jinja"]
+_BYTE_PIECE = re.compile(r"^<0x[0-9A-F]{2}>$")
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
@@ -93,7 +100,7 @@ def export_gguf(
             source,
             work / "model.gguf",
             dtype=dtype,
-            tokenizer_model=find_tokenizer_model(source, base_dir),
+            tokenizer=find_tokenizer(source, base_dir),
             name=base_dir.name + (" + LoRA" if adapter_dir is not None else ""),
         )
         file_type = dtype
@@ -151,16 +158,17 @@ def fuse(
     return out
 
 
-def find_tokenizer_model(*folders: Path) -> Path:
-    """The SentencePiece ``tokenizer.model``: ``mlx_lm fuse`` does not copy it, so look in order."""
-    for folder in folders:
-        candidate = folder / "tokenizer.model"
-        if candidate.is_file():
-            return candidate
+def find_tokenizer(*folders: Path) -> Path:
+    """``tokenizer.model`` from the first folder that has one (``mlx_lm fuse`` does not copy it),
+    else a ``tokenizer.json`` to rebuild the same vocabulary from."""
+    for name in ("tokenizer.model", "tokenizer.json"):
+        for folder in folders:
+            if (folder / name).is_file():
+                return folder / name
     raise TrainingError(
-        "no tokenizer.model (SentencePiece) in "
+        "no tokenizer.model or tokenizer.json in "
         + ", ".join(str(f) for f in folders)
-        + ": the GGUF export needs it for the token scores; use a base model that ships it"
+        + ": the GGUF export needs the model's tokenizer"
     )
 
 
@@ -172,19 +180,16 @@ def write_gguf(
     out_path: str | Path,
     *,
     dtype: str = "f16",
-    tokenizer_model: str | Path | None = None,
+    tokenizer: str | Path | None = None,
     name: str | None = None,
 ) -> Path:
     """Write the float model folder ``model_path`` as a llama-architecture GGUF at ``out_path``."""
-    import gguf
-
     if dtype not in ("f16", "f32"):
         raise ValueError(f"dtype {dtype!r}: expected f16 or f32")
     folder = Path(model_path)
     config = _read_json(folder / "config.json")
     hp = _hyperparameters(config, folder)
-    sp_path = Path(tokenizer_model) if tokenizer_model else find_tokenizer_model(folder)
-    vocab = sentencepiece_vocab(sp_path, hp["vocab_size"])
+    vocab = load_vocab(Path(tokenizer) if tokenizer else find_tokenizer(folder), hp["vocab_size"])
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise TrainingError(f"{folder}: no .safetensors weights")
@@ -242,38 +247,99 @@ class Vocab:
     unk_id: int
 
 
-def sentencepiece_vocab(path: Path, vocab_size: int) -> Vocab:
-    """Pieces, real scores and llama.cpp token types from a SentencePiece model file."""
-    import sentencepiece as spm
-    from gguf import TokenType
-
-    sp = spm.SentencePieceProcessor(model_file=str(path))
-    size = sp.get_piece_size()
+def load_vocab(path: Path, vocab_size: int) -> Vocab:
+    """The vocabulary from ``tokenizer.model`` or, failing that, a SentencePiece-derived
+    ``tokenizer.json``."""
+    vocab = tokenizer_json_vocab(path) if path.suffix == ".json" else sentencepiece_vocab(path)
+    size = len(vocab.tokens)
     if size > vocab_size:
         raise TrainingError(
             f"{path} has {size} pieces but the model's vocab_size is {vocab_size}: "
             "tokenizer and model do not belong together"
         )
+    pad = range(size, vocab_size)  # embedding rows beyond the tokenizer: never produced
+    return Vocab(
+        vocab.tokens + [f"[PAD{i}]" for i in pad],
+        vocab.scores + [-1000.0] * len(pad),
+        vocab.types + [int(TokenType.UNUSED)] * len(pad),
+        vocab.bos_id,
+        vocab.eos_id,
+        vocab.unk_id,
+    )
+
+
+def sentencepiece_vocab(path: Path) -> Vocab:
+    """Pieces, scores and types straight from the SentencePiece model's protobuf.
+
+    SentencePiece's piece types (normal, unknown, control, user-defined, unused, byte) use the
+    same numbers as llama.cpp's token types, so they are copied as they are; the processor API
+    could not tell user-defined pieces (``[REFERENCE_DOC_0]``…), which must stay atomic.
+    """
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except Exception as exc:  # protobuf's DecodeError, OSError
+        raise TrainingError(f"{path}: not a SentencePiece model: {exc}") from exc
+    spec = proto.trainer_spec
+    return Vocab(
+        [p.piece for p in proto.pieces],
+        [float(p.score) for p in proto.pieces],
+        [int(p.type) for p in proto.pieces],
+        spec.bos_id,
+        spec.eos_id,
+        spec.unk_id,
+    )
+
+
+def tokenizer_json_vocab(path: Path) -> Vocab:
+    """The same vocabulary rebuilt from Hugging Face's conversion of a SentencePiece BPE model.
+
+    Some converted checkpoints ship no ``tokenizer.model``. Their ``tokenizer.json`` lists the
+    merges in SentencePiece's score order, so minus the merge rank orders merges as the original
+    scores do; pieces no merge produces get lower scores (single characters start a SentencePiece
+    tokenization, they are never merged into). A piece of several characters that no merge
+    produces is a user-defined piece. Special added tokens are control tokens.
+    """
+    data = _read_json(path)
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        raise TrainingError(
+            f"{path}: not a converted SentencePiece BPE tokenizer (Mistral, Llama 2); "
+            "the GGUF export needs the model's tokenizer.model"
+        )
+    pieces = {i: p for p, i in model["vocab"].items()}
+    added = {int(t["id"]): t for t in data.get("added_tokens", [])}
+    for i, token in added.items():
+        pieces.setdefault(i, token["content"])
+    merges = model.get("merges", [])
+    score: dict[str, float] = {}
+    for rank, merge in enumerate(merges):
+        left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+        score.setdefault(left + right, -float(rank))
+    unk = model.get("unk_token")
     tokens, scores, types = [], [], []
-    for i in range(size):
-        tokens.append(sp.id_to_piece(i))
-        scores.append(float(sp.get_score(i)))
-        if sp.is_unknown(i):
+    for i in range(max(pieces) + 1):
+        piece = pieces.get(i, f"[PAD{i}]")
+        if piece == unk:
             kind = TokenType.UNKNOWN
-        elif sp.is_control(i):
+        elif i in added and added[i].get("special"):
             kind = TokenType.CONTROL
-        elif sp.is_unused(i):
-            kind = TokenType.UNUSED
-        elif sp.is_byte(i):
+        elif _BYTE_PIECE.match(piece):
             kind = TokenType.BYTE
+        elif i not in pieces:
+            kind = TokenType.UNUSED
+        elif piece not in score and len(piece) > 1:
+            kind = TokenType.USER_DEFINED
         else:
             kind = TokenType.NORMAL
+        tokens.append(piece)
         types.append(int(kind))
-    for i in range(size, vocab_size):  # embedding rows beyond the tokenizer: never produced
-        tokens.append(f"[PAD{i}]")
-        scores.append(-1000.0)
-        types.append(int(TokenType.UNUSED))
-    return Vocab(tokens, scores, types, sp.bos_id(), sp.eos_id(), sp.unk_id())
+        normal = kind == TokenType.NORMAL
+        scores.append(score.get(piece, -float(len(merges) + i)) if normal else 0.0)
+    ids = {p: i for i, p in enumerate(tokens)}
+    return Vocab(tokens, scores, types, ids.get("<s>", 1), ids.get("</s>", 2), ids.get(unk, 0))
 
 
 def _hyperparameters(config: dict[str, Any], folder: Path) -> dict[str, Any]:
