@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
 from mailrouter.classify import make_classifier
 from mailrouter.classify.base import ClassifyInput
+from mailrouter.cli import app
 from mailrouter.config import Settings, load_settings
 from mailrouter.localservers import DovecotServer, ImapAccount, SmtpSink, free_port
 from mailrouter.message import parse_email
@@ -297,3 +300,26 @@ def test_too_large_mail_goes_to_triage_with_its_headers(
     kinds = [p.get_content_type() for p in delivered.message().walk()]
     assert "text/rfc822-headers" in kinds
     assert _states(settings) == {"triaged": 1}
+
+
+def test_cli_serve_once_dry_run_and_history(
+    dataset: Path, imap_account: ImapAccount, smtp_sink: SmtpSink, mail_config: Path
+) -> None:
+    imap_account.append([QUOTE])
+    runner = CliRunner()
+    base = ["--config", str(mail_config)]
+    dry = runner.invoke(app, [*base, "serve", "--once", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "would route 1 of 1" in dry.output
+    assert smtp_sink.delivered() == []
+    done = runner.invoke(app, [*base, "serve", "--once"])
+    assert done.exit_code == 0, done.output
+    assert "forwarded 1" in done.output
+    assert len(smtp_sink.delivered()) == 1
+    history = runner.invoke(app, [*base, "history", "-n", "2", "--json"])
+    assert history.exit_code == 0, history.output
+    latest, previous = (json.loads(line) for line in history.output.splitlines())
+    assert (latest["state"], previous["state"]) == ("filed", "forwarded")
+    assert latest["subject"] == "Demande de devis licences"
+    table = runner.invoke(app, [*base, "history"])
+    assert table.exit_code == 0 and "filed" in table.output
