@@ -406,7 +406,10 @@ class PymapServer:
 
     def start(self, timeout: float = 20.0) -> PymapServer:
         self.port = free_port(self.host)
-        cmd = [sys.executable, "-m", "pymap", "--no-tls", "--host", self.host]
+        launcher = (
+            "import sys; from pymap.main import main; sys.argv[0] = 'pymap'; sys.exit(main())"
+        )
+        cmd = [sys.executable, "-c", launcher, "--no-tls", "--host", self.host]
         cmd += ["--port", str(self.port), "dict", "--demo-user", self.username]
         cmd += ["--demo-password", self.password]
         self.process = subprocess.Popen(

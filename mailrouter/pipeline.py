@@ -193,6 +193,7 @@ class Pipeline:
         self._token: Callable[[str], str] | None = None
         self._classifier_down = False
         self._smtp_down = False
+        self._first_round = True
 
     # --- the loop API -----------------------------------------------------------------------
 
@@ -242,8 +243,11 @@ class Pipeline:
         key = self.mailbox.key
         in_box = self.mailbox.pending_uids()
         known = self.state.known_uids(key, uidvalidity)
+        # The first round of a process resumes everything unfinished, deferred or not.
+        due = not self._first_round
+        self._first_round = False
         resumable = {
-            r.uid: r for r in self.state.pending(key, due=True) if r.uidvalidity == uidvalidity
+            r.uid: r for r in self.state.pending(key, due=due) if r.uidvalidity == uidvalidity
         }
         todo = [u for u in in_box if u not in known or (u in resumable and not self.dry_run)]
         size = self.settings.mailbox.batch_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,20 @@ from mailrouter.classify import make_classifier
 from mailrouter.classify.base import ClassifyInput
 from mailrouter.cli import app
 from mailrouter.config import Settings, load_settings
-from mailrouter.localservers import DovecotServer, ImapAccount, SmtpSink, free_port
+from mailrouter.localservers import (
+    DovecotServer,
+    ImapAccount,
+    PymapServer,
+    SmtpSink,
+    free_port,
+    local_config,
+    write_toml,
+)
 from mailrouter.message import parse_email
 from mailrouter.pipeline import Context, Incoming, Pipeline, RoundReport
 from mailrouter.router import decide
 from mailrouter.state import MessageState, State
+from tests.conftest import require
 from tests.fixtures.mail import attached, examples_for_mail, make_email
 from tests.sample_examples import write_sample_dataset
 
@@ -323,3 +333,28 @@ def test_cli_serve_once_dry_run_and_history(
     assert latest["subject"] == "Demande de devis licences"
     table = runner.invoke(app, [*base, "history"])
     assert table.exit_code == 0 and "filed" in table.output
+
+
+def test_pymap_fallback_routes_and_idles(
+    dataset: Path, smtp_sink: SmtpSink, data_dir: Path
+) -> None:
+    require(PymapServer.available(), "pymap is not installed")
+    with PymapServer() as server:
+        account = server.account
+        account.append([QUOTE])
+        settings = load_settings(
+            write_toml(local_config(account, smtp_sink, data_dir), data_dir / "p.toml")
+        )
+        pipeline = Pipeline(settings)
+        try:
+            assert pipeline.run_once().forwarded == 1
+            timer = threading.Timer(
+                0.5, account.append, [[make_email("Facture", "Facture 12 impayee")]]
+            )
+            timer.start()
+            assert pipeline.wait_for_changes(15) is True
+            timer.join()
+            assert pipeline.run_once().seen == 1
+        finally:
+            pipeline.close()
+    assert len(smtp_sink.delivered()) == 2
