@@ -32,7 +32,7 @@ import ollama
 
 from ..classify.ollama import full_name, normalize_host
 from ..config import Settings
-from ..errors import TrainingError
+from ..errors import MailRouterError, TrainingError
 from ..logs import event
 from ..prompt import OLLAMA_TEMPLATE, STOP
 from . import registry
@@ -235,7 +235,12 @@ def publish(
     registry.add_version(state, version, name, {**metrics, "run": run_id})
     event(log, "training.created", model=name)
 
-    report = evaluate_on_ollama(settings, name, test_examples, progress)
+    try:
+        report = evaluate_on_ollama(settings, name, test_examples, progress)
+    except MailRouterError:
+        _delete(api, name)  # never leave a version that was not checked
+        registry.set_status(state, version, "rejected")
+        raise
     gap = abs(report.accuracy - mlx_accuracy)
     registry.set_status(
         state, version, "retired", ollama={"accuracy": report.accuracy, "macro_f1": report.macro_f1}

@@ -37,6 +37,7 @@ class RunRecord:
     started: str
     ended: str | None
     dataset_hash: str | None
+    base_model: str | None
     decision: str | None
     reason: str | None
     error: str | None
@@ -196,6 +197,7 @@ def _run(row: Any) -> RunRecord:
         started=row["started"],
         ended=row["ended"],
         dataset_hash=row["dataset_hash"],
+        base_model=row["base_model"],
         decision=row["decision"],
         reason=row["reason"],
         error=row["error"],
