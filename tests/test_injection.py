@@ -60,12 +60,12 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 
 @pytest.fixture(scope="module")
 def classifiers(
-    settings: Settings, ollama_server: OllamaEndpoint, tiny_ollama_model: str
+    settings: Settings, ollama_server: OllamaEndpoint, trained_ollama_model: str
 ) -> list[Classifier]:
     served = settings.model_copy(
         update={
             "classifier": settings.classifier.model_copy(
-                update={"ollama_host": ollama_server.url, "model": tiny_ollama_model}
+                update={"ollama_host": ollama_server.url, "model": trained_ollama_model}
             )
         }
     )

@@ -178,19 +178,19 @@ def test_server_sees_the_token_ids_mlx_lm_trained_on(
         assert tokens[0] == 1 and tokens[offset - 1] == 4 and tokens[-1] == 2
 
 
-def test_classify_answers_a_checked_label_and_a_confidence(
-    ollama_server: OllamaEndpoint, tiny_ollama_model: str
+def test_classify_answers_a_configured_department_and_a_confidence(
+    ollama_server: OllamaEndpoint, trained_ollama_model: str
 ) -> None:
-    settings = settings_for(ollama_server.url, tiny_ollama_model)
+    settings = settings_for(ollama_server.url, trained_ollama_model)
     prediction = OllamaClassifier.from_settings(settings).classify(EMAIL)
-    assert prediction.label is None or prediction.label in settings.labels
+    assert prediction.label in settings.labels
     assert 0.0 <= prediction.confidence <= 1.0
-    assert prediction.model.startswith(tiny_ollama_model + "@")
+    assert prediction.model.startswith(trained_ollama_model + "@")
     assert map_label(prediction.raw, settings.departments) == prediction.label
 
 
 def test_cli_classify_with_the_ollama_backend(
-    ollama_server: OllamaEndpoint, tiny_ollama_model: str, tmp_path: Path
+    ollama_server: OllamaEndpoint, trained_ollama_model: str, tmp_path: Path
 ) -> None:
     eml = tmp_path / "mail.eml"
     eml.write_bytes(
@@ -201,16 +201,15 @@ def test_cli_classify_with_the_ollama_backend(
     env = {
         **os.environ,
         "MAILROUTER_CLASSIFIER__OLLAMA_HOST": ollama_server.url,
-        "MAILROUTER_CLASSIFIER__MODEL": tiny_ollama_model,
+        "MAILROUTER_CLASSIFIER__MODEL": trained_ollama_model,
     }
     cmd = [sys.executable, "-m", "mailrouter", "classify", str(eml), "--backend", "ollama"]
     result = subprocess.run([*cmd, "--json"], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     line = json.loads(result.stdout)
-    settings = load_settings(None)
-    assert line["department"] is None or line["department"] in settings.labels
+    assert line["department"] in load_settings(None).labels
     assert 0.0 <= line["confidence"] <= 1.0
-    assert line["backend"].startswith(tiny_ollama_model)
+    assert line["backend"].startswith(trained_ollama_model + "@")
 
 
 def test_version_is_read_once_and_logged(
@@ -250,17 +249,17 @@ def test_no_logprobs_policy(caplog: pytest.LogCaptureFixture) -> None:
     assert accept._prediction(response("je ne sais pas")).label is None
 
 
-def test_old_server_is_named_once_at_start(
-    tmp_path: Path, tiny_gguf: Path, caplog: pytest.LogCaptureFixture
+def test_old_server_is_named_once_at_start_and_its_policy_applied(
+    tmp_path: Path, trained_gguf: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = start_test_server(tmp_path / "store", "--version", "0.12.3")
     try:
-        publish_gguf(server.url, tiny_gguf, "mr-old")
+        publish_gguf(server.url, trained_gguf, "mr-old")
         classifier = OllamaClassifier.from_settings(settings_for(server.url, "mr-old"))
         with caplog.at_level(logging.INFO, logger="mailrouter.classify.ollama"):
-            classifier.classify(EMAIL)
-            classifier.classify(EMAIL)
+            first, second = classifier.classify(EMAIL), classifier.classify(EMAIL)
         assert classifier.server is not None and classifier.server.logprobs is False
+        assert first.label is not None and first.confidence == second.confidence == 1.0
         warnings = [r for r in caplog.records if r.getMessage() == "ollama_no_logprobs"]
         assert len(warnings) == 1 and warnings[0].fields["reason"].startswith("Ollama 0.12.3")
     finally:
@@ -343,6 +342,7 @@ def test_cli_evaluate_with_the_ollama_backend(
         "MAILROUTER_CLASSIFIER__OLLAMA_HOST": ollama_server.url,
         "MAILROUTER_CLASSIFIER__MODEL": tiny_ollama_model,
     }
+    env["MAILROUTER_CLASSIFIER__NUM_PREDICT"] = "2"  # the tiny model's answers: keep it quick
     cmd = [sys.executable, "-m", "mailrouter", "evaluate", "--backend", "ollama", "--json"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
