@@ -107,15 +107,17 @@ def with_ollama(settings: Settings, host: str, model: str | None = None) -> Sett
 
 
 def test_server_latency(settings: Settings, examples: list) -> float:
-    """Start the llama.cpp test server with the tiny model and time the classifier against it."""
-    from mailrouter.training.gguf import export_gguf
+    """Start the llama.cpp test server with the fine-tuned tiny model and time the classifier.
+
+    The model is the tests' one (built and cached on first use): it answers with a department
+    name, so each request generates what a real answer costs (a label and ``</s>``).
+    """
     from tests.fixtures.models import cached_build, tiny_model_key
-    from tests.fixtures.ollama import publish_gguf, spawn
+    from tests.fixtures.ollama import build_trained_gguf, publish_gguf, spawn
     from tests.tiny_model import build
 
-    model = cached_build("tiny-mistral", tiny_model_key(), build)
+    gguf = build_trained_gguf(cached_build("tiny-mistral", tiny_model_key(), build))
     with tempfile.TemporaryDirectory(prefix="mailrouter-bench-") as tmp:
-        gguf = export_gguf(model, None, Path(tmp) / "tiny.gguf", dtype="f32").path
         server = spawn(Path(tmp) / "store", 0, [])
         try:
             publish_gguf(server.url, gguf, "mailrouter-bench:latest")
