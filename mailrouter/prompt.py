@@ -8,6 +8,7 @@ prefix between emails, and the prefix is byte-identical for every email.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,6 +35,17 @@ OLLAMA_TEMPLATE = "[INST] {{ .Prompt }}[/INST]"
 
 #: Stop sequences for generation: the answer is one label and ends with ``</s>``.
 STOP = ["</s>", "[INST]", "\n"]
+
+
+#: Text an email could use to pose as the chat template's control tokens (``[INST]``, ``</s>``,
+#: ``[TOOL_CALLS]``…): tokenizers parse these as special tokens, so they are defused in the email.
+_CONTROL_LIKE = re.compile(r"\[(/?[A-Z][A-Z_0-9]*)\]|<(/?)(s|unk)>")
+
+
+def _defuse(text: str) -> str:
+    return _CONTROL_LIKE.sub(
+        lambda m: f"({m.group(1)})" if m.group(1) else f"< {m.group(2)}{m.group(3)}>", text
+    )
 
 
 @dataclass(frozen=True)
@@ -82,7 +94,7 @@ def build_prompt(
     email_part = "\n".join([*head, body])
     if options.strip_accents:
         email_part = unidecode(email_part)
-    return prefix(departments, strip_accents=options.strip_accents) + email_part
+    return prefix(departments, strip_accents=options.strip_accents) + _defuse(email_part)
 
 
 def render_chat(prompt: str) -> str:
