@@ -17,7 +17,18 @@ from mailrouter.training import registry
 from mailrouter.training.basemodel import download, resolve_base_model
 from mailrouter.training.job import settings_payload
 from mailrouter.training.lora import parse_line
-from mailrouter.training.publish import check_disk, float_gguf_bytes, gguf_dtype
+from mailrouter.training.publish import (
+    check_disk,
+    client,
+    create_from_adapter,
+    float_gguf_bytes,
+    gguf_dtype,
+    model_names,
+    promote,
+    prune,
+    version_name,
+)
+from tests.fixtures.ollama import publish_gguf
 
 
 @pytest.mark.parametrize(
@@ -160,3 +171,38 @@ def test_child_settings_carry_no_secret() -> None:
     text = json.dumps(settings_payload(settings))
     assert "secret" not in text
     assert Path(settings_payload(settings)["data_dir"]).is_absolute()
+
+
+def test_adapter_route_refused_by_the_server_points_to_the_gguf_route(
+    tmp_path: Path, tiny_adapter: Path, ollama_test_server
+) -> None:
+    settings = load_settings(
+        data_dir=tmp_path,
+        classifier={"ollama_host": ollama_test_server.url},
+        training={"publish": "adapter"},
+    )
+    with pytest.raises(TrainingError, match=r'training\.publish = "gguf"'):
+        create_from_adapter(settings, client(settings), "mradapter:v1", tiny_adapter)
+
+
+def test_old_versions_are_deleted_through_the_api(
+    tmp_path: Path, tiny_gguf: Path, ollama_server
+) -> None:
+    namespace = f"mrprune{tmp_path.name[-6:].lower()}"
+    settings = load_settings(
+        data_dir=tmp_path,
+        classifier={"ollama_host": ollama_server.url, "model": f"{namespace}:latest"},
+        training={"keep_versions": 2},
+    )
+    api = client(settings)
+    with State(settings.state_path) as state:
+        for number in (1, 2, 3):
+            version = f"v{number}"
+            publish_gguf(ollama_server.url, tiny_gguf, version_name(settings, version))
+            registry.add_version(state, version, version_name(settings, version), {})
+        promote(settings, state, "v1")  # the one in service is never pruned
+        assert prune(settings, state, api=api) == ["v2"]
+        assert [m.version for m in registry.versions(state)] == ["v3", "v1"]
+    on_server = model_names(api)
+    assert version_name(settings, "v2") not in on_server
+    assert {version_name(settings, "v1"), version_name(settings, "v3")} <= on_server

@@ -300,12 +300,17 @@ def rollback(settings: Settings, state: State) -> registry.ModelVersion:
 
 
 def prune(settings: Settings, state: State, *, api: ollama.Client | None = None) -> list[str]:
-    """Delete versions beyond the newest ``training.keep_versions`` (never the one in service)."""
+    """Keep ``training.keep_versions`` versions: the one in service and the newest others."""
     api = api or client(settings)
     kept = [m for m in registry.versions(state) if m.status in ("in_service", "retired")]
+    retained = {m.version for m in kept if m.status == "in_service"}
+    for model in kept:
+        if len(retained) >= settings.training.keep_versions:
+            break
+        retained.add(model.version)
     removed = []
-    for model in kept[settings.training.keep_versions :]:
-        if model.status == "in_service":
+    for model in kept:
+        if model.version in retained:
             continue
         _delete(api, model.name)
         registry.remove_version(state, model.version)
