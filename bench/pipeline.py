@@ -1,7 +1,7 @@
 """Benchmark: the routing pipeline against a bare IMAP-fetch + SMTP-send loop, same servers.
 
-Starts a Dovecot and an SMTP sink on loopback, puts the same N messages in two fresh mailboxes
-and times, in one run:
+Starts a Dovecot and an aiosmtpd server (in its own process) on loopback, puts the same N
+messages in two fresh mailboxes and times, in one run:
 
 * bare: imapclient SEARCH + FETCH BODY.PEEK[] in batches, smtplib sends each message as is over
   one connection — the least any router must do;
@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import smtplib
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,13 +36,42 @@ from mailrouter.dataset import Dataset  # noqa: E402
 from mailrouter.localservers import (  # noqa: E402
     DovecotServer,
     ImapAccount,
-    SmtpSink,
     find_dovecot,
     local_config,
     write_toml,
 )
 from mailrouter.pipeline import Pipeline  # noqa: E402
 from tests.fixtures.mail import make_email  # noqa: E402
+
+SINK = """
+import sys, time
+from mailrouter.localservers import SmtpSink
+sink = SmtpSink().start()
+print(sink.port, flush=True)
+sys.stdin.read()
+print(len(sink.delivered()), flush=True)
+sink.stop()
+"""
+
+
+class SinkProcess:
+    """The SMTP sink in its own process, as a real server would be (no shared interpreter)."""
+
+    host = "127.0.0.1"
+
+    def __init__(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SINK], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, env=env,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
+
+    def close(self) -> int:
+        """Stop it; returns how many messages it received."""
+        out, _ = self.proc.communicate(timeout=30)
+        return int(out.strip() or 0)
 
 
 def messages(data_dir: Path, n: int) -> list[bytes]:
@@ -55,7 +85,7 @@ def messages(data_dir: Path, n: int) -> list[bytes]:
     return out
 
 
-def bare_loop(account: ImapAccount, sink: SmtpSink, batch: int) -> float:
+def bare_loop(account: ImapAccount, sink: SinkProcess, batch: int) -> float:
     started = time.perf_counter()
     client = account.client()
     smtp = smtplib.SMTP(sink.host, sink.port)
@@ -86,8 +116,8 @@ class Timed:
             self.seconds += time.perf_counter() - started
 
 
-def pipeline_round(config: Path) -> tuple[float, float, int]:
-    """(seconds, seconds in the classifier, messages handled) of one ``run_once``."""
+def pipeline_round(config: Path) -> tuple[float, float, int, int]:
+    """(seconds, seconds in the classifier, messages filed, forwards sent) of one round."""
     settings = load_settings(config)
     started = time.perf_counter()
     classifier = Timed(make_classifier(settings))
@@ -96,7 +126,7 @@ def pipeline_round(config: Path) -> tuple[float, float, int]:
         report = pipeline.run_once()
     finally:
         pipeline.close()
-    return time.perf_counter() - started, classifier.seconds, report.filed
+    return time.perf_counter() - started, classifier.seconds, report.filed, report.forwarded
 
 
 def dataset_into(data_dir: Path) -> None:
@@ -121,8 +151,10 @@ def main() -> None:
     os.environ["MAILROUTER_NO_KEYRING"] = "1"
     work = Path(tempfile.mkdtemp(prefix="mailrouter-bench-"))
     try:
-        with DovecotServer() as dovecot, SmtpSink() as sink:
+        sink = SinkProcess()
+        with DovecotServer() as dovecot:
             bare_times, pipe_times, classify_times = [], [], []
+            sent = 0
             for rep in range(args.repeat):
                 data_dir = work / f"data{rep}"
                 data_dir.mkdir()
@@ -132,10 +164,13 @@ def main() -> None:
                 bare, piped = dovecot.add_user(), dovecot.add_user()
                 bare.append(mails)
                 piped.append(mails)
-                config = write_toml(local_config(piped, sink, data_dir), work / f"c{rep}.toml")
+                config = write_toml(
+                    local_config(piped, (sink.host, sink.port), data_dir), work / f"c{rep}.toml"
+                )
                 make_classifier(load_settings(config), "baseline")  # fitted once, as in service
                 bare_times.append(bare_loop(bare, sink, 50))
-                seconds, classifying, done = pipeline_round(config)
+                seconds, classifying, done, forwarded = pipeline_round(config)
+                sent += args.n + forwarded
                 if done < args.n:
                     sys.exit(f"the pipeline handled {done} of {args.n} messages")
                 pipe_times.append(seconds)
@@ -144,6 +179,9 @@ def main() -> None:
                     f"run {rep + 1}: bare {bare_times[-1]:.2f}s, pipeline {seconds:.2f}s "
                     f"(classifier {classifying:.2f}s)"
                 )
+        received = sink.close()
+        if received != sent:
+            sys.exit(f"the SMTP server received {received} messages, {sent} were sent")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     best = pipe_times.index(min(pipe_times))
