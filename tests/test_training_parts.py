@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -206,3 +208,15 @@ def test_old_versions_are_deleted_through_the_api(
     on_server = model_names(api)
     assert version_name(settings, "v2") not in on_server
     assert {version_name(settings, "v1"), version_name(settings, "v3")} <= on_server
+
+
+def test_the_job_side_never_imports_mlx() -> None:
+    """The service starts training through these modules; MLX must load in the child only."""
+    code = (
+        "import sys, mailrouter.training.job, mailrouter.training.publish, mailrouter.cli.train;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]"
