@@ -136,6 +136,16 @@ def test_stop_sequence_cuts_the_answer(
     assert stopped["done_reason"] == "stop"
 
 
+def test_empty_prompt_loads_and_keep_alive_zero_unloads(
+    ollama_server: OllamaEndpoint, tiny_ollama_model: str
+) -> None:
+    loaded = ollama_server.post("/api/generate", json={"model": tiny_ollama_model}).json()
+    assert (loaded["done"], loaded["done_reason"]) == (True, "load")
+    body = {"model": tiny_ollama_model, "keep_alive": 0}
+    unloaded = ollama_server.post("/api/generate", json=body).json()
+    assert (unloaded["done"], unloaded["done_reason"]) == (True, "unload")
+
+
 def test_create_show_copy_delete(
     ollama_server: OllamaEndpoint, tiny_gguf: Path, tiny_ollama_model: str
 ) -> None:
