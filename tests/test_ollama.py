@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import ollama
 import pytest
 
@@ -31,7 +30,13 @@ from mailrouter.config import Settings, default_departments, load_settings
 from mailrouter.dataset import Dataset, training_row
 from mailrouter.errors import ClassifierError, ModelMissingError
 from tests.conftest import STARTER
-from tests.fixtures.ollama import OllamaEndpoint, free_port, publish_gguf, start_test_server
+from tests.fixtures.ollama import (
+    OllamaEndpoint,
+    delete_model,
+    free_port,
+    publish_gguf,
+    start_test_server,
+)
 
 DEPS = default_departments()
 
@@ -287,7 +292,7 @@ def test_cold_start_uses_the_zero_shot_model_until_the_fine_tuned_one_exists(
         assert classifier.resolve_model(force=True) == fine_tuned
         assert classifier.classify(EMAIL).model.startswith(fine_tuned)
     finally:
-        httpx.request("DELETE", ollama_server.url + "/api/delete", json={"model": fine_tuned})
+        delete_model(ollama_server.url, fine_tuned)
 
 
 def test_missing_model_names_the_commands_that_fix_it(ollama_server: OllamaEndpoint) -> None:

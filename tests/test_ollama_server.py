@@ -175,14 +175,14 @@ def test_create_show_copy_delete(
 def test_create_streams_status_until_success(
     ollama_server: OllamaEndpoint, tiny_gguf: Path, tiny_ollama_model: str
 ) -> None:
-    from tests.fixtures.ollama import push_blob
+    from tests.fixtures.ollama import delete_model, push_blob
 
     digest = push_blob(ollama_server.url, Path(tiny_gguf))
     body = {"model": "mr-streamed", "files": {"model.gguf": digest}}
     with httpx.stream("POST", ollama_server.url + "/api/create", json=body, timeout=300) as r:
         statuses = [json.loads(line)["status"] for line in r.iter_lines() if line.strip()]
     assert statuses[-1] == "success"
-    httpx.request("DELETE", ollama_server.url + "/api/delete", json={"model": "mr-streamed"})
+    delete_model(ollama_server.url, "mr-streamed")
 
 
 # --- the test server only ----------------------------------------------------------------------
