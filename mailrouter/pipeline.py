@@ -242,7 +242,7 @@ class Pipeline:
     def _round(self, report: RoundReport, uidvalidity: int) -> None:
         key = self.mailbox.key
         in_box = self.mailbox.pending_uids()
-        known = self.state.known_uids(key, uidvalidity)
+        known = self.state.known_uids(key, uidvalidity, min(in_box, default=0))
         # The first round of a process resumes everything unfinished, deferred or not.
         due = not self._first_round
         self._first_round = False

@@ -99,7 +99,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             updated TEXT NOT NULL,
             UNIQUE (mailbox, uidvalidity, uid)
         );
-        CREATE INDEX messages_state ON messages(state);
+        CREATE INDEX messages_state ON messages(mailbox, state);
         CREATE INDEX messages_hash ON messages(mailbox, content_hash);
         CREATE INDEX messages_fingerprint ON messages(mailbox, fingerprint);
         CREATE TABLE forwards (
@@ -388,11 +388,13 @@ class State:
         )
         return _row(MessageRecord, rows[0]) if rows else None
 
-    def known_uids(self, mailbox: str, uidvalidity: int) -> dict[int, MessageState]:
-        """Every UID of this mailbox generation the database knows, with its state."""
+    def known_uids(
+        self, mailbox: str, uidvalidity: int, since_uid: int = 0
+    ) -> dict[int, MessageState]:
+        """The UIDs (from ``since_uid`` on) of this mailbox generation the database knows."""
         rows = self.query(
-            "SELECT uid, state FROM messages WHERE mailbox = ? AND uidvalidity = ?",
-            (mailbox, uidvalidity),
+            "SELECT uid, state FROM messages WHERE mailbox = ? AND uidvalidity = ? AND uid >= ?",
+            (mailbox, uidvalidity, since_uid),
         )
         return {int(r["uid"]): MessageState(r["state"]) for r in rows}
 
@@ -405,10 +407,16 @@ class State:
         alone is not enough: some web forms send every message with the same one.
         """
         rows = self.query(
-            "SELECT * FROM messages WHERE mailbox = ? AND duplicate_of IS NULL AND "
-            "(content_hash = ? OR (fingerprint != '' AND fingerprint = ?)) ORDER BY id LIMIT 1",
-            (mailbox, content_hash, fingerprint),
+            "SELECT * FROM messages WHERE mailbox = ? AND content_hash = ? "
+            "AND duplicate_of IS NULL ORDER BY id LIMIT 1",
+            (mailbox, content_hash),
         )
+        if not rows and fingerprint:
+            rows = self.query(
+                "SELECT * FROM messages WHERE mailbox = ? AND fingerprint = ? "
+                "AND duplicate_of IS NULL ORDER BY id LIMIT 1",
+                (mailbox, fingerprint),
+            )
         return _row(MessageRecord, rows[0]) if rows else None
 
     def add_message(
@@ -481,9 +489,10 @@ class State:
     def pending(self, mailbox: str | None = None, *, due: bool = False) -> list[MessageRecord]:
         """Messages in a non-final state, oldest first; with ``due``, only those whose retry time
         has come. These are resumed at start and at every round."""
-        marks = ", ".join("?" for _ in FINAL)
-        sql = f"SELECT * FROM messages WHERE state NOT IN ({marks})"
-        params: list[Any] = [str(s) for s in FINAL]
+        open_states = [str(s) for s in MessageState if s not in FINAL]
+        marks = ", ".join("?" for _ in open_states)
+        sql = f"SELECT * FROM messages WHERE state IN ({marks})"
+        params: list[Any] = open_states
         if mailbox is not None:
             sql += " AND mailbox = ?"
             params.append(mailbox)
