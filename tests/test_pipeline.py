@@ -358,3 +358,23 @@ def test_pymap_fallback_routes_and_idles(
         finally:
             pipeline.close()
     assert len(smtp_sink.delivered()) == 2
+
+
+def test_message_in_flight_across_a_uidvalidity_change_is_adopted_and_sent_once(
+    dataset: Path,
+    dovecot: DovecotServer,
+    imap_account: ImapAccount,
+    smtp_sink: SmtpSink,
+    make_mail_config: Any,
+) -> None:
+    settings = load_settings(make_mail_config(smtp={"max_attempts": 1, "defer_seconds": 0}))
+    imap_account.append([QUOTE])
+    smtp_sink.fail_temporarily(1)
+    assert _run(settings).deferred == 1
+    dovecot.reset_uidvalidity(imap_account.username)  # same message, new UID generation
+    report = _run(settings)
+    assert report.forwarded == 1 and report.duplicates == 0
+    assert len(smtp_sink.delivered()) == 1
+    with State(settings.state_path) as state:
+        assert state.counts() == {"filed": 1}
+    assert _folder_count(imap_account, "INBOX") == 0
