@@ -1102,6 +1102,13 @@ def merge_generate(events: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]
         yield final
 
 
+def _stop_at_eof(server: OllamaServer) -> None:
+    """Block on stdin; when the parent that holds its other end is gone, stop serving."""
+    while sys.stdin.buffer.read(4096):
+        pass
+    server.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -1119,6 +1126,11 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="llama.cpp threads (1 suits tiny models: spinning threads only add contention)",
     )
+    parser.add_argument(
+        "--exit-with-stdin",
+        action="store_true",
+        help="stop when stdin closes: a test run killed hard leaves no server behind",
+    )
     args = parser.parse_args(argv)
     import llama_cpp  # noqa: F401 - fail now, with the install hint, rather than at first request
 
@@ -1126,6 +1138,8 @@ def main(argv: list[str] | None = None) -> int:
     server = OllamaServer((args.host, args.port), store, args.ollama_version, args.threads)
     host, port = server.server_address[:2]
     print(f"listening on http://{host}:{port}", flush=True)
+    if args.exit_with_stdin:
+        threading.Thread(target=_stop_at_eof, args=(server,), daemon=True).start()
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
