@@ -118,6 +118,7 @@ class MailboxSettings(_Section):
     max_message_bytes: int = Field(default=25 * 1024 * 1024, gt=0)
     batch_size: int = Field(default=50, ge=1)
     automated: Literal["ignore", "triage"] = "ignore"
+    backlog: Literal["all", "none"] = "all"
 
 
 class SmtpSettings(_Section):

@@ -133,6 +133,7 @@ class Mailbox:
         self._reconnect_attempts = reconnect_attempts
         self._reconnect_base = reconnect_base
         self.uidvalidity: int | None = None
+        self.uidnext = 0  # the UID the next message will get, as of the last selection
         self.capabilities: frozenset[str] = frozenset()
         self._delimiter = "/"
         self._ready_folders: set[str] = set()
@@ -191,6 +192,7 @@ class Mailbox:
                 new=uidvalidity,
             )
         self.uidvalidity = uidvalidity
+        self.uidnext = int(info.get(b"UIDNEXT", 0))
 
     def _find_delimiter(self, client: IMAPClient) -> str:
         with contextlib.suppress(Exception):

@@ -242,6 +242,8 @@ class Pipeline:
     def _round(self, report: RoundReport, uidvalidity: int) -> None:
         key = self.mailbox.key
         in_box = self.mailbox.pending_uids()
+        first_uid = self._first_uid(uidvalidity)
+        in_box = [u for u in in_box if u >= first_uid]
         known = self.state.known_uids(key, uidvalidity, min(in_box, default=0))
         # The first round of a process resumes everything unfinished, deferred or not.
         due = not self._first_round
@@ -266,6 +268,24 @@ class Pipeline:
             self._file(filing, report)
         if not self.dry_run:
             self._settle(set(in_box), uidvalidity)
+
+    def _first_uid(self, uidvalidity: int) -> int:
+        """With ``backlog = "none"``, the first UID to route: what arrived after the very first
+        start (recorded then). Any other case: 1."""
+        marker_key = f"start:{self.mailbox.key}"
+        marker = self.state.get(marker_key)
+        if marker is None:
+            if self.settings.mailbox.backlog == "all" or self.state.query(
+                "SELECT 1 FROM messages WHERE mailbox = ? LIMIT 1", (self.mailbox.key,)
+            ):
+                return 1
+            if self.dry_run:
+                return self.mailbox.uidnext
+            marker = f"{uidvalidity}:{self.mailbox.uidnext}"
+            self.state.set(marker_key, marker)
+            event(log, "backlog_skipped", mailbox=self.mailbox.key, first_uid=self.mailbox.uidnext)
+        started_in, _, first = marker.partition(":")
+        return int(first) if int(started_in) == uidvalidity else 1
 
     def _read(self, uids: Sequence[int]) -> list[Incoming]:
         limit = self.settings.mailbox.max_message_bytes

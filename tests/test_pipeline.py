@@ -378,3 +378,16 @@ def test_message_in_flight_across_a_uidvalidity_change_is_adopted_and_sent_once(
     with State(settings.state_path) as state:
         assert state.counts() == {"filed": 1}
     assert _folder_count(imap_account, "INBOX") == 0
+
+
+def test_backlog_none_routes_only_mail_arriving_after_the_first_start(
+    dataset: Path, imap_account: ImapAccount, smtp_sink: SmtpSink, make_mail_config: Any
+) -> None:
+    settings = load_settings(make_mail_config(mailbox={"backlog": "none"}))
+    imap_account.append([make_email("Ancien", "Vieux message"), make_email("Ancien 2", "Vieux")])
+    assert _run(settings, dry_run=True).decisions == []
+    assert _run(settings).seen == 0
+    imap_account.append([QUOTE])
+    report = _run(settings)
+    assert report.seen == 1 and report.forwarded == 1
+    assert _folder_count(imap_account, "INBOX") == 2
