@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from email.message import EmailMessage
@@ -186,3 +187,50 @@ def test_failures_are_retried_with_backoff_and_recorded(
         error = json.loads(state.get(KEYS.LAST_ERROR) or "{}")
         assert error["event"] == "round_failed" and "connection refused" in error["error"]
         assert state.get(KEYS.STOPPED)
+
+
+class _IdleRouter:
+    """A router with an empty mailbox: waits on the event like IMAP IDLE does."""
+
+    def run_once(self) -> None:
+        return None
+
+    def wait_for_changes(self, timeout: float, stop_event: threading.Event) -> None:
+        stop_event.wait(timeout)
+
+    def close(self) -> None:
+        return None
+
+
+def test_training_runs_as_a_child_and_is_stopped_with_the_service(data_dir: Path) -> None:
+    settings = load_settings(None)
+    failing = Service(
+        settings,
+        router_factory=lambda _s, _d: _IdleRouter(),
+        training_cmd=[sys.executable, "-c", "raise SystemExit(3)"],
+    )
+    failing.state = State(settings.state_path)
+    failing.train()  # what the nightly job runs: waits for the child
+    error = json.loads(failing.state.get(KEYS.LAST_ERROR) or "{}")
+    assert error["event"] == "training_failed" and "status 3" in error["error"]
+    failing.state.close()
+
+    service = Service(
+        settings,
+        router_factory=lambda _s, _d: _IdleRouter(),
+        training_cmd=[sys.executable, "-c", "import time; time.sleep(120)"],
+    )
+    serving = threading.Thread(target=service.run)
+    serving.start()
+    training = threading.Thread(target=service.train)
+    _wait(lambda: service.state is not None, 10, "the service to start")
+    training.start()
+    _wait(lambda: service._child is not None, 10, "the training child")
+    child = service._child
+    started = time.monotonic()
+    service.request_stop()
+    serving.join(15)
+    training.join(15)
+    assert not serving.is_alive() and not training.is_alive()
+    assert child is not None and child.poll() is not None  # the training child was stopped
+    assert time.monotonic() - started < 10
