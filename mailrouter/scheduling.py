@@ -65,7 +65,7 @@ Job = Callable[[], object]
 def build_scheduler(
     settings: Settings,
     *,
-    training: Job,
+    training: Job | None,
     digest: Job | None,
     retry: Job,
     heartbeat: Job,
@@ -74,18 +74,19 @@ def build_scheduler(
 
     Every job runs one instance at a time and coalesces missed runs into one; the nightly training
     may start up to ``training.misfire_grace_seconds`` late, so a Mac asleep at 02:00 trains on
-    wake. ``digest`` is ``None`` when no spam digest can be sent.
+    wake. ``training`` or ``digest`` is ``None`` when that job must not run (a dry run).
     """
     scheduler = BackgroundScheduler()
     once = {"coalesce": True, "max_instances": 1}
-    scheduler.add_job(
-        training,
-        cron(settings.training.schedule, "training.schedule"),
-        id="training",
-        name="nightly training",
-        **once,
-        misfire_grace_time=max(1, settings.training.misfire_grace_seconds),
-    )
+    if training is not None:
+        scheduler.add_job(
+            training,
+            cron(settings.training.schedule, "training.schedule"),
+            id="training",
+            name="nightly training",
+            **once,
+            misfire_grace_time=max(1, settings.training.misfire_grace_seconds),
+        )
     if digest is not None:
         scheduler.add_job(
             digest,

@@ -256,7 +256,8 @@ class Service:
         self.heartbeat()
         scheduler = build_scheduler(
             self.settings,
-            training=self.train,
+            # a dry run sends nothing and changes no model: no digest, no training
+            training=None if self.dry_run else self.train,
             digest=self.digest if _digest_available() and not self.dry_run else None,
             retry=self.retry_deferred,
             heartbeat=self.heartbeat,

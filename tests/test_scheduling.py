@@ -56,11 +56,11 @@ def test_jobs_are_registered_with_their_triggers_and_limits() -> None:
     assert jobs["heartbeat"].trigger.interval == timedelta(seconds=HEARTBEAT_SECONDS)
 
 
-def test_no_digest_job_without_a_digest() -> None:
+def test_a_dry_run_has_neither_training_nor_digest() -> None:
     scheduler = build_scheduler(
-        load_settings(None), training=_noop, digest=None, retry=_noop, heartbeat=_noop
+        load_settings(None), training=None, digest=None, retry=_noop, heartbeat=_noop
     )
-    assert "digest" not in {job.id for job in scheduler.get_jobs()}
+    assert {job.id for job in scheduler.get_jobs()} == {"retry", "heartbeat"}
 
 
 def test_sunday_is_zero_and_seven() -> None:
