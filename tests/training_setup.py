@@ -79,7 +79,7 @@ def tiny_settings(
             "learning_rate": 1e-2,
             "batch_size": 2,
             "epochs": 1,
-            "max_iters": 12,
+            "max_iters": 6,
             "val_batches": 1,
             "nice": 0,
             "grad_checkpoint": False,

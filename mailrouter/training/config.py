@@ -98,8 +98,9 @@ def build_run(
         grad_checkpoint=training.grad_checkpoint,
         seed=training.seed,
         steps_per_report=report,
-        # Validation at the start, every ~quarter and at the end: a loss curve without much cost.
-        steps_per_eval=max(1, math.ceil(total / 4)),
+        # Validation at the start, every ~quarter and at the end (mlx-lm always does the first
+        # and the last): a loss curve without much cost, and no more than that on short runs.
+        steps_per_eval=max(10, math.ceil(total / 4)),
         # One adapter file at the end; intermediate checkpoints only cost disk.
         save_every=total + 1,
         max_seq_length=training.max_seq_length,

@@ -53,6 +53,7 @@ class Published:
     version: str
     name: str
     ollama: Report
+    answers: list[str]
     file_bytes: int
 
 
@@ -174,21 +175,23 @@ def evaluate_on_ollama(
     name: str,
     examples: Sequence[Example],
     progress: Callable[[int, int], None] | None = None,
-) -> Report:
-    """Classify ``examples`` with model ``name`` exactly as the router would."""
+) -> tuple[Report, list[str]]:
+    """Classify ``examples`` with model ``name`` exactly as the router would; report and answers."""
     from ..classify.ollama import OllamaClassifier
     from ..evaluation import evaluate
+    from .answers import Recorder
 
     classifier_settings = settings.classifier.model_copy(update={"model": name})
     pinned = settings.model_copy(update={"classifier": classifier_settings})
-    classifier = OllamaClassifier(pinned)
-    return evaluate(
-        classifier,
+    recorder = Recorder(OllamaClassifier(pinned))
+    report = evaluate(
+        recorder,
         examples,
         settings.departments,
         settings.classifier.confidence_threshold,
         progress=progress,
     )
+    return report, recorder.answers
 
 
 # --- the publish step ------------------------------------------------------------------------
@@ -236,7 +239,7 @@ def publish(
     event(log, "training.created", model=name)
 
     try:
-        report = evaluate_on_ollama(settings, name, test_examples, progress)
+        report, answers = evaluate_on_ollama(settings, name, test_examples, progress)
     except MailRouterError:
         _delete(api, name)  # never leave a version that was not checked
         registry.set_status(state, version, "rejected")
@@ -255,7 +258,7 @@ def publish(
         )
     promote(settings, state, version, api=api)
     prune(settings, state, api=api)
-    return Published(version, name, report, size)
+    return Published(version, name, report, answers, size)
 
 
 # --- promote / rollback / prune -----------------------------------------------------------------

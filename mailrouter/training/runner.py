@@ -39,6 +39,7 @@ from ..errors import MailRouterError, TrainingError
 from ..logs import event
 from ..prompt import PromptOptions
 from . import registry
+from .answers import Recorder, agreement, differences
 from .gate import GateRules, Scores, decide
 from .lora import Progress
 
@@ -134,6 +135,7 @@ class _Run:
         self.dir = run_dir(settings, run_id)
         self.durations: dict[str, float] = {}
         self.metrics: dict[str, Any] = {}
+        self.answers: list[str] = []  # the candidate's raw answers on the test split, in order
 
     def _timed(self, name: str, started: float) -> None:
         self.durations[name] = round(time.monotonic() - started, 2)
@@ -268,14 +270,18 @@ class _Run:
         self._timed("publish", started)
         self.metrics["ollama"] = _summary(published.ollama)
         self.metrics["version"] = published.version
-        self.metrics["ollama_agreement"] = agreement(candidate, published.ollama)
+        self.metrics["ollama_agreement"] = agreement(self.answers, published.answers)
+        self.metrics["ollama_differences"] = differences(self.answers, published.answers)
         reason = f"{decision.reason}; in service as {published.name}"
         registry.finish_run(
             state,
             self.id,
             "published",
             reason,
-            metrics={k: self.metrics[k] for k in ("ollama", "version", "ollama_agreement")},
+            metrics={
+                k: self.metrics[k]
+                for k in ("ollama", "version", "ollama_agreement", "ollama_differences")
+            },
         )
         event(log, "training.published", run=self.id, model=published.name)
         return Outcome(
@@ -295,21 +301,23 @@ class _Run:
 
         self.hooks.stage(f"evaluating the candidate on {len(test)} test emails (MLX)")
         started = time.monotonic()
-        model = MlxClassifier(
-            base_dir,
-            settings.departments,
-            adapter_path=adapter_dir,
-            options=options,
-            max_tokens=settings.classifier.num_predict,
-            name=f"candidate-{self.id:04d}",
+        model = Recorder(
+            MlxClassifier(
+                base_dir,
+                settings.departments,
+                adapter_path=adapter_dir,
+                options=options,
+                max_tokens=settings.classifier.num_predict,
+                name=f"candidate-{self.id:04d}",
+            )
         )
         candidate = evaluate(
             model, test, settings.departments, threshold, progress=self.hooks.evaluation
         )
+        self.answers = model.answers
         del model
         self._timed("evaluate_candidate", started)
         self.metrics["candidate"] = _summary(candidate)
-        self.metrics["predictions"] = {i.id: i.predicted for i in candidate.items}
 
         self.hooks.stage("evaluating the baseline")
         started = time.monotonic()
@@ -323,7 +331,7 @@ class _Run:
         registry.update_run(
             state,
             self.id,
-            metrics={k: v for k, v in self.metrics.items() if k != "predictions"},
+            metrics=self.metrics,
         )
         return candidate, baseline, current
 
@@ -335,7 +343,7 @@ class _Run:
         if name in model_names(client(self.settings)):
             self.hooks.stage(f"evaluating the model in service ({name}) through Ollama")
             started = time.monotonic()
-            report = evaluate_on_ollama(self.settings, name, test, self.hooks.evaluation)
+            report, _ = evaluate_on_ollama(self.settings, name, test, self.hooks.evaluation)
             self._timed("evaluate_current", started)
             self.metrics["current"] = {**_summary(report), "source": "ollama"}
             return scores(report)
@@ -347,13 +355,6 @@ class _Run:
                 return Scores(found["accuracy"], found["macro_f1"], int(found.get("n", 0)))
         self.metrics["current"] = None
         return None
-
-
-def agreement(a: Report, b: Report) -> float:
-    """Share of examples where two reports predicted the same label (MLX vs Ollama)."""
-    theirs = {i.id: i.predicted for i in b.items}
-    same = sum(theirs.get(i.id) == i.predicted for i in a.items)
-    return round(same / len(a.items), 4) if a.items else 1.0
 
 
 # --- child-process entry point ---------------------------------------------------------------
