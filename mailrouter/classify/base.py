@@ -7,11 +7,14 @@ one of its aliases; anything else is ``None`` (the router sends it to triage, ne
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from ..config import Department, fold
+
+_LATIN_END = 0x24F  # end of Latin Extended-B: accented letters of European languages
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,11 @@ def map_label(answer: str, departments: Sequence[Department]) -> str | None:
 
     The answer is stripped (llama.cpp answers ``" RH"`` where MLX answers ``"RH"``), trailing
     punctuation is ignored, and only an exact name or alias counts: "RH et Finance" is not a label.
+    Letters outside the Latin script (fullwidth ``Ｆ``, Cyrillic ``і``, zero-width joiners) are
+    refused rather than folded: a look-alike of a department is not that department.
     """
+    if any(ord(c) > _LATIN_END or unicodedata.category(c) == "Cf" for c in answer):
+        return None
     key = fold(answer).strip(" \t\r\n.:;,!?\"'`*")
     if not key:
         return None
