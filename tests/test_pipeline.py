@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -316,6 +317,16 @@ def test_cli_serve_once_dry_run_and_history(
     dataset: Path, imap_account: ImapAccount, smtp_sink: SmtpSink, mail_config: Path
 ) -> None:
     imap_account.append([QUOTE])
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        _cli_round_trip(mail_config, smtp_sink)
+    finally:  # the CLI logs to the runner's stream, closed after each invocation
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def _cli_round_trip(mail_config: Path, smtp_sink: SmtpSink) -> None:
     runner = CliRunner()
     base = ["--config", str(mail_config)]
     dry = runner.invoke(app, [*base, "serve", "--once", "--dry-run"])
