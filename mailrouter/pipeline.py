@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .classify import ClassifyInput, Prediction, make_classifier
-from .errors import ClassifierError, MailboxError, SmtpError
+from .errors import ClassifierError, ConfigError, MailboxError, SmtpError
 from .forward import (
     ForwardFacts,
     Notice,
@@ -261,8 +261,8 @@ class Pipeline:
                 record = resumable.get(incoming.uid)
                 try:
                     self._process(incoming, record, uidvalidity, filing, report)
-                except (MailboxError, StateError):
-                    raise
+                except (MailboxError, StateError, ConfigError):
+                    raise  # the mailbox, the database or the configuration: not this message
                 except Exception as exc:  # a bug met by odd mail: file it for a human, go on
                     self._quarantine(incoming, uidvalidity, exc, filing)
             self._file(filing, report)
@@ -357,12 +357,12 @@ class Pipeline:
             report.waiting += 1
             return None
         route, prediction = decided
+        if incoming.headers_only and route.kind == "department":
+            route = triage(self.settings, f"too large to forward ({incoming.size} bytes)")
         self._report(report, incoming, route.kind, route.department, route.address, prediction,
                      route.reason)  # fmt: skip
         if self.dry_run:
             return None
-        if incoming.headers_only and route.kind == "department":
-            route = triage(self.settings, f"too large to forward ({incoming.size} bytes)")
         return self.state.add_message(
             key,
             uidvalidity,
