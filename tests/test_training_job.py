@@ -57,18 +57,18 @@ def _service_snapshot(settings: Settings) -> tuple[str | None, str]:
     return (current.version if current else None), latest
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    """Live processes whose command line mentions ``text`` (Linux /proc)."""
+def _processes_mentioning(text: str, parent: int | None = None) -> list[int]:
+    """Live processes whose command line mentions ``text`` (Linux /proc), children of ``parent``."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
         except OSError:
             continue
-        if text in cmdline and state != "Z":
+        if text in cmdline and state != "Z" and parent in (None, int(ppid)):
             found.append(int(entry.name))
     return found
 
@@ -95,8 +95,10 @@ def test_killed_training_leaves_the_model_in_service_and_the_next_run_retries(
     worker.start()
     # mlx_lm is running once its config is on a live process's command line.
     _wait_for(lambda: bool(_processes_mentioning(f"{runs}/0001/run.yaml")))
-    pattern = f"{runs}/0001/run.yaml" if victim == "mlx_lm" else "mailrouter.training.runner"
-    targets = [p for p in _processes_mentioning(pattern) if p != os.getpid()]
+    if victim == "mlx_lm":
+        targets = _processes_mentioning(f"{runs}/0001/run.yaml")
+    else:  # this test's runner only: other tests may be training in parallel
+        targets = _processes_mentioning("mailrouter.training.runner", parent=os.getpid())
     assert targets
     for pid in targets:
         os.kill(pid, signal.SIGKILL)
@@ -178,7 +180,7 @@ def test_scheduler_runs_the_job_once_skips_unchanged_data_and_never_overlaps(
     finally:
         scheduler.shutdown(wait=True)
     assert refused == ["training"]
-    assert [r.decision for r in results] == ["skipped"]
+    assert [r.decision for r in results] == ["skipped"], results
     assert "no example" in results[0].reason
 
     # And the lock refuses a training started any other way meanwhile (`train --now`).
