@@ -55,7 +55,7 @@ def test_demo_runs_the_loop(tmp_path: Path) -> None:
     env = {**os.environ, "COLUMNS": "140", "OLLAMA_HOST": "http://127.0.0.1:9"}
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "mailrouter", "demo", "--emails", "10"],
+        [sys.executable, "-m", "mailrouter", "demo", "--emails", "6"],
         cwd=cwd,
         capture_output=True,
         text=True,
