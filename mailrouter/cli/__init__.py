@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from rich.markup import escape
+
 from ..errors import MailRouterError
 from . import (  # noqa: F401 - each module registers its commands on the app
     classify,
@@ -23,7 +25,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except MailRouterError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except SystemExit:
         raise
