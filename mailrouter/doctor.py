@@ -229,7 +229,7 @@ def check_smtp(settings: Settings, send_test: bool = False) -> Check:
     sender: SmtpSender | None = None
     try:
         sender = SmtpSender.from_settings(quick)
-        sender._ensure()  # connect and log in, nothing sent
+        sender.connect()  # connect and log in, nothing sent
         if send_test:
             sender.send(_test_message(settings), s.triage_address)
     except MailRouterError as exc:

@@ -361,6 +361,11 @@ class SmtpSender:
             client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return client
 
+    def connect(self) -> None:
+        """Connect and log in now, sending nothing: a configuration check (``mailrouter doctor``).
+        Raises :class:`SmtpError` like :meth:`send`; the connection is kept for later sends."""
+        self._ensure()
+
     def _ensure(self) -> smtplib.SMTP:
         if self._client is None:
             where = f"{self.settings.host}:{self.settings.port}"

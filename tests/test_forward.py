@@ -201,3 +201,16 @@ def test_plaintext_only_to_loopback() -> None:
         smtp={"host": "smtp.example.org", "security": "none", "allow_insecure": True}
     ).smtp
     SmtpSender(allowed, None)
+
+
+def test_connect_checks_without_sending(smtp_sink: SmtpSink) -> None:
+    sender = _sender(smtp_sink)
+    sender.connect()
+    sender.close()
+    assert smtp_sink.delivered() == []
+    closed = SmtpSender(
+        Settings(smtp={"host": "127.0.0.1", "port": free_port(), "security": "none"}).smtp, None
+    )
+    with pytest.raises(SmtpError) as info:
+        closed.connect()
+    assert not info.value.permanent
