@@ -107,11 +107,20 @@ class Timed:
         self.inner = inner
         self.name = inner.name
         self.seconds = 0.0
+        if hasattr(inner, "classify_many"):  # the pipeline batches only when the backend can
+            self.classify_many = self._classify_many
 
     def classify(self, item: ClassifyInput) -> Prediction:
         started = time.perf_counter()
         try:
             return self.inner.classify(item)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _classify_many(self, items: list[ClassifyInput]) -> list[Prediction]:
+        started = time.perf_counter()
+        try:
+            return self.inner.classify_many(items)  # type: ignore[attr-defined]
         finally:
             self.seconds += time.perf_counter() - started
 

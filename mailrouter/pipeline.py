@@ -194,6 +194,7 @@ class Pipeline:
         self._classifier_down = False
         self._smtp_down = False
         self._first_round = True
+        self._predictions: dict[int, Prediction] = {}
 
     # --- the loop API -----------------------------------------------------------------------
 
@@ -256,7 +257,11 @@ class Pipeline:
         for start in range(0, len(todo), size):
             batch = todo[start : start + size]
             filing: dict[str | None, list[tuple[int, int, MessageState]]] = {}
-            for incoming in self._read(batch):
+            incomings = self._read(batch)
+            self._predictions = self._classify_batch(
+                [i for i in incomings if i.uid not in resumable]
+            )
+            for incoming in incomings:
                 report.seen += 1
                 record = resumable.get(incoming.uid)
                 try:
@@ -427,21 +432,39 @@ class Pipeline:
             self._classifier = make_classifier(self.settings)
         return self._classifier
 
+    def _classify_batch(self, incomings: Sequence[Incoming]) -> dict[int, Prediction]:
+        """Predictions for the new messages of a batch that need one, in one call when the
+        classifier has ``classify_many`` (classifying is pure, so a message later claimed by a
+        handler or found to be a copy only wastes its share). Empty on any error: then each
+        message is classified alone and its error handled as usual."""
+        if self._classifier_down:
+            return {}
+        wanted = [i for i in incomings if screen(i.email, self.settings) is None]
+        if len(wanted) < 2:
+            return {}
+        try:
+            many = getattr(self._classifier_or_none(), "classify_many", None)
+            if many is None:
+                return {}
+            predictions = many([_classify_input(i.email) for i in wanted])
+        except Exception as exc:  # each message meets it again alone, and is handled then
+            event(log, "batch_classify_failed", logging.WARNING, error=str(exc))
+            return {}
+        return {i.uid: p for i, p in zip(wanted, predictions, strict=True)}
+
     def _route(self, incoming: Incoming) -> tuple[Route, Prediction | None] | None:
         """The route, or ``None`` when the classifier is down and ``on_error = "wait"``."""
         email = incoming.email
         screened = screen(email, self.settings)
         if screened is not None:
             return screened, None
+        prediction = self._predictions.pop(incoming.uid, None)
+        if prediction is not None:
+            return decide(prediction, email, self.settings), prediction
         if self._classifier_down:
             return None
-        item = ClassifyInput(
-            text=email.body or email.full_text,
-            subject=email.subject,
-            sender_domain=email.sender_domain,
-        )
         try:
-            prediction = self._classifier_or_none().classify(item)
+            prediction = self._classifier_or_none().classify(_classify_input(email))
         except ClassifierError as exc:
             if self.settings.classifier.on_error == "triage":
                 return decide(None, email, self.settings, error=str(exc)), None
@@ -757,6 +780,12 @@ def fingerprint(incoming: Incoming) -> str:
         body = incoming.raw[match.end() :] if match else b""
     digest = hashlib.sha256(email.message_id.encode("utf-8", "surrogatepass") + b"\0" + body)
     return digest.hexdigest()
+
+
+def _classify_input(email: Email) -> ClassifyInput:
+    return ClassifyInput(
+        text=email.body or email.full_text, subject=email.subject, sender_domain=email.sender_domain
+    )
 
 
 def _parse(raw: bytes, limit: int) -> Email:
