@@ -207,14 +207,19 @@ class Pipeline:
         self.mailbox.close()
         self.state.close()
 
-    def run_once(self) -> RoundReport:
-        """Process the folder once: resume unfinished messages, then the new ones."""
+    def run_once(self, stop: threading.Event | None = None) -> RoundReport:
+        """Process the folder once: resume unfinished messages, then the new ones.
+
+        ``stop`` is checked between messages: once set, the round files what it finished and
+        returns, leaving the rest untouched for the next round (a service stopping on SIGTERM
+        finishes the message in hand, not the whole backlog).
+        """
         started = time.monotonic()
         report = RoundReport()
         self._classifier_down = self._smtp_down = False
         try:
             uidvalidity = self.mailbox.connect()
-            self._round(report, uidvalidity)
+            self._round(report, uidvalidity, stop or threading.Event())
         except UidValidityChanged as exc:
             event(log, "round_interrupted", logging.WARNING, reason=str(exc))
         finally:
@@ -240,7 +245,7 @@ class Pipeline:
 
     # --- a round ----------------------------------------------------------------------------
 
-    def _round(self, report: RoundReport, uidvalidity: int) -> None:
+    def _round(self, report: RoundReport, uidvalidity: int, stop: threading.Event) -> None:
         key = self.mailbox.key
         in_box = self.mailbox.pending_uids()
         first_uid = self._first_uid(uidvalidity)
@@ -255,6 +260,8 @@ class Pipeline:
         todo = [u for u in in_box if u not in known or (u in resumable and not self.dry_run)]
         size = self.settings.mailbox.batch_size
         for start in range(0, len(todo), size):
+            if stop.is_set():
+                break
             batch = todo[start : start + size]
             filing: dict[str | None, list[tuple[int, int, MessageState]]] = {}
             incomings = self._read(batch)
@@ -262,6 +269,8 @@ class Pipeline:
                 [i for i in incomings if i.uid not in resumable]
             )
             for incoming in incomings:
+                if stop.is_set():
+                    break
                 report.seen += 1
                 record = resumable.get(incoming.uid)
                 try:
@@ -271,7 +280,7 @@ class Pipeline:
                 except Exception as exc:  # a bug met by odd mail: file it for a human, go on
                     self._quarantine(incoming, uidvalidity, exc, filing)
             self._file(filing, report)
-        if not self.dry_run:
+        if not self.dry_run and not stop.is_set():
             self._settle(set(in_box), uidvalidity)
 
     def _first_uid(self, uidvalidity: int) -> int:

@@ -51,7 +51,7 @@ SUPERVISED_ENV = ("MAILROUTER_SUPERVISED", "INVOCATION_ID")
 class Router(Protocol):
     """What the loop needs of the pipeline (see :class:`mailrouter.pipeline.Pipeline`)."""
 
-    def run_once(self) -> Any: ...
+    def run_once(self, stop: threading.Event | None = None) -> Any: ...
 
     def wait_for_changes(self, timeout: float, stop_event: threading.Event) -> Any: ...
 
@@ -231,7 +231,7 @@ class Service:
     def _round(self) -> None:
         if self.router is None:
             self.router = self.router_factory(self.settings, self.dry_run)
-        self.router.run_once()
+        self.router.run_once(self.stopping)
         if self._digest_due and not self.stopping.is_set():
             self._send_digest()
 

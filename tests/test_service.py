@@ -21,6 +21,7 @@ from mailrouter.localservers import ImapAccount, SmtpSink
 from mailrouter.service import Service, log_file
 from mailrouter.state import State
 from mailrouter.status import KEYS, collect
+from tests.fixtures.mail import attached
 
 # Runs the CLI and reports, at a normal exit, whether anything imported MLX.
 CHILD = (
@@ -125,6 +126,68 @@ def test_serve_routes_then_stops_cleanly_on_sigterm(
     assert len(smtp_sink.delivered()) == 1
 
 
+def test_sigterm_mid_round_finishes_the_message_in_hand(
+    make_mail_config: Callable[..., Path],
+    imap_account: ImapAccount,
+    smtp_sink: SmtpSink,
+    data_dir: Path,
+) -> None:
+    """SIGTERM during a long round: the child ends after the message in hand; every message is
+    then either finished (forwarded once, filed) or untouched in INBOX, and the next run
+    forwards the rest, each exactly once."""
+    import asyncio
+
+    total = 30
+    accept = smtp_sink.handle_DATA
+
+    async def slow_data(*args: object) -> str:  # a slow server: the round lasts several seconds
+        await asyncio.sleep(0.2)
+        return await accept(*args)
+
+    smtp_sink.handle_DATA = slow_data  # type: ignore[method-assign]
+    _seed(data_dir)
+    config = make_mail_config(log={"format": "json"})
+    imap_account.append(
+        [
+            _mail(f"Facture {i} en retard", f"Relance: la facture {i} reste impayee.")
+            for i in range(total)
+        ]
+    )
+    proc = _serve(config, data_dir)
+    try:
+        smtp_sink.wait_for(1, timeout=60)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=15)
+        elapsed = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    assert "service_stop_forced" not in err and elapsed < 4, (elapsed, err[-3000:])
+    done = len(smtp_sink.delivered())
+    assert 1 <= done < total
+    client = imap_account.client()
+    client.select_folder("INBOX")
+    left = len(client.search())
+    client.logout()
+    with State(data_dir / "state.db") as state:
+        rows = state.query("SELECT state FROM messages")
+    assert sorted(r["state"] for r in rows) == ["filed"] * done  # nothing half-done
+    assert left == total - done  # the others untouched
+
+    smtp_sink.handle_DATA = accept  # type: ignore[method-assign]
+    once = subprocess.run(
+        [sys.executable, "-m", "mailrouter", "--config", str(config), "serve", "--once"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "MAILROUTER_DATA_DIR": str(data_dir)},
+    )  # fmt: skip
+    assert once.returncode == 0, once.stderr[-3000:]
+    originals = [attached(m)["Message-ID"] for m in smtp_sink.delivered()]
+    assert len(originals) == total and len(set(originals)) == total
+
+
 def test_second_signal_exits_at_once(make_mail_config: Callable[..., Path], data_dir: Path) -> None:
     config = make_mail_config()
     proc = _serve(config, data_dir)
@@ -158,7 +221,7 @@ class _DownRouter:
     def __init__(self, service: Service) -> None:
         self.service = service
 
-    def run_once(self) -> None:
+    def run_once(self, stop: object = None) -> None:
         from mailrouter.errors import MailboxError
 
         _DownRouter.rounds += 1
@@ -192,7 +255,7 @@ def test_failures_are_retried_with_backoff_and_recorded(
 class _IdleRouter:
     """A router with an empty mailbox: waits on the event like IMAP IDLE does."""
 
-    def run_once(self) -> None:
+    def run_once(self, stop: object = None) -> None:
         return None
 
     def wait_for_changes(self, timeout: float, stop_event: threading.Event) -> None:
