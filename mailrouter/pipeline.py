@@ -18,7 +18,9 @@ is filed like the first, never forwarded again.
 
 * ``handlers``: callables ``(Context, Incoming) -> Outcome | None`` tried in order before
   classification; the first that returns an :class:`Outcome` claims the message (staff
-  corrections). A handler may run twice for the same message after a crash (between its action
+  corrections). A handler that raises a temporary :class:`SmtpError` (``permanent=False``)
+  leaves the message unrecorded in the folder, tried again next round; any other exception
+  sends it to triage. A handler may run twice for the same message after a crash (between its action
   and the commit of its outcome): make it idempotent, e.g. keyed on ``incoming.email.message_id``.
   With ``context.dry_run`` it must change nothing. The default list comes from
   ``mailrouter.corrections.pipeline_handlers(settings)`` when that module defines it.
@@ -355,7 +357,13 @@ class Pipeline:
             "subject": email.subject,
             "size": incoming.size,
         }
-        outcome = self._handle(incoming)
+        try:
+            outcome = self._handle(incoming)
+        except SmtpError as exc:  # a temporary one: the handler could not send yet
+            report.waiting += 1
+            event(log, "handler_deferred", logging.WARNING, uid=incoming.uid, code=exc.code,
+                  error=str(exc))  # fmt: skip
+            return None
         if outcome is not None:
             self._report(report, incoming, outcome.route, None, None, None, outcome.reason)
             if self.dry_run:
@@ -430,6 +438,8 @@ class Pipeline:
             try:
                 outcome = handler(context, incoming)
             except Exception as exc:  # a bug in a handler must not stop the loop
+                if isinstance(exc, SmtpError) and not exc.permanent:
+                    raise  # nothing final: the message waits in the folder for a later round
                 log.exception("handler %r failed", handler)
                 return Outcome(MessageState.TRIAGED, "triage", f"handler error: {exc}", "triage")
             if outcome is not None:
