@@ -37,7 +37,6 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
-from email.header import Header
 from email.utils import format_datetime, formataddr, formatdate
 from typing import TYPE_CHECKING
 
@@ -235,8 +234,23 @@ def _header(name: str, value: str) -> bytes:
     """One header line; the value is cleaned of control characters, RFC 2047 when not ASCII."""
     value = clean_header_text(value, 900)
     if not value.isascii():
-        value = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
+        value = _encoded_words(value)
     return f"{name}: {value}\r\n".encode("ascii")
+
+
+def _encoded_words(value: str) -> str:
+    """RFC 2047 base64 encoded-words, folded, never splitting a character: what
+    ``email.header.Header`` produces for UTF-8 text at a tenth of its cost (it was a third of
+    composing a forward)."""
+    words, chunk = [], b""
+    for char in value:
+        data = char.encode("utf-8", "replace")
+        if len(chunk) + len(data) > 45:  # 60 base64 characters + 12 of framing: under 76
+            words.append(chunk)
+            chunk = b""
+        chunk += data
+    words.append(chunk)
+    return "\r\n ".join(f"=?utf-8?b?{base64.b64encode(w).decode('ascii')}?=" for w in words)
 
 
 def _part(subtype: str, text: str) -> bytes:

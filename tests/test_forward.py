@@ -73,6 +73,16 @@ def test_forward_headers() -> None:
     assert text.index("transféré") < text.index("forwarded")  # French first
 
 
+def test_non_ascii_headers_are_encoded_and_read_back() -> None:
+    subject = "Réclamation : facture n° 42 — délai dépassé, 3ᵉ relance 😠 " * 3
+    raw = make_email(subject, "Bonjour.", sender="zoé@example.org")
+    data = compose_forward(raw, parse_email(raw), FACTS, _settings())
+    head = data.split(b"\r\n\r\n", 1)[0]
+    assert head.isascii() and max(map(len, head.split(b"\r\n"))) <= 998
+    msg = email.message_from_bytes(data, policy=policy.default)
+    assert msg["Subject"] == "[RH] " + " ".join(subject.split())
+
+
 def test_original_is_attached_intact() -> None:
     raw = make_email("Facture", "Montant dû : 120 €", sender="b@example.org")
     msg = _compose(raw)
