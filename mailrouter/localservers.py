@@ -62,6 +62,20 @@ def wait_for_port(host: str, port: int, timeout: float = 15.0) -> None:
             time.sleep(0.05)
 
 
+def stop_group(proc: subprocess.Popen[Any] | None) -> None:
+    """Stop a server started in its own process group: SIGTERM, then SIGKILL after 10 s."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
 def imap_client(host: str, port: int, username: str, password: str, *, timeout: float = 30) -> Any:
     """A logged-in plain-IMAP imapclient connection (loopback servers only)."""
     from imapclient import IMAPClient
@@ -299,15 +313,7 @@ class DovecotServer:
 
     def stop(self, *, remove: bool = True) -> None:
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        stop_group(proc)
         if proc is not None and proc.stderr:
             proc.stderr.close()
         if remove and self._own_root:
@@ -433,14 +439,7 @@ class PymapServer:
 
     def stop(self) -> None:
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        stop_group(proc)
 
     def __enter__(self) -> PymapServer:
         return self.start()
