@@ -748,11 +748,21 @@ class Pipeline:
         """Forward ``record``'s original (``raw``) again, with a new forward id and token.
 
         The forward row is committed before sending; SMTP errors are raised (after the retries)
-        as :class:`SmtpError` and the row stays ``pending`` (or ``failed`` when permanent).
+        as :class:`SmtpError` and the row stays ``pending`` (or ``failed`` when permanent). A
+        pending forward of the same kind to the same place (a deferral, or a crash after the
+        server's "250") is sent again as it was, with its Message-ID, instead of a new one.
         """
         if self.sender is None:
             raise SmtpError("dry run: nothing is sent")
-        forward = self._new_forward(
+        forward = next(
+            (
+                f
+                for f in self.state.forwards_of(record.id)
+                if f.status == "pending"
+                and (f.kind, f.destination, f.department) == (kind, destination, department)
+            ),
+            None,
+        ) or self._new_forward(
             record, kind=kind, destination=destination, department=department, state=None
         )
         facts = self._facts(record, forward, reason)

@@ -57,3 +57,6 @@ def test_a_correction_that_cannot_be_sent_yet_waits_then_applies_once(
     assert _inbox(imap_account) == 0
     with State(settings.state_path) as state:
         assert [r.status for r in list_corrections(state)] == ["applied"]
+        kinds = [(f.kind, f.status) for f in state.forwards_of(1)]
+    # The deferred re-forward was sent as it was recorded, not replaced by a second one.
+    assert kinds == [("route", "sent"), ("correction", "sent")]
