@@ -82,6 +82,20 @@ def _serve(config: Path, data_dir: Path) -> subprocess.Popen[str]:
     )
 
 
+def _terminate(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str, float]:
+    """SIGTERM, then the child's output and how long it took to exit."""
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=timeout)
+    return out, err, time.monotonic() - started
+
+
+def _reap(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
 def test_serve_routes_then_stops_cleanly_on_sigterm(
     make_mail_config: Callable[..., Path],
     imap_account: ImapAccount,
@@ -103,14 +117,9 @@ def test_serve_routes_then_stops_cleanly_on_sigterm(
         assert status.service.state == "running" and status.service.pid == proc.pid
         assert status.routed_today == {"Finance": 1}
 
-        started = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=10)
-        elapsed = time.monotonic() - started
+        out, err, elapsed = _terminate(proc, timeout=10)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        _reap(proc)
     assert proc.returncode == 0, err[-3000:]
     assert elapsed < 10
     assert "MLX-ABSENT" in out, out
@@ -156,14 +165,9 @@ def test_sigterm_mid_round_finishes_the_message_in_hand(
     proc = _serve(config, data_dir)
     try:
         smtp_sink.wait_for(1, timeout=60)
-        started = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        _out, err = proc.communicate(timeout=15)
-        elapsed = time.monotonic() - started
+        _out, err, elapsed = _terminate(proc, timeout=15)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        _reap(proc)
     assert proc.returncode == 0, err[-3000:]
     assert "service_stop_forced" not in err and elapsed < 4, (elapsed, err[-3000:])
     done = len(smtp_sink.delivered())
