@@ -30,7 +30,7 @@ from filelock import FileLock, Timeout
 
 from .classify.base import ClassifyInput
 from .errors import DatasetError
-from .prompt import PromptOptions, build_prompt
+from .prompt import PromptOptions
 
 if TYPE_CHECKING:
     from .config import Department, Settings
@@ -173,14 +173,7 @@ def example_prompt(
     options: PromptOptions = PromptOptions(),  # noqa: B008 - frozen dataclass
 ) -> str:
     """The training prompt of an example: :func:`mailrouter.prompt.build_prompt`, nothing else."""
-    item = example.to_input()
-    return build_prompt(
-        item.text,
-        departments,
-        subject=item.subject,
-        sender_domain=item.sender_domain,
-        options=options,
-    )
+    return example.to_input().prompt(departments, options)
 
 
 # --- split assignment (pure) ------------------------------------------------------------------

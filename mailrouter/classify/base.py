@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from ..config import Department, fold
+from ..prompt import PromptOptions, build_prompt
 
 _LATIN_END = 0x24F  # end of Latin Extended-B: accented letters of European languages
 
@@ -38,6 +39,20 @@ class ClassifyInput:
     text: str
     subject: str = ""
     sender_domain: str = ""
+
+    def prompt(
+        self,
+        departments: Sequence[Department],
+        options: PromptOptions = PromptOptions(),  # noqa: B008 - frozen dataclass
+    ) -> str:
+        """The one prompt for this input; training export and every backend call this."""
+        return build_prompt(
+            self.text,
+            departments,
+            subject=self.subject,
+            sender_domain=self.sender_domain,
+            options=options,
+        )
 
 
 @runtime_checkable

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..dataset import Dataset, Example, atomic_write_bytes
 from ..errors import ClassifierError
-from ..prompt import PromptOptions, build_prompt, prefix
+from ..prompt import PromptOptions, prefix
 from .base import ClassifyInput, Prediction
 
 if TYPE_CHECKING:
@@ -40,13 +40,7 @@ def email_text(
     options: PromptOptions = PromptOptions(),  # noqa: B008 - frozen dataclass
 ) -> str:
     """The email part of the prompt: the prompt without its fixed prefix, built by prompt.py."""
-    prompt = build_prompt(
-        item.text,
-        departments,
-        subject=item.subject,
-        sender_domain=item.sender_domain,
-        options=options,
-    )
+    prompt = item.prompt(departments, options)
     return prompt[len(prefix(departments, strip_accents=options.strip_accents)) :]
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..config import Department, Settings
 from ..errors import ClassifierError
-from ..prompt import STOP, PromptOptions, build_prompt
+from ..prompt import STOP, PromptOptions
 from .base import ClassifyInput, Prediction, map_label
 
 
@@ -105,13 +105,7 @@ class MlxClassifier:
     # --- classification ---------------------------------------------------------------------
 
     def render(self, item: ClassifyInput) -> str:
-        return build_prompt(
-            item.text,
-            self.departments,
-            subject=item.subject,
-            sender_domain=item.sender_domain,
-            options=self.options,
-        )
+        return item.prompt(self.departments, self.options)
 
     def classify(self, item: ClassifyInput) -> Prediction:
         try:

@@ -31,7 +31,7 @@ import ollama
 from ..config import Department, Settings, fold
 from ..errors import ClassifierError, ModelMissingError
 from ..logs import event
-from ..prompt import STOP, PromptOptions, build_prompt, render_chat
+from ..prompt import STOP, PromptOptions, render_chat
 from .base import ClassifyInput, Prediction, map_label
 
 log = logging.getLogger(__name__)
@@ -265,15 +265,7 @@ class OllamaClassifier:
 
     def render(self, item: ClassifyInput) -> str:
         """The raw string sent to Ollama: the chat-templated prompt without the BOS text."""
-        return render_chat(
-            build_prompt(
-                item.text,
-                self.departments,
-                subject=item.subject,
-                sender_domain=item.sender_domain,
-                options=self.prompt_options,
-            )
-        )
+        return render_chat(item.prompt(self.departments, self.prompt_options))
 
     def classify(self, item: ClassifyInput) -> Prediction:
         server = self.start()
