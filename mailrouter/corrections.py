@@ -210,7 +210,11 @@ class Applier:
             return _ignored(
                 self.email, f"daily cap of {self.settings.corrections.daily_cap} reached"
             )
-        if done is None and self._last_applied() == new_label and command.kind != "confirm":
+        if (
+            done is None
+            and last_applied(self.state, self.record.id) == new_label
+            and command.kind != "confirm"
+        ):
             return self._outcome(f"correction to {new_label} already applied")
 
         raw = self.context.mailbox.fetch_filed(
@@ -291,14 +295,6 @@ class Applier:
              new_label, now_iso(), self.mail_id),
         )  # fmt: skip
 
-    def _last_applied(self) -> str | None:
-        rows = self.state.query(
-            "SELECT new_label FROM corrections WHERE message = ? AND status = 'applied' "
-            "ORDER BY id DESC LIMIT 1",
-            (self.record.id,),
-        )
-        return rows[0]["new_label"] if rows else None
-
     def _already_sent(self, department: str, row: int) -> bool:
         """A correction forward to ``department`` left after this correction was recorded."""
         created = self.state.query("SELECT created FROM corrections WHERE id = ?", (row,))
@@ -341,15 +337,21 @@ class Applier:
             event(log, "correction_reply_failed", logging.WARNING, error=str(exc))
 
 
-def current_label(state: State, record: MessageRecord) -> str | None:
-    """The department a message is with now: its latest correction, else the route decided."""
+def last_applied(state: State, message: int) -> str | None:
+    """The label of the latest applied correction of a message, if any."""
     rows = state.query(
         "SELECT new_label FROM corrections WHERE message = ? AND status = 'applied' "
         "ORDER BY id DESC LIMIT 1",
-        (record.id,),
+        (message,),
     )
-    if rows:
-        return rows[0]["new_label"]
+    return rows[0]["new_label"] if rows else None
+
+
+def current_label(state: State, record: MessageRecord) -> str | None:
+    """The department a message is with now: its latest correction, else the route decided."""
+    corrected = last_applied(state, record.id)
+    if corrected is not None:
+        return corrected
     if record.route == "spam":
         return record.label
     return record.department if record.route == "department" else None
