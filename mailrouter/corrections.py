@@ -29,6 +29,7 @@ from email.policy import SMTP
 from email.utils import formatdate, make_msgid
 from typing import TYPE_CHECKING
 
+from .classify.base import ClassifyInput
 from .commands import (
     Command,
     authenticated,
@@ -244,11 +245,12 @@ class Applier:
                 event(log, "correction_deferred", logging.WARNING, id=row, error=str(exc))
                 raise  # the pipeline keeps the message and tries again next round
         source = "correction" if new_label != current else "confirmation"
+        read = ClassifyInput.from_email(original)
         example = Dataset.from_settings(self.settings).upsert_correction(
-            text=original.body or original.full_text,
+            text=read.text,
             label=new_label,
-            subject=original.subject,
-            sender_domain=original.sender_domain,
+            subject=read.subject,
+            sender_domain=read.sender_domain,
             message_id=original.message_id or self.record.content_hash,
             corrected_from=current if source == "correction" else None,
             by=self.email.sender,

@@ -388,7 +388,6 @@ class Demo:
             self.summary.correction = "not recorded"
 
     def _retrain(self, settings: Settings) -> None:
-        from .classify.base import ClassifyInput
         from .classify.baseline import BaselineClassifier
 
         self.step("4. Retraining on the grown dataset")
@@ -402,7 +401,7 @@ class Demo:
         )
         ex = self.summary.new_example
         if ex is not None:
-            p = model.classify(ClassifyInput(ex.text, ex.subject, ex.sender_domain))
+            p = model.classify(ex.to_input())
             line += f"; the corrected email now reads as {p.label} ({p.confidence:.2f})"
         self.say(line)
         self.summary.retrained = f"baseline in {seconds:.1f} s"

@@ -465,7 +465,7 @@ class Pipeline:
             many = getattr(self._classifier_or_none(), "classify_many", None)
             if many is None:
                 return {}
-            predictions = many([_classify_input(i.email) for i in wanted])
+            predictions = many([ClassifyInput.from_email(i.email) for i in wanted])
         except Exception as exc:  # each message meets it again alone, and is handled then
             event(log, "batch_classify_failed", logging.WARNING, error=str(exc))
             return {}
@@ -483,7 +483,7 @@ class Pipeline:
         if self._classifier_down:
             return None
         try:
-            prediction = self._classifier_or_none().classify(_classify_input(email))
+            prediction = self._classifier_or_none().classify(ClassifyInput.from_email(email))
         except ClassifierError as exc:
             if self.settings.classifier.on_error == "triage":
                 return decide(None, email, self.settings, error=str(exc)), None
@@ -809,12 +809,6 @@ def fingerprint(incoming: Incoming) -> str:
         body = incoming.raw[match.end() :] if match else b""
     digest = hashlib.sha256(email.message_id.encode("utf-8", "surrogatepass") + b"\0" + body)
     return digest.hexdigest()
-
-
-def _classify_input(email: Email) -> ClassifyInput:
-    return ClassifyInput(
-        text=email.body or email.full_text, subject=email.subject, sender_domain=email.sender_domain
-    )
 
 
 def _parse(raw: bytes, limit: int) -> Email:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from ..config import Department, fold
+from ..message import Email
 from ..prompt import PromptOptions, build_prompt
 
 _LATIN_END = 0x24F  # end of Latin Extended-B: accented letters of European languages
@@ -39,6 +40,15 @@ class ClassifyInput:
     text: str
     subject: str = ""
     sender_domain: str = ""
+
+    @classmethod
+    def from_email(cls, email: Email) -> ClassifyInput:
+        """What is read of a live email; a correction records the same fields as its example."""
+        return cls(
+            text=email.body or email.full_text,
+            subject=email.subject,
+            sender_domain=email.sender_domain,
+        )
 
     def prompt(
         self,

@@ -87,13 +87,7 @@ def _usable_classifier(current: Settings) -> Classifier:
 def _classify_one(classifier: Classifier, name: str, max_bytes: int) -> dict[str, object]:
     raw = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
     email = parse_email(raw, max_bytes=max_bytes)
-    prediction = classifier.classify(
-        ClassifyInput(
-            text=email.body or email.full_text,
-            subject=email.subject,
-            sender_domain=email.sender_domain,
-        )
-    )
+    prediction = classifier.classify(ClassifyInput.from_email(email))
     return {
         "file": name,
         "department": prediction.label,
