@@ -48,7 +48,7 @@ from .message import Email, parse_email, strip_quoted
 from .notice import DigestItem, correction_block, spam_digest
 from .pipeline import Context, Incoming, Outcome
 from .router import screen
-from .state import ForwardRecord, MessageRecord, MessageState, State, now_iso
+from .state import ForwardRecord, MessageRecord, MessageState, NewForward, State, now_iso
 from .tokens import check_token, token_maker
 
 if TYPE_CHECKING:
@@ -99,7 +99,10 @@ def find_claim(email: Email, state: State, key: bytes) -> Claim | None:
     answers a staff reply that quoted a forward is not correcting anything.
     """
     in_subject = find_tokens(email.subject)
-    tokens = in_subject + [t for t in find_tokens(own_text(email)) if t not in in_subject]
+    # Tokens typed by the writer, not quoted: stripping quotes is the costly part, and most
+    # mail has no token anywhere.
+    typed = find_tokens(own_text(email)) if find_tokens(email.full_text) else []
+    tokens = in_subject + [t for t in typed if t not in in_subject]
     answered = state.forward_by(message_id=email.in_reply_to) if email.in_reply_to else None
     if not tokens:
         return Claim(answered, False) if answered is not None else None
@@ -404,10 +407,8 @@ def send_spam_digest(settings: Settings, *, sender: SmtpSender | None = None) ->
         items = []
         for row in rows:
             record = state.message(row["id"])
-            forward = state.add_forward(
-                record.id, kind="digest", destination=settings.smtp.triage_address,
-                department=None, domain=domain, token=maker, state=None,
-            )  # fmt: skip
+            spec = NewForward("digest", settings.smtp.triage_address, None, domain, maker)
+            forward = state.add_forward(record.id, spec, state=None)
             forwards.append(forward)
             items.append(DigestItem(forward.token, record.sender, record.subject,
                                     _parse_iso(record.created)))  # fmt: skip

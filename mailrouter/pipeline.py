@@ -3,7 +3,10 @@
 For each message: parse → pre-classification handlers → screen/classify → route → record →
 forward → mark forwarded → file → final state (DESIGN §4). Each arrow that changes something
 outside the process is preceded by a commit, so :meth:`Pipeline.run_once` can be killed at any
-instant and the next round resumes where the state says:
+instant and the next round resumes where the state says. Work goes by batches of
+``mailbox.batch_size``: a batch's routes and forward rows are committed together, then a sending
+thread forwards them (committing each as sent) while the main thread reads and classifies the
+next batch; a batch is filed once its sends are over.
 
 * ``classified``: the route is on disk; a forward is created (or, for spam and ignored mail, the
   message is filed).
@@ -42,7 +45,8 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .classify import ClassifyInput, Prediction, make_classifier
@@ -60,7 +64,15 @@ from .logs import event
 from .mailbox import Mailbox, UidValidityChanged
 from .message import Email, parse_email
 from .router import Route, decide, screen, triage
-from .state import ForwardRecord, MessageRecord, MessageState, State, StateError
+from .state import (
+    ForwardRecord,
+    MessageRecord,
+    MessageState,
+    NewForward,
+    NewMessage,
+    State,
+    StateError,
+)
 
 if TYPE_CHECKING:
     from .classify import Classifier
@@ -116,6 +128,8 @@ class Context:
 
 Handler = Callable[[Context, Incoming], "Outcome | None"]
 NoticeMaker = Callable[["Settings", ForwardFacts], "Notice | None"]
+#: Per target folder: (uid, message record id, final state) of the messages to file there.
+Filing = dict[str | None, list[tuple[int, int, MessageState]]]
 
 
 @dataclass(frozen=True)
@@ -147,6 +161,10 @@ class RoundReport:
     duplicates: int = 0
     waiting: int = 0  # left for a later round (classifier down, SMTP down, a copy in flight)
     seconds: float = 0.0
+
+
+#: What the sending thread hands back for a batch: what to file, and its counts.
+Delivered = tuple[Filing, RoundReport]
 
 
 def _optional(module: str, name: str) -> Any:
@@ -197,6 +215,7 @@ class Pipeline:
         self._smtp_down = False
         self._first_round = True
         self._predictions: dict[int, Prediction] = {}
+        self._sending = threading.Lock()  # one SMTP conversation at a time on self.sender
 
     # --- the loop API -----------------------------------------------------------------------
 
@@ -248,6 +267,13 @@ class Pipeline:
     # --- a round ----------------------------------------------------------------------------
 
     def _round(self, report: RoundReport, uidvalidity: int, stop: threading.Event) -> None:
+        """Read, classify and record batch k+1 while batch k is being sent.
+
+        Sending runs on one worker thread (SMTP is mostly waiting for the server's replies), in
+        message order; each forward is committed as sent by the worker the moment the server
+        accepts it. The main thread keeps IMAP to itself: it files batch k once its sends are
+        over, then reads the next batch.
+        """
         key = self.mailbox.key
         in_box = self.mailbox.pending_uids()
         first_uid = self._first_uid(uidvalidity)
@@ -261,29 +287,61 @@ class Pipeline:
         }
         todo = [u for u in in_box if u not in known or (u in resumable and not self.dry_run)]
         size = self.settings.mailbox.batch_size
-        for start in range(0, len(todo), size):
-            if stop.is_set():
-                break
-            batch = todo[start : start + size]
-            filing: dict[str | None, list[tuple[int, int, MessageState]]] = {}
-            incomings = self._read(batch)
-            self._predictions = self._classify_batch(
-                [i for i in incomings if i.uid not in resumable]
-            )
-            for incoming in incomings:
-                if stop.is_set():
-                    break
-                report.seen += 1
-                record = resumable.get(incoming.uid)
-                try:
-                    self._process(incoming, record, uidvalidity, filing, report)
-                except (MailboxError, StateError, ConfigError):
-                    raise  # the mailbox, the database or the configuration: not this message
-                except Exception as exc:  # a bug met by odd mail: file it for a human, go on
-                    self._quarantine(incoming, uidvalidity, exc, filing)
-            self._file(filing, report)
+        halt = threading.Event()  # set when the main thread fails: the worker stops early
+        sending: Future[Delivered] | None = None
+        with ThreadPoolExecutor(1, thread_name_prefix="mailrouter-send") as worker:
+            try:
+                for start in range(0, len(todo), size):
+                    if stop.is_set():
+                        break
+                    ready = self._prepare_batch(
+                        todo[start : start + size], resumable, uidvalidity, report, stop
+                    )
+                    queued = worker.submit(self._deliver, ready, uidvalidity, stop, halt)
+                    if sending is not None:
+                        self._file(sending.result(), report)
+                    sending = queued
+                if sending is not None:
+                    self._file(sending.result(), report)
+            finally:
+                halt.set()
         if not self.dry_run and not stop.is_set():
             self._settle(set(in_box), uidvalidity)
+
+    def _prepare_batch(
+        self,
+        uids: Sequence[int],
+        resumable: dict[int, MessageRecord],
+        uidvalidity: int,
+        report: RoundReport,
+        stop: threading.Event,
+    ) -> list[tuple[Incoming, MessageRecord]]:
+        """Read, classify and record a batch: what is left to send and file, in order."""
+        incomings = self._read(uids)
+        self._predictions = self._classify_batch([i for i in incomings if i.uid not in resumable])
+        records: dict[int, MessageRecord] = {}
+        plans: list[NewMessage] = []
+        planned: set[str] = set()  # content hashes and fingerprints of this batch's new mail
+        for incoming in incomings:
+            if stop.is_set():
+                break
+            report.seen += 1
+            try:
+                looked = self._prepare(
+                    incoming, resumable.get(incoming.uid), uidvalidity, report, planned
+                )
+            except (MailboxError, StateError, ConfigError):
+                raise  # the mailbox, the database or the configuration: not this message
+            except Exception as exc:  # a bug met by odd mail: file it for a human, go on
+                looked = self._quarantine(incoming, uidvalidity, exc)
+            if isinstance(looked, NewMessage):
+                plans.append(looked)
+                planned.update(k for k in (looked.content_hash, looked.fingerprint) if k)
+            elif looked is not None:
+                records[incoming.uid] = looked
+        for record, _ in self.state.add_messages(plans):
+            records[record.uid] = record
+        return [(i, records[i.uid]) for i in incomings if i.uid in records]
 
     def _first_uid(self, uidvalidity: int) -> int:
         """With ``backlog = "none"``, the first UID to route: what arrived after the very first
@@ -317,41 +375,75 @@ class Pipeline:
             out.append(Incoming(uid, raw, _parse(raw, limit), sizes[uid], uid in heads))
         return out
 
-    def _process(
+    def _prepare(
         self,
         incoming: Incoming,
         record: MessageRecord | None,
         uidvalidity: int,
-        filing: dict[str | None, list[tuple[int, int, MessageState]]],
         report: RoundReport,
-    ) -> None:
+        planned: set[str],
+    ) -> MessageRecord | NewMessage | None:
+        """A resumed message's record (with its forward created if it lacks one), what to
+        record for a new message, or ``None`` when there is nothing to send or file now."""
         if record is None:
-            record = self._first_look(incoming, uidvalidity, report)
-            if record is None:
-                return
+            return self._first_look(incoming, uidvalidity, report, planned)
         if record.state == MessageState.CLASSIFIED and record.route in FORWARDING_ROUTES:
-            self._new_forward(record, kind="route" if record.route == "department" else "triage")
+            spec = self._first_forward(record.route, record.department, record.destination)
+            self.state.add_forward(record.id, spec)
             record = self.state.message(record.id)
-        if record.state == MessageState.FORWARDING and not self._forward_pending(
-            record, incoming, report
-        ):
-            return
-        record = self.state.message(record.id)
-        if record.state in (MessageState.CLASSIFIED, MessageState.FORWARDED):
-            final = MessageState(record.outcome or MessageState.FILED)
-            filing.setdefault(record.folder, []).append((incoming.uid, record.id, final))
+        return record
+
+    def _deliver(
+        self,
+        ready: Sequence[tuple[Incoming, MessageRecord]],
+        uidvalidity: int,
+        stop: threading.Event,
+        halt: threading.Event,
+    ) -> Delivered:
+        """(On the sending thread.) Send what each message has to send; what to file, and the
+        counts. A message left unsent (stop, SMTP down) stays ``forwarding`` for a later round."""
+        filing: Filing = {}
+        part = RoundReport()
+        for incoming, record in ready:
+            if stop.is_set() or halt.is_set():
+                break
+            try:
+                if record.state == MessageState.FORWARDING:
+                    sent = self._forward_pending(record, incoming, part)
+                    if sent is None:
+                        continue
+                    record = sent
+            except (StateError, ConfigError):
+                raise
+            except Exception as exc:  # a bug met by odd mail: file it for a human, go on
+                quarantined = self._quarantine(incoming, uidvalidity, exc)
+                if quarantined is None:
+                    continue
+                record = quarantined
+            if record.state in (MessageState.CLASSIFIED, MessageState.FORWARDED):
+                final = MessageState(record.outcome or MessageState.FILED)
+                filing.setdefault(record.folder, []).append((incoming.uid, record.id, final))
+        return filing, part
 
     def _first_look(
-        self, incoming: Incoming, uidvalidity: int, report: RoundReport
-    ) -> MessageRecord | None:
-        """Decide and record a message never seen in this mailbox generation."""
+        self, incoming: Incoming, uidvalidity: int, report: RoundReport, planned: set[str]
+    ) -> MessageRecord | NewMessage | None:
+        """Decide a message never seen in this mailbox generation: what to record for it.
+
+        Routed mail is recorded by the caller, a batch at a time, each with its forward; a
+        message a handler claimed is recorded at once, since the handler has already acted.
+        """
         email, key = incoming.email, self.mailbox.key
-        copy = self.state.find_copy(key, email.content_hash, fingerprint(incoming))
+        print_ = fingerprint(incoming)
+        if email.content_hash in planned or (print_ and print_ in planned):
+            report.waiting += 1  # a copy of a message of this batch: next round files it
+            return None
+        copy = self.state.find_copy(key, email.content_hash, print_)
         if copy is not None:
             return self._copy_of(copy, incoming, uidvalidity, report)
         identity = {
             "content_hash": email.content_hash,
-            "fingerprint": fingerprint(incoming),
+            "fingerprint": print_,
             "message_id": email.message_id,
             "sender": email.sender,
             "subject": email.subject,
@@ -385,26 +477,32 @@ class Pipeline:
                      route.reason)  # fmt: skip
         if self.dry_run:
             return None
-        return self.state.add_message(
+        forward = None
+        if route.kind in FORWARDING_ROUTES:
+            forward = self._first_forward(route.kind, route.department, route.address)
+        return NewMessage(
             key,
             uidvalidity,
             incoming.uid,
             state=MessageState.CLASSIFIED,
-            route=route.kind,
-            label=prediction.label if prediction else None,
-            department=route.department,
-            destination=route.address,
-            confidence=prediction.confidence if prediction else None,
-            model=prediction.model if prediction else None,
-            reason=route.reason,
-            outcome=str(ROUTE_END[route.kind][0]),
-            folder=ROUTE_END[route.kind][1],
+            forward=forward,
+            extra={
+                "route": route.kind,
+                "label": prediction.label if prediction else None,
+                "department": route.department,
+                "destination": route.address,
+                "confidence": prediction.confidence if prediction else None,
+                "model": prediction.model if prediction else None,
+                "reason": route.reason,
+                "outcome": str(ROUTE_END[route.kind][0]),
+                "folder": ROUTE_END[route.kind][1],
+            },
             **identity,
         )
 
     def _copy_of(
         self, copy: MessageRecord, incoming: Incoming, uidvalidity: int, report: RoundReport
-    ) -> MessageRecord | None:
+    ) -> MessageRecord | NewMessage | None:
         """Another copy of mail already known: adopt it, file it like the first, or wait."""
         if not copy.final and copy.uidvalidity != uidvalidity:
             # The mailbox was recreated while this message was in flight: same mail, new UID.
@@ -421,13 +519,15 @@ class Pipeline:
         if self.dry_run:
             return None
         email = incoming.email
-        return self.state.add_message(
+        return NewMessage(
             self.mailbox.key, uidvalidity, incoming.uid, state=MessageState.CLASSIFIED,
             content_hash=email.content_hash, fingerprint=fingerprint(incoming),
             message_id=email.message_id, sender=email.sender, subject=email.subject,
-            size=incoming.size, route="duplicate", reason=reason,
-            department=copy.department, duplicate_of=copy.id,
-            outcome=str(MessageState.IGNORED), folder=copy.folder,
+            size=incoming.size, extra={
+                "route": "duplicate", "reason": reason, "department": copy.department,
+                "duplicate_of": copy.id, "outcome": str(MessageState.IGNORED),
+                "folder": copy.folder,
+            },
         )  # fmt: skip
 
     def _handle(self, incoming: Incoming) -> Outcome | None:
@@ -544,27 +644,17 @@ class Pipeline:
             self._token = token_maker(self.settings)
         return self._token(forward_id)
 
-    def _new_forward(
-        self,
-        record: MessageRecord,
-        *,
-        kind: str,
-        destination: str | None = None,
-        department: str | None = None,
-        state: MessageState | None = MessageState.FORWARDING,
-    ) -> ForwardRecord:
-        if destination is None:
-            destination = record.destination or self.settings.smtp.triage_address
-            department = record.department if record.route == "department" else None
-        return self.state.add_forward(
-            record.id,
-            kind=kind,
-            destination=destination,
-            department=department,
-            domain=self.domain,
-            token=self._token_of,
-            state=state,
+    def _first_forward(self, route: str, department: str | None, address: str | None) -> NewForward:
+        """The forward of routed mail: to its department's address, or to triage."""
+        to_department = route == "department"
+        return self._spec(
+            "route" if to_department else "triage",
+            address or self.settings.smtp.triage_address,
+            department if to_department else None,
         )
+
+    def _spec(self, kind: str, destination: str, department: str | None) -> NewForward:
+        return NewForward(kind, destination, department, self.domain, self._token_of)
 
     def _facts(self, record: MessageRecord, forward: ForwardRecord, reason: str) -> ForwardFacts:
         return ForwardFacts(
@@ -580,15 +670,15 @@ class Pipeline:
 
     def _forward_pending(
         self, record: MessageRecord, incoming: Incoming, report: RoundReport
-    ) -> bool:
-        """Send the message's open forward; True when sending is over (sent or given up)."""
+    ) -> MessageRecord | None:
+        """Send the message's open forward: its record once sending is over (sent or given
+        up), ``None`` while it has to wait."""
         forward = self.state.open_forward(record.id)
         if forward is None:  # nothing left to send
-            self.state.update(record.id, MessageState.FORWARDED)
-            return True
+            return self.state.update(record.id, MessageState.FORWARDED)
         if self._smtp_down or self.sender is None:
             report.waiting += 1
-            return False
+            return None
         reason = "" if forward.kind == "route" else (record.reason or "")
         if forward.kind == "failure":
             failed = [f for f in self.state.forwards_of(record.id) if f.status == "failed"]
@@ -603,15 +693,8 @@ class Pipeline:
             headers_only=incoming.headers_only,
             size=incoming.size,
         )
-        smtp = self.settings.smtp
         try:
-            send_with_retry(
-                self.sender,
-                data,
-                forward.destination,
-                attempts=smtp.max_attempts,
-                backoff=smtp.backoff_seconds,
-            )
+            self.send_plain(data, forward.destination)
         except SmtpError as exc:
             return self._send_failed(record, forward, incoming, exc, report)
         self.state.forward_sent(
@@ -631,7 +714,9 @@ class Pipeline:
             to=forward.destination,
             message_id=forward.message_id,
         )
-        return True
+        return replace(
+            record, state=MessageState.FORWARDED, attempts=0, next_attempt_at=None, last_error=None
+        )
 
     def _notice(self, facts: ForwardFacts) -> Notice | None:
         if self.notice is None:
@@ -649,7 +734,7 @@ class Pipeline:
         incoming: Incoming,
         exc: SmtpError,
         report: RoundReport,
-    ) -> bool:
+    ) -> MessageRecord | None:
         if not exc.permanent:
             attempts = record.attempts + 1
             base = self.settings.smtp.defer_seconds
@@ -666,7 +751,7 @@ class Pipeline:
             report.deferred += 1
             event(log, "forward_deferred", logging.WARNING, id=record.id, code=exc.code,
                   error=str(exc), retry_in_s=round(delay, 1))  # fmt: skip
-            return False
+            return None
         report.failed += 1
         triage_address = self.settings.smtp.triage_address
         event(log, "forward_failed", logging.ERROR, id=record.id, to=forward.destination,
@@ -679,40 +764,37 @@ class Pipeline:
             last_error=str(exc),
         )
         if forward.kind != "failure" and forward.destination != triage_address:
-            self._new_forward(record, kind="failure", destination=triage_address, state=None)
+            self.state.add_forward(
+                record.id, self._spec("failure", triage_address, None), state=None
+            )
             return self._forward_pending(self.state.message(record.id), incoming, report)
-        self.state.update(record.id, MessageState.FORWARDED)
-        return True
+        return self.state.update(record.id, MessageState.FORWARDED)
 
     def _quarantine(
-        self,
-        incoming: Incoming,
-        uidvalidity: int,
-        exc: Exception,
-        filing: dict[str | None, list[tuple[int, int, MessageState]]],
-    ) -> None:
+        self, incoming: Incoming, uidvalidity: int, exc: Exception
+    ) -> MessageRecord | None:
+        """Record a message that met a bug as failed, to be filed in triage."""
         log.exception("processing uid %s failed", incoming.uid)
         if self.dry_run:
-            return
+            return None
         key, email = self.mailbox.key, incoming.email
         reason = f"internal error: {type(exc).__name__}: {exc}"[:500]
         record = self.state.find(key, uidvalidity, incoming.uid)
         values = {"route": "error", "reason": reason, "outcome": "failed", "folder": "triage"}
         if record is None:
-            record = self.state.add_message(
+            return self.state.add_message(
                 key, uidvalidity, incoming.uid, state=MessageState.CLASSIFIED,
                 content_hash=email.content_hash, message_id=email.message_id,
                 sender=email.sender, subject=email.subject, size=incoming.size, **values,
             )  # fmt: skip
-        else:
-            record = self.state.update(record.id, MessageState.CLASSIFIED, **values)
-        filing.setdefault("triage", []).append((incoming.uid, record.id, MessageState.FAILED))
+        return self.state.update(record.id, MessageState.CLASSIFIED, **values)
 
     # --- filing -----------------------------------------------------------------------------
 
-    def _file(
-        self, filing: dict[str | None, list[tuple[int, int, MessageState]]], report: RoundReport
-    ) -> None:
+    def _file(self, delivered: Delivered, report: RoundReport) -> None:
+        filing, part = delivered
+        for name in ("forwarded", "deferred", "failed", "waiting"):
+            setattr(report, name, getattr(report, name) + getattr(part, name))
         for target, items in filing.items():
             if target is not None:
                 self.mailbox.file([uid for uid, _, _ in items], target)
@@ -762,18 +844,14 @@ class Pipeline:
                 and (f.kind, f.destination, f.department) == (kind, destination, department)
             ),
             None,
-        ) or self._new_forward(
-            record, kind=kind, destination=destination, department=department, state=None
+        ) or self.state.add_forward(
+            record.id, self._spec(kind, destination, department), state=None
         )
         facts = self._facts(record, forward, reason)
         email = _parse(raw, self.settings.mailbox.max_message_bytes)
         data = compose_forward(raw, email, facts, self.settings, notice=self._notice(facts))
-        smtp = self.settings.smtp
         try:
-            send_with_retry(
-                self.sender, data, destination, attempts=smtp.max_attempts,
-                backoff=smtp.backoff_seconds,
-            )  # fmt: skip
+            self.send_plain(data, destination)
         except SmtpError as exc:
             if exc.permanent:
                 self.state.forward_failed(forward.forward_id, str(exc))
@@ -784,13 +862,18 @@ class Pipeline:
         return self.state.forward(forward.forward_id)
 
     def send_plain(self, data: bytes, recipient: str) -> None:
-        """Send a message the caller composed (a confirmation, a digest), with the retries."""
+        """Send a message the caller composed (a confirmation, a digest), with the retries.
+
+        Thread-safe: a correction handler may send while the sending thread forwards a batch.
+        """
         if self.sender is None:
             raise SmtpError("dry run: nothing is sent")
         smtp = self.settings.smtp
-        send_with_retry(
-            self.sender, data, recipient, attempts=smtp.max_attempts, backoff=smtp.backoff_seconds
-        )
+        with self._sending:
+            send_with_retry(
+                self.sender, data, recipient, attempts=smtp.max_attempts,
+                backoff=smtp.backoff_seconds,
+            )  # fmt: skip
 
 
 def fingerprint(incoming: Incoming) -> str:

@@ -28,9 +28,9 @@ import hashlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -267,6 +267,38 @@ class HistoryEntry:
     message_id: str
 
 
+@dataclass(frozen=True)
+class NewForward:
+    """A forward to create: its id, Message-ID and token are derived when it is recorded.
+
+    ``token`` is a callable ``forward_id -> str`` (see :func:`mailrouter.tokens.token_maker`).
+    """
+
+    kind: str
+    destination: str
+    department: str | None
+    domain: str
+    token: Callable[[str], str]
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """A message to record (see :meth:`State.add_messages`); ``extra`` holds the other columns."""
+
+    mailbox: str
+    uidvalidity: int
+    uid: int
+    content_hash: str
+    fingerprint: str = ""
+    message_id: str = ""
+    sender: str = ""
+    subject: str = ""
+    size: int = 0
+    state: MessageState = MessageState.NEW
+    extra: dict[str, Any] = field(default_factory=dict)
+    forward: NewForward | None = None
+
+
 _T = TypeVar("_T")
 
 
@@ -435,32 +467,54 @@ class State:
         **extra: Any,
     ) -> MessageRecord:
         """Record a message seen in the mailbox (``new`` unless said otherwise)."""
+        new = NewMessage(
+            mailbox, uidvalidity, uid, content_hash=content_hash, fingerprint=fingerprint,
+            message_id=message_id, sender=sender, subject=subject, size=size, state=state,
+            extra=extra,
+        )  # fmt: skip
+        return self.add_messages([new])[0][0]
+
+    def add_messages(
+        self, items: Sequence[NewMessage]
+    ) -> list[tuple[MessageRecord, ForwardRecord | None]]:
+        """Record several messages, each with its first forward when it has one, in one
+        transaction: a batch costs one commit instead of two per message."""
         stamp = now_iso()
-        values: dict[str, Any] = {
-            "mailbox": mailbox,
-            "uidvalidity": uidvalidity,
-            "uid": uid,
-            "content_hash": content_hash,
-            "fingerprint": fingerprint,
-            "message_id": message_id,
-            "sender": sender,
-            "subject": subject[:500],
-            "size": size,
-            "state": str(state),
-            "created": stamp,
-            "updated": stamp,
-            **extra,
-        }
-        columns = ", ".join(values)
-        marks = ", ".join("?" for _ in values)
+        ids = []
         with self.transaction() as conn:
-            rowid = conn.execute(
-                f"INSERT INTO messages ({columns}) VALUES ({marks})", tuple(values.values())
-            ).lastrowid
-            assert rowid is not None
-            if state != MessageState.NEW:
-                self._decide(conn, rowid)
-        return self.message(rowid)
+            for item in items:
+                values: dict[str, Any] = {
+                    "mailbox": item.mailbox,
+                    "uidvalidity": item.uidvalidity,
+                    "uid": item.uid,
+                    "content_hash": item.content_hash,
+                    "fingerprint": item.fingerprint,
+                    "message_id": item.message_id,
+                    "sender": item.sender,
+                    "subject": item.subject[:500],
+                    "size": item.size,
+                    "state": str(item.state),
+                    "created": stamp,
+                    "updated": stamp,
+                    **item.extra,
+                }
+                columns = ", ".join(values)
+                marks = ", ".join("?" for _ in values)
+                rowid = conn.execute(
+                    f"INSERT INTO messages ({columns}) VALUES ({marks})", tuple(values.values())
+                ).lastrowid
+                assert rowid is not None
+                if item.state != MessageState.NEW:
+                    self._decide(conn, rowid)
+                forward = item.forward
+                forward_id = None
+                if forward is not None:
+                    forward_id = self._insert_forward(conn, rowid, forward, MessageState.FORWARDING)
+                ids.append((rowid, forward_id))
+        return [
+            (self.message(rowid), self.forward(forward_id) if forward_id else None)
+            for rowid, forward_id in ids
+        ]
 
     def update(
         self, message: int, state: MessageState | None = None, **values: Any
@@ -525,55 +579,55 @@ class State:
     def add_forward(
         self,
         message: int,
+        spec: NewForward,
         *,
-        kind: str,
-        destination: str,
-        department: str | None,
-        domain: str,
-        token: Any,
         state: MessageState | None = MessageState.FORWARDING,
     ) -> ForwardRecord:
         """Create a forward (status ``pending``) with its Message-ID and token, and move the
-        message to ``state`` in the same transaction: both are on disk before anything is sent.
-
-        ``token`` is a callable ``forward_id -> str`` (see :func:`mailrouter.tokens.make_token`).
-        """
-        stamp = now_iso()
+        message to ``state`` in the same transaction: both are on disk before anything is sent."""
         with self.transaction() as conn:
-            row = conn.execute(
-                "SELECT mailbox, content_hash FROM messages WHERE id = ?", (message,)
-            ).fetchone()
-            n = conn.execute(
-                "SELECT COUNT(*) FROM forwards WHERE message = ? AND kind = ?", (message, kind)
-            ).fetchone()[0]
-            forward_id = forward_id_for(row["mailbox"], row["content_hash"], kind, n)
-            while conn.execute(
-                "SELECT 1 FROM forwards WHERE forward_id = ?", (forward_id,)
-            ).fetchone():
-                n += 1
-                forward_id = forward_id_for(row["mailbox"], row["content_hash"], kind, n)
-            header = f"<fwd-{forward_id}@{domain}>"
-            conn.execute(
-                "INSERT INTO forwards (forward_id, message, kind, destination, department, "
-                "message_id, token, status, created) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
-                (
-                    forward_id,
-                    message,
-                    kind,
-                    destination,
-                    department,
-                    header,
-                    token(forward_id),
-                    stamp,
-                ),
-            )
-            if state is not None:
-                conn.execute(
-                    "UPDATE messages SET state = ?, updated = ? WHERE id = ?",
-                    (str(state), stamp, message),
-                )
-                self._decide(conn, message)
+            forward_id = self._insert_forward(conn, message, spec, state)
         return self.forward(forward_id)
+
+    def _insert_forward(
+        self,
+        conn: sqlite3.Connection,
+        message: int,
+        spec: NewForward,
+        state: MessageState | None,
+    ) -> str:
+        stamp = now_iso()
+        row = conn.execute(
+            "SELECT mailbox, content_hash FROM messages WHERE id = ?", (message,)
+        ).fetchone()
+        n = conn.execute(
+            "SELECT COUNT(*) FROM forwards WHERE message = ? AND kind = ?", (message, spec.kind)
+        ).fetchone()[0]
+        forward_id = forward_id_for(row["mailbox"], row["content_hash"], spec.kind, n)
+        while conn.execute("SELECT 1 FROM forwards WHERE forward_id = ?", (forward_id,)).fetchone():
+            n += 1
+            forward_id = forward_id_for(row["mailbox"], row["content_hash"], spec.kind, n)
+        conn.execute(
+            "INSERT INTO forwards (forward_id, message, kind, destination, department, "
+            "message_id, token, status, created) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+            (
+                forward_id,
+                message,
+                spec.kind,
+                spec.destination,
+                spec.department,
+                f"<fwd-{forward_id}@{spec.domain}>",
+                spec.token(forward_id),
+                stamp,
+            ),
+        )
+        if state is not None:
+            conn.execute(
+                "UPDATE messages SET state = ?, updated = ? WHERE id = ?",
+                (str(state), stamp, message),
+            )
+            self._decide(conn, message)
+        return forward_id
 
     def forward(self, forward_id: str) -> ForwardRecord:
         rows = self.query("SELECT * FROM forwards WHERE forward_id = ?", (forward_id,))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from unidecode import unidecode
 
 from mailrouter.config import default_departments
-from mailrouter.prompt import PromptOptions, build_prompt, prefix, render_chat
+from mailrouter.prompt import PromptOptions, _ascii, build_prompt, prefix, render_chat
 
 DEPS = default_departments()
 
@@ -50,6 +51,13 @@ def test_prefix_is_identical_for_every_email(body: str, subject: str) -> None:
 @given(st.text())
 def test_prompt_is_ascii_when_accents_are_stripped(body: str) -> None:
     assert build_prompt(body, DEPS).isascii()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_transliteration_is_unidecode(text: str) -> None:
+    """Only the non-ASCII stretches go through unidecode: the result must be the same."""
+    assert _ascii(text) == unidecode(text)
 
 
 def test_raw_rendering_is_the_mistral_user_turn() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mailrouter.state import MIGRATIONS, MessageState, State, StateError
+from mailrouter.state import MIGRATIONS, MessageState, NewForward, State, StateError
 
 
 def _add(db: State, uid: int = 1, **extra: object) -> int:
@@ -50,10 +50,8 @@ def test_lifecycle_and_history(tmp_path: Path) -> None:
     with State(tmp_path / "s.db") as state:
         mid = _add(state, state=MessageState.CLASSIFIED, route="department", department="RH",
                    destination="rh@x.org", outcome="filed", folder="routed")  # fmt: skip
-        forward = state.add_forward(
-            mid, kind="route", destination="rh@x.org", department="RH", domain="corp.example",
-            token=lambda fid: f"t-{fid}",
-        )  # fmt: skip
+        spec = NewForward("route", "rh@x.org", "RH", "corp.example", lambda fid: f"t-{fid}")
+        forward = state.add_forward(mid, spec)
         assert forward.message_id == f"<fwd-{forward.forward_id}@corp.example>"
         assert forward.token == f"t-{forward.forward_id}" and forward.status == "pending"
         assert state.message(mid).state == MessageState.FORWARDING

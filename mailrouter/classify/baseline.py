@@ -1,4 +1,4 @@
-"""The baseline: TF-IDF (word 1-2 grams + character 2-5 grams) and logistic regression.
+"""The baseline: TF-IDF (word 1-2 grams + character 3-4 grams) and logistic regression.
 
 It reads exactly the email part of the one prompt (subject, sender domain, body; truncated and
 accents stripped the same way), trains on the train and valid splits in a second or two, and is the
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from ..config import Department, Settings
 
 #: Bumped when the features or the model change, so an old cache is not reused.
-MODEL_VERSION = 1
+MODEL_VERSION = 2
 TRAIN_SPLITS = ("train", "valid")
 
 
@@ -59,8 +59,10 @@ def _pipeline() -> Pipeline:
             ),
             (
                 "chars",
+                # 3-4 grams: as accurate here as 2-5 (5-fold CV 0.878 against 0.875 on the
+                # starter data) at 0.6 of the cost; character n-grams are most of the time.
                 TfidfVectorizer(
-                    analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, lowercase=True
+                    analyzer="char_wb", ngram_range=(3, 4), sublinear_tf=True, lowercase=True
                 ),
             ),
         ]
