@@ -24,6 +24,7 @@ small helpers.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sqlite3
 import threading
@@ -302,8 +303,13 @@ class NewMessage:
 _T = TypeVar("_T")
 
 
+@functools.cache
+def _names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls))
+
+
 def _row(cls: type[_T], row: sqlite3.Row) -> _T:
-    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    names = _names(cls)
     data = {k: row[k] for k in row.keys() if k in names}  # noqa: SIM118
     if cls is MessageRecord:
         data["state"] = MessageState(data["state"])
@@ -511,10 +517,20 @@ class State:
                 if forward is not None:
                     forward_id = self._insert_forward(conn, rowid, forward, MessageState.FORWARDING)
                 ids.append((rowid, forward_id))
-        return [
-            (self.message(rowid), self.forward(forward_id) if forward_id else None)
-            for rowid, forward_id in ids
-        ]
+            messages = self._rows(MessageRecord, "messages", "id", [m for m, _ in ids])
+            forwards = self._rows(ForwardRecord, "forwards", "forward_id", [f for _, f in ids if f])
+        return [(messages[m], forwards[f] if f else None) for m, f in ids]
+
+    def _rows(self, cls: type[_T], table: str, key: str, values: Sequence[Any]) -> dict[Any, _T]:
+        """Records by key, read in chunks (SQLite allows 999 parameters in old versions)."""
+        out: dict[Any, _T] = {}
+        for start in range(0, len(values), 500):
+            chunk = values[start : start + 500]
+            marks = ", ".join("?" for _ in chunk)
+            sql = f"SELECT * FROM {table} WHERE {key} IN ({marks})"
+            for row in self.conn.execute(sql, chunk):
+                out[row[key]] = _row(cls, row)
+        return out
 
     def update(
         self, message: int, state: MessageState | None = None, **values: Any
@@ -688,15 +704,13 @@ class State:
     ) -> None:
         stamp = now_iso()
         with self.transaction() as conn:
-            conn.execute(
+            row = conn.execute(
                 "UPDATE forwards SET status = ?, attempts = attempts + 1, last_error = ?, "
-                "sent = CASE WHEN ? = 'sent' THEN ? ELSE sent END WHERE forward_id = ?",
+                "sent = CASE WHEN ? = 'sent' THEN ? ELSE sent END WHERE forward_id = ? "
+                "RETURNING message",
                 (status, error, status, stamp, forward_id),
-            )
+            ).fetchone()
             if message_state is not None or values:
-                row = conn.execute(
-                    "SELECT message FROM forwards WHERE forward_id = ?", (forward_id,)
-                ).fetchone()
                 updates = dict(values, updated=stamp)
                 if message_state is not None:
                     updates["state"] = str(message_state)

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailrouter.classify import make_classifier
 from mailrouter.classify.base import Classifier, ClassifyInput
-from mailrouter.classify.baseline import BaselineClassifier, email_text
+from mailrouter.classify.baseline import BaselineClassifier, char_grams, email_text
 from mailrouter.config import default_departments, load_settings
 from mailrouter.dataset import Example
 from mailrouter.errors import ClassifierError
@@ -22,6 +24,15 @@ DEPS = default_departments()
 @pytest.fixture(scope="module")
 def fitted() -> BaselineClassifier:
     return BaselineClassifier.fit(sample_examples(), DEPS)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_character_grams_are_scikit_learns_char_wb(text: str) -> None:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    analyzer = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 4)).build_analyzer()
+    assert sorted(char_grams(text)) == sorted(analyzer(text))
 
 
 def test_reads_the_email_part_of_the_one_prompt() -> None:

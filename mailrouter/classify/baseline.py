@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from ..config import Department, Settings
 
 #: Bumped when the features or the model change, so an old cache is not reused.
-MODEL_VERSION = 2
+MODEL_VERSION = 3
 TRAIN_SPLITS = ("train", "valid")
 
 
@@ -42,6 +42,23 @@ def email_text(
     """The email part of the prompt: the prompt without its fixed prefix, built by prompt.py."""
     prompt = item.prompt(departments, options)
     return prompt[len(prefix(departments, strip_accents=options.strip_accents)) :]
+
+
+@functools.lru_cache(maxsize=16384)
+def _word_grams(word: str) -> tuple[str, ...]:
+    padded = f" {word} "
+    return tuple(padded[i : i + n] for n in (3, 4) for i in range(len(padded) - n + 1))
+
+
+def char_grams(text: str) -> list[str]:
+    """Character 3-4 grams within words, the n-grams scikit-learn's ``char_wb`` analyzer makes,
+    each distinct word cut once per process: mail repeats its words, and cutting them was a
+    third of classifying. (3-4 grams score like 2-5 grams here, 5-fold CV 0.878 against 0.875 on
+    the starter data, for 0.6 of the cost.)"""
+    grams: list[str] = []
+    for word in text.lower().split():
+        grams.extend(_word_grams(word))
+    return grams
 
 
 def _pipeline() -> Pipeline:
@@ -57,14 +74,7 @@ def _pipeline() -> Pipeline:
                     analyzer="word", ngram_range=(1, 2), sublinear_tf=True, lowercase=True
                 ),
             ),
-            (
-                "chars",
-                # 3-4 grams: as accurate here as 2-5 (5-fold CV 0.878 against 0.875 on the
-                # starter data) at 0.6 of the cost; character n-grams are most of the time.
-                TfidfVectorizer(
-                    analyzer="char_wb", ngram_range=(3, 4), sublinear_tf=True, lowercase=True
-                ),
-            ),
+            ("chars", TfidfVectorizer(analyzer=char_grams, sublinear_tf=True)),
         ]
     )
     model = LogisticRegression(C=10.0, max_iter=2000, class_weight="balanced")
