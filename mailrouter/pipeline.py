@@ -44,7 +44,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -88,6 +88,13 @@ ROUTE_END = {
     "ignore": (MessageState.IGNORED, "triage"),
 }
 FORWARDING_ROUTES = ("department", "triage")
+#: At most this many bytes of mail in a batch: two batches are in memory at once (one being
+#: sent, the next being read), whatever the size of the mail in the folder.
+BATCH_BYTES = 64 * 1024 * 1024
+#: What a message too large to read whole weighs in a batch (only its header is fetched).
+HEADER_BYTES = 64 * 1024
+#: UIDs per size lookup: one FETCH command line stays well under servers' 64 KB limits.
+SIZES_PER_FETCH = 1000
 
 
 @dataclass(frozen=True)
@@ -286,17 +293,14 @@ class Pipeline:
             r.uid: r for r in self.state.pending(key, due=due) if r.uidvalidity == uidvalidity
         }
         todo = [u for u in in_box if u not in known or (u in resumable and not self.dry_run)]
-        size = self.settings.mailbox.batch_size
         halt = threading.Event()  # set when the main thread fails: the worker stops early
         sending: Future[Delivered] | None = None
         with ThreadPoolExecutor(1, thread_name_prefix="mailrouter-send") as worker:
             try:
-                for start in range(0, len(todo), size):
+                for batch, sizes in self._batches(todo):
                     if stop.is_set():
                         break
-                    ready = self._prepare_batch(
-                        todo[start : start + size], resumable, uidvalidity, report, stop
-                    )
+                    ready = self._prepare_batch(batch, sizes, resumable, uidvalidity, report, stop)
                     queued = worker.submit(self._deliver, ready, uidvalidity, stop, halt)
                     if sending is not None:
                         self._file(sending.result(), report)
@@ -308,16 +312,39 @@ class Pipeline:
         if not self.dry_run and not stop.is_set():
             self._settle(set(in_box), uidvalidity)
 
+    def _batches(self, todo: Sequence[int]) -> Iterator[tuple[list[int], dict[int, int]]]:
+        """``todo`` cut in batches of at most ``mailbox.batch_size`` messages and
+        :data:`BATCH_BYTES` bytes (a larger message goes alone), with the sizes of their
+        messages. A message read only by its header counts for :data:`HEADER_BYTES`. UIDs that
+        left the folder meanwhile are dropped."""
+        count, limit = self.settings.mailbox.batch_size, self.settings.mailbox.max_message_bytes
+        for start in range(0, len(todo), SIZES_PER_FETCH):
+            sizes = self.mailbox.sizes(todo[start : start + SIZES_PER_FETCH])
+            batch: list[int] = []
+            total = 0
+            for uid in todo[start : start + SIZES_PER_FETCH]:
+                if uid not in sizes:
+                    continue
+                weight = sizes[uid] if sizes[uid] <= limit else HEADER_BYTES
+                if batch and (len(batch) >= count or total + weight > BATCH_BYTES):
+                    yield batch, sizes
+                    batch, total = [], 0
+                batch.append(uid)
+                total += weight
+            if batch:
+                yield batch, sizes
+
     def _prepare_batch(
         self,
         uids: Sequence[int],
+        sizes: dict[int, int],
         resumable: dict[int, MessageRecord],
         uidvalidity: int,
         report: RoundReport,
         stop: threading.Event,
     ) -> list[tuple[Incoming, MessageRecord]]:
         """Read, classify and record a batch: what is left to send and file, in order."""
-        incomings = self._read(uids)
+        incomings = self._read(uids, sizes)
         self._predictions = self._classify_batch([i for i in incomings if i.uid not in resumable])
         records: dict[int, MessageRecord] = {}
         plans: list[NewMessage] = []
@@ -361,9 +388,8 @@ class Pipeline:
         started_in, _, first = marker.partition(":")
         return int(first) if int(started_in) == uidvalidity else 1
 
-    def _read(self, uids: Sequence[int]) -> list[Incoming]:
+    def _read(self, uids: Sequence[int], sizes: dict[int, int]) -> list[Incoming]:
         limit = self.settings.mailbox.max_message_bytes
-        sizes = self.mailbox.sizes(uids)
         large = [u for u in uids if sizes.get(u, 0) > limit]
         raws = self.mailbox.fetch([u for u in uids if u in sizes and u not in large])
         heads = self.mailbox.fetch(large, headers_only=True)

@@ -313,6 +313,39 @@ def test_too_large_mail_goes_to_triage_with_its_headers(
     assert _states(settings) == {"triaged": 1}
 
 
+def test_batches_are_capped_in_bytes_and_all_mail_is_routed(
+    dataset: Path,
+    imap_account: ImapAccount,
+    smtp_sink: SmtpSink,
+    make_mail_config: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two batches are in memory at once: a batch holds at most BATCH_BYTES of mail (a larger
+    message alone, a message read by its header for HEADER_BYTES), whatever batch_size says."""
+    import mailrouter.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "BATCH_BYTES", 6000)
+    monkeypatch.setattr(pipeline_module, "HEADER_BYTES", 100)
+    settings = load_settings(make_mail_config(mailbox={"max_message_bytes": 20_000}))
+    small = [make_email(f"Facture {i}", "Relance facture impayee. " * 40) for i in range(5)]
+    mails = [*small[:2], make_email("Devis", "Un devis. " + "y" * 9000), *small[2:]]
+    mails.append(make_email("Gros", "z" * 30_000))  # over max_message_bytes: its header only
+    imap_account.append(mails)
+    pipeline = Pipeline(settings)
+    try:
+        pipeline.mailbox.connect()
+        batches = [uids for uids, _ in pipeline._batches(pipeline.mailbox.pending_uids())]
+        report = pipeline.run_once()
+    finally:
+        pipeline.close()
+    sizes = [len(m) for m in mails]
+    assert [u for b in batches for u in b] == list(range(1, 8))
+    assert [len(b) for b in batches] == [2, 1, 4]  # 2 small; the large one alone; 3 small + head
+    assert all(sum(sizes[u - 1] for u in b if u != 7) <= 6000 for b in batches if len(b) > 1)
+    assert report.filed == 7 and report.forwarded == 7
+    assert len(smtp_sink.delivered()) == 7
+
+
 def test_cli_serve_once_dry_run_and_history(
     dataset: Path, imap_account: ImapAccount, smtp_sink: SmtpSink, mail_config: Path
 ) -> None:
