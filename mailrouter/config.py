@@ -138,11 +138,16 @@ class SmtpSettings(_Section):
 
 
 class ClassifierSettings(_Section):
+    """``baseline_threshold`` applies to the embedded baseline's answers: its probabilities are
+    spread over every department, so they run lower than an LLM's for the same certainty (at
+    0.4 it routes about 80 % of the starter data's held-out mail, 93–96 % of it right)."""
+
     backend: Literal["ollama", "baseline", "mlx"] = "ollama"
     ollama_host: str = "http://127.0.0.1:11434"
     model: str = "mailrouter:latest"
     zero_shot_model: str = "mistral"
     confidence_threshold: float = Field(default=0.6, ge=0, le=1)
+    baseline_threshold: float = Field(default=0.4, ge=0, le=1)
     strip_accents: bool = True
     max_chars: int = Field(default=2000, ge=100)
     on_error: Literal["wait", "triage"] = "wait"
@@ -151,6 +156,12 @@ class ClassifierSettings(_Section):
     keep_alive: str = "30m"
     num_predict: int = Field(default=8, ge=1)
     retry_seconds: float = Field(default=30, ge=0)
+
+    def threshold_for(self, model: str) -> float:
+        """The confidence below which an answer of ``model`` goes to triage."""
+        return (
+            self.baseline_threshold if model.startswith("baseline@") else self.confidence_threshold
+        )
 
 
 class TrainingSettings(_Section):

@@ -298,7 +298,8 @@ class Demo:
         )
         s.triaged = sum(1 for d in report.decisions if d.route == "triage")
         s.misrouted = s.emails - s.as_labelled - s.triaged
-        threshold = settings.classifier.confidence_threshold
+        model = next((d.model for d in report.decisions if d.model), "")
+        threshold = settings.classifier.threshold_for(model)
         self.say(
             f"{report.forwarded} forwarded, {report.filed} filed in {report.seconds:.1f} s "
             f"({len(sink.delivered())} messages in the SMTP sink). {_routing(s)}, "

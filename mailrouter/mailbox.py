@@ -138,6 +138,7 @@ class Mailbox:
         self._delimiter = "/"
         self._ready_folders: set[str] = set()
         self.reconnects = 0
+        self._idle_failures = 0  # IDLE waits that broke in a row
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> Mailbox:
@@ -390,22 +391,40 @@ class Mailbox:
 
         def idle(client: IMAPClient) -> bool:
             client.idle()
+            changed = False
             try:
-                while not stop.is_set():
+                while not stop.is_set() and not changed:
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        return False
+                        break
+                    asked = time.monotonic()
                     responses = client.idle_check(timeout=min(1.0, left))
-                    if any(_is_change(r) for r in responses):
-                        return True
-                return False
+                    # Nothing, early: imapclient swallowed an end of file or a cut line.
+                    if not responses and time.monotonic() - asked < min(1.0, left) / 2:
+                        raise ConnectionError("IDLE ended without a response")
+                    if any(r[:1] == (b"BYE",) for r in responses if isinstance(r, tuple)):
+                        raise ConnectionError("the server ended the session during IDLE")
+                    changed = any(_is_change(r) for r in responses)
             finally:
                 client.idle_done()
+            return changed
 
+        assert self._client is not None
         try:
-            return self._call("waiting (IDLE)", idle)
-        except UidValidityChanged:
-            return True
+            changed = idle(self._client)
+        except Exception as exc:
+            # imapclient reads IDLE responses on a non-blocking socket and can lose half a line
+            # the server sent in two parts (the change it announced with it): whatever broke,
+            # look at the folder rather than wait again. Repeated failures fall back to polling.
+            self._drop()
+            self._idle_failures += 1
+            event(log, "imap_idle_reset", logging.WARNING, failures=self._idle_failures,
+                  error=str(_map_error(exc, "waiting (IDLE)")))  # fmt: skip
+            if self._idle_failures >= 3:
+                stop.wait(min(timeout, self.settings.poll_seconds))
+            return not stop.is_set()
+        self._idle_failures = 0
+        return changed
 
 
 def _is_change(response: Any) -> bool:

@@ -104,7 +104,7 @@ def decide(
         department = settings.department(prediction.label)
     except KeyError:
         return triage(settings, f"label {prediction.label!r} is not a configured department")
-    threshold = settings.classifier.confidence_threshold
+    threshold = settings.classifier.threshold_for(prediction.model)
     if prediction.confidence < threshold:
         return triage(
             settings,

@@ -87,7 +87,7 @@ def expected_route(prediction: Prediction, email: Email, settings: Settings) -> 
     if prediction.label is None:
         return "triage", None, triage
     department = settings.department(prediction.label)
-    if prediction.confidence < settings.classifier.confidence_threshold:
+    if prediction.confidence < settings.classifier.threshold_for(prediction.model):
         return "triage", department.name, triage
     if department.action == "spam":
         return "spam", department.name, None

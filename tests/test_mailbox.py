@@ -146,6 +146,23 @@ def test_idle_wakes_on_new_mail_and_on_stop(imap_account: ImapAccount) -> None:
         mailbox.close()
 
 
+def test_idle_broken_by_the_server_means_look_now(
+    dovecot: DovecotServer, imap_account: ImapAccount
+) -> None:
+    """A connection that breaks during IDLE may have carried the news of new mail: the wait
+    ends at once (the caller looks at the folder) instead of waiting again on a new session."""
+    mailbox = _mailbox(imap_account)
+    try:
+        mailbox.connect()
+        threading.Timer(0.5, dovecot.kick, [imap_account.username]).start()
+        started = time.monotonic()
+        assert mailbox.wait_for_changes(20) is True
+        assert time.monotonic() - started < 10
+        assert mailbox.pending_uids() == []  # reconnected for the next command
+    finally:
+        mailbox.close()
+
+
 def test_polling_without_idle(imap_account: ImapAccount) -> None:
     mailbox = _mailbox(imap_account, idle=False)
     try:

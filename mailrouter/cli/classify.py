@@ -115,7 +115,7 @@ def evaluate(
     if not examples:
         raise DatasetError(f"the {split} split of {current.examples_path} is empty")
     classifier = make_classifier(current, _backend(backend))
-    threshold = current.classifier.confidence_threshold
+    threshold = current.classifier.threshold_for(classifier.name)
     if backend == "baseline" or (backend is None and current.classifier.backend == "baseline"):
         result = run_evaluation(classifier, examples, current.departments, threshold)
     else:

@@ -323,7 +323,12 @@ class _Run:
         started = time.monotonic()
         train = [e for e in examples if e.split in ("train", "valid")]
         baseline_model = BaselineClassifier.fit(train, settings.departments, options)
-        baseline = evaluate(baseline_model, test, settings.departments, threshold)
+        baseline = evaluate(
+            baseline_model,
+            test,
+            settings.departments,
+            settings.classifier.threshold_for(baseline_model.name),
+        )
         self._timed("evaluate_baseline", started)
         self.metrics["baseline"] = _summary(baseline)
 
