@@ -485,6 +485,8 @@ class State:
     ) -> list[tuple[MessageRecord, ForwardRecord | None]]:
         """Record several messages, each with its first forward when it has one, in one
         transaction: a batch costs one commit instead of two per message."""
+        if not items:
+            return []
         stamp = now_iso()
         ids = []
         with self.transaction() as conn:
