@@ -44,7 +44,7 @@ def email_text(
     return prompt[len(prefix(departments, strip_accents=options.strip_accents)) :]
 
 
-@functools.lru_cache(maxsize=16384)
+@functools.lru_cache(maxsize=4096)  # about 4 MB when full: a service's mail reuses its words
 def _word_grams(word: str) -> tuple[str, ...]:
     padded = f" {word} "
     return tuple(padded[i : i + n] for n in (3, 4) for i in range(len(padded) - n + 1))
