@@ -183,6 +183,34 @@ def test_the_same_correction_twice_gives_one_example_and_one_forward(
         assert [r.status for r in list_corrections(state)] == ["applied"]
 
 
+def test_a_correction_between_batches_being_sent_is_applied_once(
+    dataset: Dataset,
+    make_mail_config: Callable[..., Path],
+    imap_account: ImapAccount,
+    smtp_sink: SmtpSink,
+) -> None:
+    """One message a batch: the correction's re-forward and confirmation are sent from the main
+    thread while the sending thread forwards the batches around it, on the one connection."""
+    settings = load_settings(make_mail_config(mailbox={"batch_size": 1}))
+    forward = route_invoice_to_support(settings, imap_account, smtp_sink)
+    customers = [
+        make_email(f"Question {i}", f"Bonjour, question {i} sur mon compte.", sender=f"c{i}@x.test")
+        for i in range(6)
+    ]
+    imap_account.append([*customers[:3], staff_reply(forward, "Finance"), *customers[3:]])
+    report = run(settings)
+
+    assert sorted(d.route for d in report.decisions) == ["correction"] + ["department"] * 6
+    assert len(to(smtp_sink, "finance@example.com")) == 1
+    assert len(to(smtp_sink, STAFF)) == 1
+    assert len(to(smtp_sink, "support@example.com")) == 1 + 6
+    ids = [d.header("X-MailRouter-Forward-Id") for d in forwards(smtp_sink)]
+    assert len(ids) == len(set(ids)) == 1 + 6 + 1
+    with State(settings.state_path) as state:
+        assert [r.status for r in list_corrections(state)] == ["applied"]
+        assert state.pending() == []
+
+
 def test_a_later_correction_supersedes_the_earlier_one(
     settings: Settings, imap_account: ImapAccount, smtp_sink: SmtpSink, dataset: Dataset
 ) -> None:
