@@ -460,16 +460,16 @@ class Pipeline:
         message a handler claimed is recorded at once, since the handler has already acted.
         """
         email, key = incoming.email, self.mailbox.key
-        print_ = fingerprint(incoming)
-        if email.content_hash in planned or (print_ and print_ in planned):
+        mail_fingerprint = fingerprint(incoming)
+        if email.content_hash in planned or (mail_fingerprint and mail_fingerprint in planned):
             report.waiting += 1  # a copy of a message of this batch: next round files it
             return None
-        copy = self.state.find_copy(key, email.content_hash, print_)
+        copy = self.state.find_copy(key, email.content_hash, mail_fingerprint)
         if copy is not None:
             return self._copy_of(copy, incoming, uidvalidity, report)
         identity = {
             "content_hash": email.content_hash,
-            "fingerprint": print_,
+            "fingerprint": mail_fingerprint,
             "message_id": email.message_id,
             "sender": email.sender,
             "subject": email.subject,
