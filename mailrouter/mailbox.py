@@ -385,33 +385,11 @@ class Mailbox:
         stop = stop_event or threading.Event()
         self.connect()
         if not (self.settings.idle and "IDLE" in self.capabilities):
-            stop.wait(min(timeout, self.settings.poll_seconds))
-            return not stop.is_set()
+            return self._poll(timeout, stop)
         deadline = time.monotonic() + min(timeout, self.settings.idle_seconds)
-
-        def idle(client: IMAPClient) -> bool:
-            client.idle()
-            changed = False
-            try:
-                while not stop.is_set() and not changed:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    asked = time.monotonic()
-                    responses = client.idle_check(timeout=min(1.0, left))
-                    # Nothing, early: imapclient swallowed an end of file or a cut line.
-                    if not responses and time.monotonic() - asked < min(1.0, left) / 2:
-                        raise ConnectionError("IDLE ended without a response")
-                    if any(r[:1] == (b"BYE",) for r in responses if isinstance(r, tuple)):
-                        raise ConnectionError("the server ended the session during IDLE")
-                    changed = any(_is_change(r) for r in responses)
-            finally:
-                client.idle_done()
-            return changed
-
         assert self._client is not None
         try:
-            changed = idle(self._client)
+            changed = self._idle(self._client, deadline, stop)
         except Exception as exc:
             # imapclient reads IDLE responses on a non-blocking socket and can lose half a line
             # the server sent in two parts (the change it announced with it): whatever broke,
@@ -420,10 +398,34 @@ class Mailbox:
             self._idle_failures += 1
             event(log, "imap_idle_reset", logging.WARNING, failures=self._idle_failures,
                   error=str(_map_error(exc, "waiting (IDLE)")))  # fmt: skip
-            if self._idle_failures >= 3:
-                stop.wait(min(timeout, self.settings.poll_seconds))
-            return not stop.is_set()
+            return self._poll(timeout, stop) if self._idle_failures >= 3 else not stop.is_set()
         self._idle_failures = 0
+        return changed
+
+    def _poll(self, timeout: float, stop: threading.Event) -> bool:
+        stop.wait(min(timeout, self.settings.poll_seconds))
+        return not stop.is_set()
+
+    @staticmethod
+    def _idle(client: IMAPClient, deadline: float, stop: threading.Event) -> bool:
+        """IDLE until a change, the deadline or ``stop``; raises when the session breaks."""
+        client.idle()
+        changed = False
+        try:
+            while not stop.is_set() and not changed:
+                wait = min(1.0, deadline - time.monotonic())
+                if wait <= 0:
+                    break
+                asked = time.monotonic()
+                responses = client.idle_check(timeout=wait)
+                # Nothing, early: imapclient swallowed an end of file or a cut line.
+                if not responses and time.monotonic() - asked < wait / 2:
+                    raise ConnectionError("IDLE ended without a response")
+                if any(r[:1] == (b"BYE",) for r in responses if isinstance(r, tuple)):
+                    raise ConnectionError("the server ended the session during IDLE")
+                changed = any(_is_change(r) for r in responses)
+        finally:
+            client.idle_done()
         return changed
 
 
