@@ -88,6 +88,8 @@ ROUTE_END = {
     "ignore": (MessageState.IGNORED, "triage"),
 }
 FORWARDING_ROUTES = ("department", "triage")
+#: A sent forward ends the message's retries: what is written, and what its record then holds.
+RETRY_CLEARED: dict[str, Any] = {"attempts": 0, "next_attempt_at": None, "last_error": None}
 #: At most this many bytes of mail in a batch: two batches are in memory at once (one being
 #: sent, the next being read), whatever the size of the mail in the folder.
 BATCH_BYTES = 64 * 1024 * 1024
@@ -464,9 +466,6 @@ class Pipeline:
         if email.content_hash in planned or (mail_fingerprint and mail_fingerprint in planned):
             report.waiting += 1  # a copy of a message of this batch: next round files it
             return None
-        copy = self.state.find_copy(key, email.content_hash, mail_fingerprint)
-        if copy is not None:
-            return self._copy_of(copy, incoming, uidvalidity, report)
         identity = {
             "content_hash": email.content_hash,
             "fingerprint": mail_fingerprint,
@@ -475,6 +474,9 @@ class Pipeline:
             "subject": email.subject,
             "size": incoming.size,
         }
+        copy = self.state.find_copy(key, email.content_hash, mail_fingerprint)
+        if copy is not None:
+            return self._copy_of(copy, incoming, uidvalidity, report, identity)
         try:
             outcome = self._handle(incoming)
         except SmtpError as exc:  # a temporary one: the handler could not send yet
@@ -527,7 +529,12 @@ class Pipeline:
         )
 
     def _copy_of(
-        self, copy: MessageRecord, incoming: Incoming, uidvalidity: int, report: RoundReport
+        self,
+        copy: MessageRecord,
+        incoming: Incoming,
+        uidvalidity: int,
+        report: RoundReport,
+        identity: dict[str, Any],
     ) -> MessageRecord | NewMessage | None:
         """Another copy of mail already known: adopt it, file it like the first, or wait."""
         if not copy.final and copy.uidvalidity != uidvalidity:
@@ -544,16 +551,12 @@ class Pipeline:
         self._report(report, incoming, "duplicate", copy.department, None, None, reason)
         if self.dry_run:
             return None
-        email = incoming.email
         return NewMessage(
-            self.mailbox.key, uidvalidity, incoming.uid, state=MessageState.CLASSIFIED,
-            content_hash=email.content_hash, fingerprint=fingerprint(incoming),
-            message_id=email.message_id, sender=email.sender, subject=email.subject,
-            size=incoming.size, extra={
+            self.mailbox.key, uidvalidity, incoming.uid, state=MessageState.CLASSIFIED, extra={
                 "route": "duplicate", "reason": reason, "department": copy.department,
                 "duplicate_of": copy.id, "outcome": str(MessageState.IGNORED),
                 "folder": copy.folder,
-            },
+            }, **identity,
         )  # fmt: skip
 
     def _handle(self, incoming: Incoming) -> Outcome | None:
@@ -724,11 +727,7 @@ class Pipeline:
         except SmtpError as exc:
             return self._send_failed(record, forward, incoming, exc, report)
         self.state.forward_sent(
-            forward.forward_id,
-            message_state=MessageState.FORWARDED,
-            attempts=0,
-            next_attempt_at=None,
-            last_error=None,
+            forward.forward_id, message_state=MessageState.FORWARDED, **RETRY_CLEARED
         )
         report.forwarded += 1
         event(
@@ -740,9 +739,7 @@ class Pipeline:
             to=forward.destination,
             message_id=forward.message_id,
         )
-        return replace(
-            record, state=MessageState.FORWARDED, attempts=0, next_attempt_at=None, last_error=None
-        )
+        return replace(record, state=MessageState.FORWARDED, **RETRY_CLEARED)
 
     def _notice(self, facts: ForwardFacts) -> Notice | None:
         if self.notice is None:
