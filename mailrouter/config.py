@@ -137,6 +137,10 @@ class SmtpSettings(_Section):
     defer_seconds: float = Field(default=60.0, ge=0)
 
 
+#: How the embedded baseline's model versions are named (``baseline@<data hash>``).
+BASELINE_MODEL_PREFIX = "baseline@"
+
+
 class ClassifierSettings(_Section):
     """``baseline_threshold`` applies to the embedded baseline's answers: its probabilities are
     spread over every department, so they run lower than an LLM's for the same certainty (at
@@ -160,7 +164,9 @@ class ClassifierSettings(_Section):
     def threshold_for(self, model: str) -> float:
         """The confidence below which an answer of ``model`` goes to triage."""
         return (
-            self.baseline_threshold if model.startswith("baseline@") else self.confidence_threshold
+            self.baseline_threshold
+            if model.startswith(BASELINE_MODEL_PREFIX)
+            else self.confidence_threshold
         )
 
 

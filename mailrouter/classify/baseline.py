@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..config import BASELINE_MODEL_PREFIX
 from ..dataset import Dataset, Example, atomic_write_bytes
 from ..errors import ClassifierError
 from ..prompt import PromptOptions, prefix
@@ -118,7 +119,7 @@ class BaselineClassifier:
         _one_thread()
         pipeline.fit(texts, [e.label for e in rows])
         if name is None:
-            name = f"baseline@{_rows_hash(rows)[:8]}"
+            name = _model_name(_rows_hash(rows))
         return cls(pipeline=pipeline, departments=deps, options=options, name=name)
 
     @classmethod
@@ -135,7 +136,7 @@ class BaselineClassifier:
                 pipeline=cached,
                 departments=list(settings.departments),
                 options=options,
-                name=f"baseline@{data_hash[:8]}",
+                name=_model_name(data_hash),
             )
         examples = [e for e in dataset.load() if e.split in TRAIN_SPLITS]
         if not examples:
@@ -144,7 +145,7 @@ class BaselineClassifier:
                 "`mailrouter dataset import FILE`"
             )
         started = time.monotonic()
-        model = cls.fit(examples, settings.departments, options, name=f"baseline@{data_hash[:8]}")
+        model = cls.fit(examples, settings.departments, options, name=_model_name(data_hash))
         model.fit_seconds = time.monotonic() - started
         _store(cache, model.pipeline)
         return model
@@ -166,6 +167,10 @@ class BaselineClassifier:
             confidence = min(1.0, max(0.0, float(probabilities[best])))
             out.append(Prediction(label=label, confidence=confidence, model=self.name, raw=label))
         return out
+
+
+def _model_name(digest: str) -> str:
+    return f"{BASELINE_MODEL_PREFIX}{digest[:8]}"
 
 
 @functools.cache
