@@ -514,10 +514,11 @@ class State:
                 assert rowid is not None
                 if item.state != MessageState.NEW:
                     self._decide(conn, rowid)
-                forward = item.forward
-                forward_id = None
-                if forward is not None:
-                    forward_id = self._insert_forward(conn, rowid, forward, MessageState.FORWARDING)
+                forward_id = (
+                    self._insert_forward(conn, rowid, item.forward, MessageState.FORWARDING)
+                    if item.forward is not None
+                    else None
+                )
                 ids.append((rowid, forward_id))
             messages = self._rows(MessageRecord, "messages", "id", [m for m, _ in ids])
             forwards = self._rows(ForwardRecord, "forwards", "forward_id", [f for _, f in ids if f])
