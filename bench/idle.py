@@ -26,25 +26,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from _proctime import cpu_seconds  # noqa: E402
+
 from mailrouter.localservers import DovecotServer, SmtpSink, local_config, write_toml  # noqa: E402
 from mailrouter.state import State  # noqa: E402
 
 STARTER = REPO / "data" / "examples.jsonl"
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc, else ps)."""
-    stat = Path(f"/proc/{pid}/stat")
-    if stat.exists():
-        fields = stat.read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    text = subprocess.run(
-        ["ps", "-o", "time=", "-p", str(pid)], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    total = 0.0
-    for part in text.replace("-", ":").split(":"):
-        total = total * 60 + float(part)
-    return total
 
 
 def rss_mb(pid: int) -> float:

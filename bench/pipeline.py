@@ -9,9 +9,16 @@ messages in two fresh mailboxes and times, in one run:
   classifier (fitted beforehand, as in service): parse, classify, route, record in SQLite,
   compose the forward with its correction block, send, move the original.
 
-Each side runs ``--repeat`` times on fresh mailboxes; the best time of each is kept. The last line
-is ``pipeline: n=…, ratio=…, overhead_ms=…`` with ratio = bare time / pipeline time (throughput
-of the pipeline relative to the bare loop) and overhead_ms the extra milliseconds per message.
+Each side runs ``--repeat`` times on fresh mailboxes; the best time of each is kept. Each run
+also prints the CPU time each side cost this process (the bare client or the router), the SMTP
+server and Dovecot. The last line is ``pipeline: n=…, ratio=…, overhead_ms=…`` with ratio = bare
+time / pipeline time (throughput of the pipeline relative to the bare loop), overhead_ms the
+extra milliseconds per message, and two ceilings computed from the best pipeline run's CPU:
+
+* ``bound_router`` = bare time / the router's CPU time: the best ratio this router can reach
+  while it runs on one interpreter, however well it overlaps with the servers;
+* ``bound_cores`` = bare time / (CPU time of router and servers together / cores): the best ratio
+  the same work can reach on this machine, spread perfectly over every core.
 """
 
 from __future__ import annotations
@@ -25,10 +32,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from _proctime import tree_cpu_seconds  # noqa: E402
 
 from mailrouter.classify import Classifier, ClassifyInput, Prediction, make_classifier  # noqa: E402
 from mailrouter.config import load_settings  # noqa: E402
@@ -43,12 +55,15 @@ from mailrouter.localservers import (  # noqa: E402
 from mailrouter.pipeline import Pipeline  # noqa: E402
 from tests.fixtures.mail import make_email  # noqa: E402
 
+T = TypeVar("T")
+
 SINK = """
 import sys, time
 from mailrouter.localservers import SmtpSink
 sink = SmtpSink().start()
 print(sink.port, flush=True)
-sys.stdin.read()
+for line in sys.stdin:  # each line asks for the CPU time used so far
+    print(time.process_time(), flush=True)
 print(len(sink.delivered()), flush=True)
 sink.stop()
 """
@@ -67,6 +82,13 @@ class SinkProcess:
         )  # fmt: skip
         assert self.proc.stdout is not None
         self.port = int(self.proc.stdout.readline())
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server has used so far (it answers between two SMTP conversations)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("cpu\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
 
     def close(self) -> int:
         """Stop it; returns how many messages it received."""
@@ -148,6 +170,34 @@ def dataset_into(data_dir: Path) -> None:
         write_sample_dataset(data_dir / "examples.jsonl")
 
 
+@dataclass
+class Cpu:
+    """CPU seconds one side of the bench cost each party: this process (the bare client or the
+    router), the SMTP server, and Dovecot with its children (``None`` without /proc)."""
+
+    client: float
+    smtp: float
+    imap: float | None
+
+    def total(self) -> float:
+        return self.client + self.smtp + (self.imap or 0.0)
+
+    def __str__(self) -> str:
+        imap = "?" if self.imap is None else f"{self.imap:.2f}"
+        return f"CPU s: here {self.client:.2f}, smtp {self.smtp:.2f}, imap {imap}"
+
+
+def measured(side: Callable[[], T], sink: SinkProcess, dovecot: DovecotServer) -> tuple[T, Cpu]:
+    """``side()`` and the CPU it cost each party."""
+    assert dovecot.process is not None
+    before = (time.process_time(), sink.cpu_seconds(), tree_cpu_seconds(dovecot.process.pid))
+    result = side()
+    time.sleep(0.3)  # Dovecot reaps the session's process after the logout
+    after = (time.process_time(), sink.cpu_seconds(), tree_cpu_seconds(dovecot.process.pid))
+    imap = None if before[2] is None or after[2] is None else after[2] - before[2]
+    return result, Cpu(after[0] - before[0], after[1] - before[1], imap)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=500)
@@ -162,7 +212,7 @@ def main() -> None:
     try:
         sink = SinkProcess()
         with DovecotServer() as dovecot:
-            bare_times, pipe_times, classify_times = [], [], []
+            bare_times, pipe_times, classify_times, pipe_cpu = [], [], [], []
             sent = 0
             for rep in range(args.repeat):
                 data_dir = work / f"data{rep}"
@@ -177,17 +227,21 @@ def main() -> None:
                     local_config(piped, (sink.host, sink.port), data_dir), work / f"c{rep}.toml"
                 )
                 make_classifier(load_settings(config), "baseline")  # fitted once, as in service
-                bare_times.append(bare_loop(bare, sink, 50))
-                seconds, classifying, done, forwarded = pipeline_round(config)
+                bare_s, bare_cpu = measured(lambda: bare_loop(bare, sink, 50), sink, dovecot)  # noqa: B023
+                (seconds, classifying, done, forwarded), cpu = measured(
+                    lambda: pipeline_round(config),  # noqa: B023
+                    sink,
+                    dovecot,
+                )
                 sent += args.n + forwarded
                 if done < args.n:
                     sys.exit(f"the pipeline handled {done} of {args.n} messages")
+                bare_times.append(bare_s)
                 pipe_times.append(seconds)
                 classify_times.append(classifying)
-                print(
-                    f"run {rep + 1}: bare {bare_times[-1]:.2f}s, pipeline {seconds:.2f}s "
-                    f"(classifier {classifying:.2f}s)"
-                )
+                pipe_cpu.append(cpu)
+                print(f"run {rep + 1}: bare {bare_s:.2f}s ({bare_cpu})")
+                print(f"       pipeline {seconds:.2f}s ({cpu}; classifier {classifying:.2f}s)")
         received = sink.close()
         if received != sent:
             sys.exit(f"the SMTP server received {received} messages, {sent} were sent")
@@ -195,13 +249,15 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     best = pipe_times.index(min(pipe_times))
     bare_s, pipe_s, classify_s = min(bare_times), pipe_times[best], classify_times[best]
+    cpu, cores = pipe_cpu[best], os.cpu_count() or 1
     ratio = bare_s / pipe_s
     overhead = (pipe_s - bare_s) / args.n * 1000
     classify_ms = classify_s / args.n * 1000
     print(
         f"pipeline: n={args.n}, ratio={ratio:.2f}, overhead_ms={overhead:.1f}, "
         f"classify_ms={classify_ms:.1f}, ratio_without_classifier="
-        f"{bare_s / (pipe_s - classify_s):.2f}, bare_s={bare_s:.2f}, pipeline_s={pipe_s:.2f}"
+        f"{bare_s / (pipe_s - classify_s):.2f}, bare_s={bare_s:.2f}, pipeline_s={pipe_s:.2f}, "
+        f"bound_router={bare_s / cpu.client:.2f}, bound_cores={bare_s * cores / cpu.total():.2f}"
     )
 
 
