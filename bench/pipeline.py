@@ -16,7 +16,8 @@ time / pipeline time (throughput of the pipeline relative to the bare loop), ove
 extra milliseconds per message, and two ceilings computed from the best pipeline run's CPU:
 
 * ``bound_router`` = bare time / the router's CPU time: the best ratio this router can reach
-  while it runs on one interpreter, however well it overlaps with the servers;
+  while it runs on one interpreter, however well it overlaps with the servers (nearly all of its
+  CPU is Python code, which runs one thread at a time);
 * ``bound_cores`` = bare time / (CPU time of router and servers together / cores): the best ratio
   the same work can reach on this machine, spread perfectly over every core.
 """
