@@ -100,7 +100,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             updated TEXT NOT NULL,
             UNIQUE (mailbox, uidvalidity, uid)
         );
-        CREATE INDEX messages_state ON messages(mailbox, state);
+        CREATE INDEX messages_state ON messages(state);
         CREATE INDEX messages_hash ON messages(mailbox, content_hash);
         CREATE INDEX messages_fingerprint ON messages(mailbox, fingerprint);
         CREATE TABLE forwards (
@@ -186,6 +186,14 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         ALTER TABLE corrections ADD COLUMN example_id TEXT;
         ALTER TABLE corrections ADD COLUMN reason TEXT;
         CREATE INDEX corrections_mail ON corrections(mail_id);
+        """,
+    ),
+    (
+        4,
+        "messages: the pending lookup indexed by mailbox and state",
+        """
+        DROP INDEX messages_state;
+        CREATE INDEX messages_state ON messages(mailbox, state);
         """,
     ),
 )

@@ -37,6 +37,26 @@ def test_migrations_are_recorded_and_wal_is_on(tmp_path: Path) -> None:
         assert len(again.query("SELECT * FROM schema_migrations")) == len(MIGRATIONS)
 
 
+def test_an_older_database_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as conn:  # a database written by the version before migration 4
+        conn.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT, applied TEXT)"
+        )
+        for version, name, sql in MIGRATIONS[:3]:
+            conn.executescript(sql)
+            conn.execute("INSERT INTO schema_migrations VALUES (?, ?, 'then')", (version, name))
+        conn.execute(
+            "INSERT INTO messages (mailbox, uidvalidity, uid, content_hash, state, created, "
+            "updated) VALUES ('contact/INBOX', 7, 1, 'h1', 'forwarding', 'then', 'then')"
+        )
+    with State(path) as state:
+        assert state.schema_version() == MIGRATIONS[-1][0]
+        index = state.query("PRAGMA index_info('messages_state')")
+        assert [r["name"] for r in index] == ["mailbox", "state"]
+        assert [r.uid for r in state.pending("contact/INBOX")] == [1]
+
+
 def test_a_newer_database_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     State(path).close()
