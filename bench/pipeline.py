@@ -191,10 +191,15 @@ class Cpu:
 def measured(side: Callable[[], T], sink: SinkProcess, dovecot: DovecotServer) -> tuple[T, Cpu]:
     """``side()`` and the CPU it cost each party."""
     assert dovecot.process is not None
-    before = (time.process_time(), sink.cpu_seconds(), tree_cpu_seconds(dovecot.process.pid))
+    pid = dovecot.process.pid
+
+    def reading() -> tuple[float, float, float | None]:
+        return time.process_time(), sink.cpu_seconds(), tree_cpu_seconds(pid)
+
+    before = reading()
     result = side()
     time.sleep(0.3)  # Dovecot reaps the session's process after the logout
-    after = (time.process_time(), sink.cpu_seconds(), tree_cpu_seconds(dovecot.process.pid))
+    after = reading()
     imap = None if before[2] is None or after[2] is None else after[2] - before[2]
     return result, Cpu(after[0] - before[0], after[1] - before[1], imap)
 
