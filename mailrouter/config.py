@@ -118,6 +118,8 @@ class MailboxSettings(_Section):
     max_message_bytes: int = Field(default=25 * 1024 * 1024, gt=0)
     batch_size: int = Field(default=50, ge=1)
     automated: Literal["ignore", "triage"] = "ignore"
+    #: Forwards of one sender's mail per sliding hour; beyond, mail is filed for a person (0: off).
+    max_forwards_per_sender_per_hour: int = Field(default=20, ge=0)
     backlog: Literal["all", "none"] = "all"
 
 

@@ -3,8 +3,9 @@
 Two steps, both without I/O:
 
 * :func:`screen` looks at the email alone, before any model runs: the router's own mail, automatic
-  replies, bounces and mailing-list mail must never be forwarded (mail loops, noise), and a message
-  with no readable text cannot be classified.
+  replies, bounces and mailing-list mail (see :mod:`mailrouter.automated`) and mail from our own
+  addresses (a department's, the triage address) must never be forwarded (mail loops, noise),
+  and a message with no readable text cannot be classified.
 * :func:`decide` turns a prediction into a route: a configured department above the confidence
   threshold, else triage. A missing prediction (classifier error) is triage too. Nothing a model
   says can name an address: only a label already checked against the departments.
@@ -15,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from .automated import automated_reason
 from .classify.base import Prediction
 
 if TYPE_CHECKING:
@@ -22,10 +24,6 @@ if TYPE_CHECKING:
     from .message import Email
 
 RouteKind = Literal["department", "triage", "spam", "ignore"]
-
-AUTOMATED_PRECEDENCE = {"bulk", "list", "junk", "auto_reply"}
-AUTOREPLY_HEADERS = ("x-autoreply", "x-autorespond", "x-autoresponder")
-BOUNCE_SENDERS = {"mailer-daemon", "postmaster", "mail-daemon"}
 
 
 @dataclass(frozen=True)
@@ -46,27 +44,20 @@ def triage(settings: Settings, reason: str, department: str | None = None) -> Ro
     return Route("triage", department, settings.smtp.triage_address, reason)
 
 
-def _automated(email: Email, settings: Settings) -> str | None:
-    """Why this looks like machine-sent mail, or ``None``."""
-    auto = email.header("auto-submitted")
-    if auto is not None and auto.split(";")[0].strip().lower() not in ("", "no"):
-        return f"auto-submitted: {auto.split(';')[0].strip().lower()}"
-    precedence = (email.header("precedence") or "").strip().lower()
-    if precedence in AUTOMATED_PRECEDENCE:
-        return f"precedence: {precedence}"
-    for name in AUTOREPLY_HEADERS:
-        if email.header(name) is not None:
-            return f"auto-reply ({name})"
-    content_type = (email.header("content-type") or "").strip().lower()
-    if content_type.startswith("multipart/report"):
-        return "bounce (delivery report)"
-    return_path = email.header("return-path")
-    if return_path is not None and return_path.strip() in ("<>", ""):
-        return "bounce (empty return path)"
-    if email.sender.partition("@")[0] in BOUNCE_SENDERS:
-        return f"bounce ({email.sender})"
-    if email.header("list-id") is not None:
-        return "mailing list"
+def internal_sender(email: Email, settings: Settings) -> str | None:
+    """Which of our own addresses sent this (a department's, the triage address, the contact
+    mailbox's), or ``None``. Such mail is never forwarded: a department's auto-reply to its
+    forward would come back to it, and answer again."""
+    sender = email.sender
+    if not sender:
+        return None
+    if sender == settings.smtp.triage_address.strip().lower():
+        return f"the triage address {sender}"
+    for department in settings.departments:
+        if department.address and sender == department.address.strip().lower():
+            return f"the address of department {department.name} ({sender})"
+    if "@" in settings.mailbox.username and sender == settings.mailbox.username.strip().lower():
+        return f"the contact mailbox's own address {sender}"
     return None
 
 
@@ -77,15 +68,37 @@ def screen(email: Email, settings: Settings) -> Route | None:
         return Route("ignore", None, None, f"sent by the router ({ours})")
     if email.sender and email.sender == settings.smtp.from_address.strip().lower():
         return Route("ignore", None, None, "sent from the router's own address")
-    why = _automated(email, settings)
+    why = automated_reason(email)
+    internal = internal_sender(email, settings)
     if why is not None:
-        if settings.mailbox.automated == "triage":
+        if settings.mailbox.automated == "triage" and internal is None:
             return triage(settings, f"automated mail: {why}")
         return Route("ignore", None, None, f"automated mail: {why}")
+    if internal is not None:
+        # A person at a department may write here: filed in the triage folder, never sent on.
+        return Route("ignore", None, None, f"internal mail from {internal}: filed, not forwarded")
     if not (email.body.strip() or email.full_text.strip() or email.subject.strip()):
         defects = f" ({', '.join(email.defects[:3])})" if email.defects else ""
         return triage(settings, f"no readable text{defects}")
     return None
+
+
+def limit_rate(route: Route, sender: str, recent: int, settings: Settings) -> Route:
+    """``route``, unless it forwards and ``sender``'s mail was already forwarded ``recent``
+    times in the last hour, at or over ``mailbox.max_forwards_per_sender_per_hour`` (0: no
+    limit): then the mail is filed in the triage folder for a person, not sent. One address
+    (a looping auto-responder, a flood) cannot make the router send an unbounded stream."""
+    limit = settings.mailbox.max_forwards_per_sender_per_hour
+    if not route.forwards or limit == 0 or recent < limit:
+        return route
+    who = sender or "(no sender)"
+    return Route(
+        "ignore",
+        route.department,
+        None,
+        f"rate limit: {recent} forwards of mail from {who} in the last hour "
+        f"(max_forwards_per_sender_per_hour = {limit}): filed, not forwarded",
+    )
 
 
 def decide(

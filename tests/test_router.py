@@ -7,7 +7,7 @@ import pytest
 from mailrouter.classify.base import Prediction
 from mailrouter.config import Department, Settings
 from mailrouter.message import Email
-from mailrouter.router import decide, screen
+from mailrouter.router import decide, limit_rate, screen
 
 
 def _settings(**mailbox: object) -> Settings:
@@ -113,3 +113,72 @@ def test_no_readable_text_goes_to_triage() -> None:
     route = screen(email, _settings())
     assert route is not None and route.kind == "triage"
     assert route.reason == "no readable text (no body)"
+
+
+# --- loops: our own addresses and the per-sender rate limit -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sender", "who"),
+    [
+        ("rh@corp.example", "the address of department RH (rh@corp.example)"),
+        ("support@corp.example", "the address of department Support (support@corp.example)"),
+        ("accueil@corp.example", "the triage address accueil@corp.example"),
+    ],
+)
+def test_mail_from_our_own_addresses_is_filed_not_forwarded(sender: str, who: str) -> None:
+    """A person at a department writing to the contact address is kept (triage folder) and sent
+    nowhere, whatever a model would say and whatever ``automated`` says."""
+    for settings in (_settings(), _settings(automated="triage")):
+        route = screen(_email(sender=sender), settings)
+        assert route is not None and not route.forwards
+        assert (route.kind, route.reason) == (
+            "ignore",
+            f"internal mail from {who}: filed, not forwarded",
+        )
+        assert decide(Prediction("RH", 1.0, "m"), _email(sender=sender), settings).kind == "ignore"
+
+
+def test_an_auto_reply_from_a_department_is_never_triaged() -> None:
+    """With ``automated = "triage"`` machine mail goes to the triage address, but not when it
+    comes from one of our addresses: that could answer again."""
+    auto = _email(("Auto-Submitted", "auto-replied"), sender="rh@corp.example")
+    route = screen(auto, _settings(automated="triage"))
+    assert route is not None and route.kind == "ignore"
+    assert route.reason == "automated mail: auto-submitted: auto-replied"
+    stranger = screen(_email(("Auto-Submitted", "auto-replied")), _settings(automated="triage"))
+    assert stranger is not None and stranger.kind == "triage"
+
+
+def test_subject_auto_reply_is_ignored() -> None:
+    email = Email(
+        raw_size=10, content_hash="0" * 64, sender="alice@corp.example", subject="Absent du bureau"
+    )
+    route = screen(email, _settings())
+    assert route is not None and route.kind == "ignore"
+    assert route.reason == "automated mail: auto-reply (subject: absent du bureau)"
+
+
+@pytest.mark.parametrize(
+    ("limit", "recent", "kind"),
+    [(20, 0, "department"), (20, 19, "department"), (20, 20, "ignore"), (20, 500, "ignore"),
+     (0, 10_000, "department"), (1, 1, "ignore")],
+)  # fmt: skip
+def test_rate_limit(limit: int, recent: int, kind: str) -> None:
+    settings = _settings(max_forwards_per_sender_per_hour=limit)
+    route = decide(Prediction("RH", 0.9, "m"), _email(), settings)
+    limited = limit_rate(route, "client@example.org", recent, settings)
+    assert limited.kind == kind
+    if kind == "ignore":
+        assert limited.reason == (
+            f"rate limit: {recent} forwards of mail from client@example.org in the last hour "
+            f"(max_forwards_per_sender_per_hour = {limit}): filed, not forwarded"
+        )
+
+
+def test_rate_limit_leaves_routes_that_send_nothing() -> None:
+    settings = _settings(max_forwards_per_sender_per_hour=1)
+    spam = decide(Prediction("SPAM", 0.99, "m"), _email(), settings)
+    assert limit_rate(spam, "x@y.org", 99, settings) is spam
+    triaged = decide(Prediction("RH", 0.1, "m"), _email(), settings)
+    assert limit_rate(triaged, "x@y.org", 1, settings).kind == "ignore"
