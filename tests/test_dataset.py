@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 from mailrouter import dataset as dataset_module
 from mailrouter.config import default_departments
 from mailrouter.dataset import (
+    LEARNED_SPLITS,
     SPLITS,
+    CorrectionResult,
     Dataset,
     Example,
     choose_split,
@@ -161,47 +163,36 @@ def test_duplicate_import_merges_and_never_overrides_a_label(tmp_path: Path) -> 
     assert [e.label for e in store.load()] == ["RH"]
 
 
-def test_newer_correction_wins_label_and_keeps_split(tmp_path: Path) -> None:
+def test_newer_label_wins_and_keeps_split_except_on_protected_examples(tmp_path: Path) -> None:
     store = Dataset(tmp_path / "examples.jsonl")
-    store.add([ex("Facture impayée", "Support", split="test", created="2026-01-01T00:00:00+00:00")])
+    old = "2026-01-01T00:00:00+00:00"
+    store.add([ex("Facture impayée", "Support", split="valid", source="import", created=old)])
+    store.add([ex("Relance", "Support", split="test", source="import", created=old)])
+    store.add([ex("Bonjour", "RH", split="train", source="seed", created=old)])
     result = store.add(
-        [ex("Facture impayée", "Finance", source="correction", split="train", by="a@example.com")]
+        [ex("Facture impayée", "Finance", source="manual", split="train", by="a@example.com")]
     )
     assert result.relabelled
-    (stored,) = store.load()
-    assert (stored.label, stored.split, stored.by) == ("Finance", "test", "a@example.com")
+    stored = store.get(example_id("Facture impayée"))
+    assert (stored.label, stored.split, stored.by) == ("Finance", "valid", "a@example.com")
     stale = ex("Facture impayée", "RH", source="correction", created="2000-01-01T00:00:00+00:00")
-    store.add([stale])
-    assert store.load()[0].label == "Finance"
+    assert store.add([stale]).conflicts and store.get(stale.id).label == "Finance"
+    # A test or starter example is never relabelled by a merge, whatever the source says.
+    for text in ("Relance", "Bonjour"):
+        result = store.add([ex(text, "Finance", source="correction"), ex(text, "Finance")])
+        assert result.conflicts == [example_id(text)] * 2 and not result.relabelled
+    assert [e.label for e in store.load()] == ["Finance", "Support", "RH"]
 
 
-def test_upsert_correction_supersedes_by_message_id(tmp_path: Path) -> None:
+def test_merge_never_matches_by_message_id(tmp_path: Path) -> None:
+    """The sender chooses the Message-ID: two texts under one Message-ID are two examples."""
     store = Dataset(tmp_path / "examples.jsonl")
-    first = store.upsert_correction(
-        text="Mon colis est arrivé cassé",
-        label="Finance",
-        message_id="<m1@x>",
-        corrected_from="RH",
-        by="a@example.com",
-        created="2026-01-01T00:00:00+00:00",
+    store.add([ex("Mon colis est arrivé cassé", "Support", message_id="<m1@x>", split="test")])
+    result = store.add(
+        [ex("Autre chose", "Finance", message_id="<m1@x>", source="correction", by="a@x.fr")]
     )
-    second = store.upsert_correction(
-        text="Mon colis est arrivé cassé (re-parsed)",
-        label="Support",
-        message_id="<m1@x>",
-        corrected_from="RH",
-        by="b@example.com",
-        created="2026-01-02T00:00:00+00:00",
-    )
-    assert len(store.load()) == 1
-    assert (second.id, second.split) == (first.id, first.split)
-    assert (second.label, second.by, second.source) == ("Support", "b@example.com", "correction")
-    confirmed = store.upsert_correction(
-        text="x", label="Support", message_id="<m1@x>", source="confirmation"
-    )
-    assert confirmed.source == "confirmation" and len(store.load()) == 1
-    with pytest.raises(DatasetError):
-        store.upsert_correction(text="x", label="RH", source="import")
+    assert result.added == [example_id("Autre chose")]
+    assert [(e.label, e.split) for e in store.load()] == [("Support", "test"), ("Finance", "train")]
 
 
 def test_remove(tmp_path: Path) -> None:
@@ -215,11 +206,14 @@ def test_remove(tmp_path: Path) -> None:
 def test_content_hash_follows_training_data_only(tmp_path: Path) -> None:
     store = Dataset(tmp_path / "examples.jsonl")
     assert store.content_hash() == Dataset(tmp_path / "missing.jsonl").content_hash()
-    store.add([ex("Devis svp", "Commercial")])
+    store.add([ex("Devis svp", "Commercial", split="train")])
     before = store.content_hash()
-    store.upsert_correction(text="Devis svp", label="Commercial", by="x@example.com")
+    store.upsert_correction(text="Devis svp", label="Commercial", by="x@example.com", mail_key="k")
+    assert store.get(example_id("Devis svp")).by == "x@example.com"
     assert store.content_hash() == before  # who confirmed and when do not retrain
-    store.upsert_correction(text="Devis svp", label="Finance")
+    held = store.upsert_correction(text="Devis svp", label="Finance", mail_key="k2")
+    assert held.held and store.content_hash() == before  # a held correction trains nothing
+    store.accept_held(held.example.id)
     assert store.content_hash() != before
 
 
@@ -239,6 +233,235 @@ def test_malformed_line_names_file_and_line(tmp_path: Path) -> None:
     path.write_text(ex("a", split="train").to_json() + "\n{oops\n", encoding="utf-8")
     with pytest.raises(DatasetError, match=r"examples.jsonl:2: not JSON"):
         Dataset(path).load()
+
+
+# --- corrections: nothing a sender says can poison the dataset ------------------------------
+
+
+def correct(store: Dataset, text: str, label: str, key: str, **kwargs) -> CorrectionResult:
+    """A correction as the service records it: ``key`` stands for the hash of the raw mail."""
+    return store.upsert_correction(text=text, label=label, mail_key=key, **kwargs)
+
+
+def test_a_correction_of_a_test_or_starter_text_is_held_and_changes_nothing(
+    starter_data: Path,
+) -> None:
+    """The starter data is public: an attacker forges corrections of its test texts."""
+    store = Dataset(starter_data)
+    before = starter_data.read_bytes()
+    test = store.split("test")
+    starters = [e for e in store.split("train") if e.source == "seed"][:5]
+    for n, target in enumerate([*test, *starters]):
+        other = next(label for label in LABELS if label != target.label)
+        result = correct(store, target.text, other, f"forged-{n}", subject=target.subject)
+        assert result.held and result.example.label == other
+        assert target.id in result.reason and target.label in result.reason
+    assert starter_data.read_bytes() == before  # test labels and membership unchanged
+    assert len(store.held()) == len(test) + len(starters)
+    # A reviewer cannot accept one either: only a maintainer changes them, on purpose.
+    held = store.held()[0]
+    with pytest.raises(DatasetError, match=r"mailrouter dataset relabel \w+ \w+ --force"):
+        store.accept_held(held.example.id)
+    assert starter_data.read_bytes() == before
+    store.reject_held(held.example.id)
+    assert len(store.held()) == len(test) + len(starters) - 1
+
+
+def test_a_correction_that_agrees_with_a_protected_example_changes_nothing(
+    starter_data: Path,
+) -> None:
+    store = Dataset(starter_data)
+    before = starter_data.read_bytes()
+    target = store.split("test")[0]
+    result = correct(store, target.text, target.label, "k", by="x@example.com")
+    assert not result.held and result.example == target and "unchanged" in result.reason
+    assert starter_data.read_bytes() == before and store.held() == []
+    # Reverting that correction must not delete the starter example it pointed at.
+    assert store.remove_correction(target.id) is False
+    assert starter_data.read_bytes() == before
+
+
+corrections = st.lists(
+    st.tuples(
+        st.integers(0, 40),  # text number: some repeat the seeded texts, some each other
+        st.sampled_from(LABELS[:3]),
+        st.integers(0, 15),  # mail number: repeats are later words on the same mail
+        st.sampled_from(["correction", "confirmation"]),
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=corrections)
+def test_corrections_never_enter_or_change_the_test_split(tmp_path_factory, batch) -> None:
+    store = Dataset(tmp_path_factory.mktemp("ds") / "examples.jsonl")
+    store.add(ex(f"email {n}", LABELS[n % 3], source="import") for n in range(0, 40, 2))
+    store.add(ex(f"email {n}", LABELS[n % 3], source="seed") for n in range(1, 12, 2))
+    protected = {e.id: e for e in store.load() if e.protected}
+    for number, (n, label, mail, source) in enumerate(batch):
+        created = f"2026-01-01T00:{number // 60:02d}:{number % 60:02d}+00:00"
+        correct(store, f"email {n}", label, f"mail-{mail}", source=source, created=created)
+    after = store.load()
+    assert {e.id: e for e in after if e.protected} == protected
+    learned = [e for e in after if e.source in ("correction", "confirmation")]
+    assert all(e.split in ("train", "valid") for e in learned)
+    assert len({e.mail_key for e in learned if e.mail_key}) == len(
+        [e for e in learned if e.mail_key]
+    )  # one example per mail
+    assert len({h.example.mail_key for h in store.held()}) == len(store.held())  # one held per mail
+
+
+def test_corrections_are_stratified_over_train_and_valid() -> None:
+    store = Dataset(Path("examples.jsonl"))
+    for i in range(90):
+        correct(store, f"mail {i}", "Support", f"k{i}")
+    assert store.stats().counts["Support"] == {"train": 80, "valid": 10}
+    assert choose_split({}, allowed=LEARNED_SPLITS) == "train"
+    assert choose_split({"train": 1}, allowed=LEARNED_SPLITS) == "valid"
+
+
+def test_a_later_correction_of_the_same_mail_supersedes_by_mail_key(tmp_path: Path) -> None:
+    store = Dataset(tmp_path / "examples.jsonl")
+    first = correct(
+        store,
+        "Mon colis est arrivé cassé",
+        "Finance",
+        "mail-1",
+        corrected_from="RH",
+        by="a@example.com",
+        created="2026-01-01T00:00:00+00:00",
+    )
+    assert not first.held and first.example.split == "train"
+    second = correct(
+        store,
+        "Mon colis est arrivé cassé (re-parsed)",
+        "Support",
+        "mail-1",
+        by="b@example.com",
+        created="2026-01-02T00:00:00+00:00",
+    )
+    (stored,) = store.load()
+    assert stored == second.example and stored.split == first.example.split
+    assert (stored.label, stored.by, stored.mail_key) == ("Support", "b@example.com", "mail-1")
+    # Older news about the same mail changes nothing.
+    stale = correct(store, "Mon colis", "RH", "mail-1", created="2025-12-31T00:00:00+00:00")
+    assert not stale.held and "newer correction" in stale.reason and store.load() == [stored]
+    # Another mail with the same text is another word on an existing example: held.
+    other = correct(store, stored.text, "RH", "mail-2")
+    assert other.held and store.load() == [stored]
+
+
+def test_a_later_correction_replaces_a_held_one_of_the_same_mail(tmp_path: Path) -> None:
+    store = Dataset(tmp_path / "examples.jsonl")
+    store.add([ex("Relance facture", "Finance", split="train", source="import")])
+    first = correct(store, "Relance facture", "Support", "mail-1", by="a@example.com")
+    second = correct(store, "Relance facture", "RH", "mail-1", by="b@example.com")
+    assert first.held and second.held and first.example.id == second.example.id
+    (held,) = store.held()
+    assert (held.example.label, held.example.by, held.target.label) == (
+        "RH",
+        "b@example.com",
+        "Finance",
+    )
+    # The same mail then agrees with the example: nothing is held any more.
+    agreed = correct(store, "Relance facture", "Finance", "mail-1", by="c@example.com")
+    assert not agreed.held and store.held() == []
+    assert store.get(example_id("Relance facture")).by == "c@example.com"
+
+
+def test_held_accept_and_reject(tmp_path: Path) -> None:
+    store = Dataset(tmp_path / "examples.jsonl")
+    store.add(
+        [
+            ex("Devis", "Commercial", split="train", source="import"),
+            ex("Panne", "Support", split="valid", source="import"),
+        ]
+    )
+    before = store.path.read_bytes()
+    devis = correct(store, "Devis", "Finance", "m1", corrected_from="Commercial", by="a@x.fr")
+    panne = correct(store, "Panne", "RH", "m2", by="b@x.fr")
+    assert devis.held and panne.held and store.path.read_bytes() == before
+    assert oct(store.held_path.stat().st_mode & 0o777) == "0o600"
+    assert [h.example.id for h in store.held()] == [devis.example.id, panne.example.id]
+    accepted = store.accept_held(devis.example.id)
+    assert (accepted.id, accepted.label, accepted.split) == (
+        example_id("Devis"),
+        "Finance",
+        "train",
+    )
+    assert (accepted.source, accepted.by, accepted.corrected_from) == (
+        "correction",
+        "a@x.fr",
+        "Commercial",
+    )
+    rejected = store.reject_held(panne.example.id)
+    assert rejected.label == "RH" and store.get(example_id("Panne")).label == "Support"
+    assert store.held() == []
+    with pytest.raises(DatasetError, match="no held correction"):
+        store.accept_held(devis.example.id)
+    assert oct(store.path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_accepting_a_held_correction_whose_example_is_gone_adds_it_outside_test(
+    tmp_path: Path,
+) -> None:
+    store = Dataset(tmp_path / "examples.jsonl")
+    store.add([ex(f"rh {i}", "RH", source="import") for i in range(3)] + [ex("Devis", "RH")])
+    held = correct(store, "Devis", "Commercial", "m1")
+    assert store.remove(example_id("Devis"))
+    assert store.held()[0].target is None
+    assert store.accept_held(held.example.id).split == "train"
+
+
+def test_remove_correction_removes_only_what_a_correction_created(tmp_path: Path) -> None:
+    store = Dataset(tmp_path / "examples.jsonl")
+    store.add([ex("Import", "RH", split="train", source="import")])
+    made = correct(store, "Nouveau", "RH", "m1")
+    held = correct(store, "Import", "Support", "m2")
+    agreed = correct(store, "Import", "RH", "m3")
+    assert store.remove_correction(agreed.example.id) is False  # the imported example stays
+    assert store.remove_correction(held.example.id) is True and store.held() == []
+    assert store.remove_correction(made.example.id) is True
+    assert [e.text for e in store.load()] == ["Import"]
+
+
+def test_relabel_protected_examples_only_with_force(starter_data: Path) -> None:
+    store = Dataset(starter_data)
+    target = store.split("test")[0]
+    other = next(label for label in LABELS if label != target.label)
+    with pytest.raises(DatasetError, match="--force"):
+        store.relabel(target.id, other)
+    stored = store.relabel(target.id, other, force=True)
+    assert (stored.label, stored.split, stored.source, stored.corrected_from) == (
+        other,
+        "test",
+        "seed",
+        target.label,
+    )
+    with pytest.raises(DatasetError, match="no example"):
+        store.relabel("0000000000000000", other)
+
+
+def test_a_correction_needs_a_mail_key_and_a_correction_source(tmp_path: Path) -> None:
+    store = Dataset(tmp_path / "examples.jsonl")
+    with pytest.raises(DatasetError, match="mail_key"):
+        store.upsert_correction(text="x", label="RH", mail_key="")
+    for source in ("import", "manual", "seed"):
+        with pytest.raises(DatasetError, match="source"):
+            store.upsert_correction(text="x", label="RH", mail_key="k", source=source)
+
+
+def test_old_files_with_message_id_stay_readable(tmp_path: Path) -> None:
+    line = (
+        '{"id": "x1", "text": "a", "label": "RH", "split": "test", "source": "correction", '
+        '"created": "2026-01-01T00:00:00Z", "message_id": "<m@x>"}'
+    )
+    (tmp_path / "examples.jsonl").write_text(line + "\n", encoding="utf-8")
+    (example,) = Dataset(tmp_path / "examples.jsonl").load()
+    assert (example.message_id, example.mail_key, example.protected) == ("<m@x>", None, True)
+    assert json.loads(example.to_json()) == {**json.loads(line), "subject": ""}
 
 
 # --- atomic writes and the lock ------------------------------------------------------------
