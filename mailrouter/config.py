@@ -194,6 +194,7 @@ class TrainingSettings(_Section):
     keep_versions: int = Field(default=3, ge=1)
     min_accuracy_gain: float = 0.0
     min_baseline_gain: float = 0.0
+    max_recall_drop: float = Field(default=0.10, ge=0, le=1)
     ollama_tolerance: float = Field(default=0.05, ge=0, le=1)
     publish: Literal["gguf", "adapter"] = "gguf"
     max_seq_length: int = Field(default=2048, ge=64)

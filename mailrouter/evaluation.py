@@ -3,6 +3,12 @@
 A prediction counts as correct only when its label equals the expected one; ``None`` (an answer
 that named no department) is wrong and shown in its own ``unknown`` column. Triage is what the
 router would do at the threshold: no label, or a confidence below it.
+
+Two figures serve the promotion gate beyond accuracy and macro-F1: each department's recall (a
+model that gains overall by dropping a small department is refused) and the *false-spam* count,
+real mail (expected label not a spam department) answered with a spam department. It counts
+answers whatever their confidence: spam is never forwarded, so mail sent there is the costliest
+mistake, and the threshold moves with calibration while the answer does not.
 """
 
 from __future__ import annotations
@@ -60,6 +66,18 @@ class Report:
     items: list[Item]
     seconds: float = 0.0
     skipped: dict[str, int] = field(default_factory=dict)  # unconfigured label -> n
+    spam_labels: tuple[str, ...] = ()  # departments whose action is spam
+
+    @property
+    def recall(self) -> dict[str, float]:
+        """Recall of each department present in the test set (support > 0)."""
+        return {k: s.recall for k, s in self.per_department.items() if s.support}
+
+    @property
+    def false_spam(self) -> int:
+        """Real mail the model sends to a spam department: answers, whatever the confidence."""
+        spam = set(self.spam_labels)
+        return sum(i.predicted in spam and i.expected not in spam for i in self.items)
 
     @property
     def n(self) -> int:
@@ -127,12 +145,26 @@ class Report:
             points.append((t, coverage, accuracy))
         return points
 
+    def summary(self) -> dict[str, Any]:
+        """The figures a training run records and the gate reads back (scores unrounded: a
+        tie with a recorded model in service must stay a tie)."""
+        return {
+            "accuracy": self.accuracy,
+            "macro_f1": self.macro_f1,
+            "n": self.n,
+            "model": self.model,
+            "seconds": round(self.seconds, 2),
+            "recall": self.recall,
+            "false_spam": self.false_spam,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "n": self.n,
             "accuracy": self.accuracy,
             "macro_f1": self.macro_f1,
+            "false_spam": self.false_spam,
             "threshold": self.threshold,
             "triage_rate": self.triage_rate,
             "routed_accuracy": self.routed_accuracy,
@@ -193,6 +225,7 @@ def evaluate(
         items=items,
         seconds=time.monotonic() - started,
         skipped=skipped,
+        spam_labels=tuple(d.name for d in departments if d.action == "spam"),
     )
 
 
@@ -209,6 +242,8 @@ def format_report(report: Report) -> str:
     ]
     routed = report.routed_accuracy
     lines.append(f"routed acc.  {'-' if routed is None else f'{routed:.3f}'}")
+    if report.spam_labels:
+        lines.append(f"false spam   {report.false_spam} real email(s) answered as spam")
     if report.n:
         lines.append(f"time         {report.seconds / report.n * 1000:.1f} ms per email")
     if report.skipped:

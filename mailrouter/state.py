@@ -762,6 +762,17 @@ class State:
             (key, value, now_iso()),
         )
 
+    def close_held_corrections(
+        self, held_id: str, status: str, example_id: str | None = None
+    ) -> None:
+        """The review of a held example (``corrections review``) closes the rows waiting on it:
+        ``applied`` (then pointing at ``example_id``, the example it changed) or ``rejected``."""
+        self.execute(
+            "UPDATE corrections SET status = ?, example_id = COALESCE(?, example_id) "
+            "WHERE example_id = ? AND status = 'held'",
+            (status, example_id, held_id),
+        )
+
 
 def open_state(settings: Any) -> State:
     """The state database of these settings (``data_dir/state.db``)."""

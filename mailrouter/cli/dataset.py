@@ -1,4 +1,4 @@
-"""Commands: ``dataset stats|import|export|add``."""
+"""Commands: ``dataset stats|import|export|add|relabel|pin-test``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from ..dataset import SPLITS, Dataset, Example
 from ..errors import DatasetError
 from ..importers import FORMATS, check_label, read_examples
 from ..prompt import PromptOptions
+from ..testpin import pin_path, repin
 from .app import app, console, err_console, settings
 
 dataset_app = typer.Typer(help="Inspect and grow the labelled examples.", no_args_is_help=True)
@@ -81,7 +82,7 @@ def import_(
         err_console.print(
             f"[yellow]warning:[/yellow] {len(result.conflicts)} duplicate(s) carried another label "
             f"and were not changed (ids {', '.join(result.conflicts[:5])}…); "
-            "use `mailrouter dataset add --label` to relabel one on purpose",
+            "use `mailrouter dataset relabel ID LABEL` to relabel one on purpose",
             highlight=False,
         )
 
@@ -131,3 +132,54 @@ def add(
         )
         split = stored.split if stored else "?"
         console.print(f"{state}: {example.id} {example.label} ({split})", highlight=False)
+        if stored is not None and example.id in result.conflicts:
+            err_console.print(
+                f"[yellow]warning:[/yellow] {stored.id} is labelled {stored.label} and was not "
+                f"changed: `mailrouter dataset relabel {stored.id} {example.label}`"
+                + (" --force (a test or starter example)" if stored.protected else ""),
+                highlight=False,
+            )
+
+
+@dataset_app.command("relabel")
+def relabel(
+    example_id: Annotated[str, typer.Argument(help="The example's id (see the dataset file).")],
+    label: Annotated[str, typer.Argument(help="Its department.")],
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Allowed on a test or starter example (moves the yardstick)."),
+    ] = False,
+) -> None:
+    """Relabel one example on purpose; test and starter examples need --force."""
+    current = settings()
+    name = check_label(label, current.departments, "LABEL")
+    stored = Dataset.from_settings(current).relabel(example_id, name, force=force)
+    console.print(f"{stored.id}: {stored.label} ({stored.split})", highlight=False)
+    if stored.split == "test":
+        err_console.print(
+            "the pinned test set no longer matches: once it is as you want it, "
+            "`mailrouter dataset pin-test --force` makes it the gate's yardstick again",
+            highlight=False,
+        )
+
+
+@dataset_app.command("pin-test")
+def pin_test(
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Re-pin even if pinned examples changed or are gone."),
+    ] = False,
+) -> None:
+    """Pin the test split (the promotion gate's yardstick) as it is now.
+
+    Adding test examples to the pin needs only this command; accepting that pinned ones changed
+    or disappeared needs --force.
+    """
+    current = settings()
+    path = pin_path(current)
+    pin, diff = repin(path, Dataset.from_settings(current).load(), force=force)
+    console.print(
+        f"pinned {len(pin.entries)} test example(s) in {path} (digest {pin.digest[:12]}): "
+        f"{len(diff.new)} added, {len(diff.changed)} changed, {len(diff.missing)} removed",
+        highlight=False,
+    )

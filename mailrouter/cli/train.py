@@ -131,12 +131,16 @@ def _train_now(*, force: bool, iters: int | None) -> None:
         f"[{style}]{outcome.decision}[/{style}] (run #{outcome.run_id}): {outcome.reason}",
         highlight=False,
     )
+    if outcome.rule:
+        console.print(f"  gate rule  {outcome.rule}", highlight=False)
     metrics = outcome.metrics
     for key in ("candidate", "current", "baseline", "ollama"):
         m = metrics.get(key)
-        if m:
+        if m and "accuracy" in m:
+            spam = m.get("false_spam")
             console.print(
-                f"  {key:<10} accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}",
+                f"  {key:<10} accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}"
+                + (f"  real mail to spam {spam}" if spam is not None else ""),
                 highlight=False,
             )
     if outcome.run_dir is not None:
@@ -157,7 +161,7 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
     if as_json:
         data = {
             "versions": [v.__dict__ for v in versions],
-            "runs": [r.__dict__ for r in runs],
+            "runs": [{**r.__dict__, "rule": r.rule} for r in runs],
         }
         typer.echo(json.dumps(data, ensure_ascii=False, default=str))
         return
@@ -177,10 +181,12 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
         )
     console.print(table)
     runs_table = Table(title="training runs")
-    for col in ("run", "started", "decision", "reason"):
+    for col in ("run", "started", "decision", "gate rule", "reason"):
         runs_table.add_column(col)
     for r in runs:
-        runs_table.add_row(str(r.id), r.started, r.decision or "", (r.reason or "")[:100])
+        runs_table.add_row(
+            str(r.id), r.started, r.decision or "", r.rule or "", (r.reason or "")[:100]
+        )
     console.print(runs_table)
 
 

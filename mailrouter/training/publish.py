@@ -245,9 +245,7 @@ def publish(
         registry.set_status(state, version, "rejected")
         raise
     gap = abs(report.accuracy - mlx_accuracy)
-    registry.set_status(
-        state, version, "retired", ollama={"accuracy": report.accuracy, "macro_f1": report.macro_f1}
-    )
+    registry.set_status(state, version, "retired", ollama=report.summary())
     if gap > settings.training.ollama_tolerance + 1e-9:
         _delete(api, name)
         registry.set_status(state, version, "rejected")

@@ -30,6 +30,12 @@ class ModelVersion:
     def number(self) -> int:
         return version_number(self.version)
 
+    @property
+    def best_metrics(self) -> dict[str, Any]:
+        """Its scores through Ollama (what the router gets), else the MLX ones."""
+        found = self.metrics.get("ollama") or self.metrics.get("mlx") or {}
+        return found if isinstance(found, dict) else {}
+
 
 @dataclass(frozen=True)
 class RunRecord:
@@ -44,6 +50,12 @@ class RunRecord:
     counts: dict[str, Any]
     params: dict[str, Any]
     metrics: dict[str, Any]
+
+    @property
+    def rule(self) -> str | None:
+        """The promotion-gate rule that decided this run (``None`` when the gate did not run)."""
+        gate = self.metrics.get("gate")
+        return gate.get("rule") if isinstance(gate, dict) else None
 
 
 def version_number(version: str) -> int:

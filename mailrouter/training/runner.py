@@ -6,15 +6,19 @@ Steps, each recorded in the state database (``training_runs``) as it completes:
    started by the nightly job or by ``mailrouter train --now``; a lock held by a killed process is
    released by the operating system.
 2. Snapshot the dataset into ``models/runs/<id>/examples.jsonl`` (writers may add examples
-   meanwhile; the run trains and evaluates on one consistent file) and hash it. The same hash as
-   the last completed run means nothing new to learn: the run is recorded as ``skipped``.
+   meanwhile; the run trains and evaluates on one consistent file) and hold its test split to the
+   pin (:mod:`..testpin`): a pinned example gone or changed stops the run, test examples not yet
+   pinned are reported and left out of the gate. Hash the snapshot: the same hash as the last
+   completed run means nothing new to learn, the run is recorded as ``skipped``.
 3. Check Ollama answers (a candidate can only be published there), export the splits for mlx-lm
    (train and valid for training, test only for evaluation), fetch the base model, write
    ``run.yaml`` and run ``mlx_lm lora`` in a child process (:mod:`.lora`).
-4. Evaluate on the same test split: the candidate in-process with MLX, the model in service
-   through Ollama (or its recorded metrics when Ollama no longer has it), and the baseline.
-5. Gate (:mod:`.gate`); publish when it says so (:mod:`.publish`). Anything that fails leaves the
-   model in service untouched and is recorded with its error.
+4. Evaluate on the pinned test set: the candidate in-process with MLX, the model in service
+   through Ollama (or its recorded metrics, when Ollama no longer has it and they were measured
+   on the same pin), and the baseline.
+5. Gate (:mod:`.gate`); publish when it says so (:mod:`.publish`). The rule that decided is
+   recorded (``metrics.gate``). Anything that fails leaves the model in service untouched and is
+   recorded with its error.
 
 ``python -m mailrouter.training.runner`` runs one run from a JSON request on stdin: this is the
 child process :mod:`.job` starts, so the service never imports MLX.
@@ -38,9 +42,10 @@ from ..config import Settings
 from ..errors import MailRouterError, TrainingError
 from ..logs import event
 from ..prompt import PromptOptions
+from ..testpin import TestPin, check_pin, pin_path
 from . import registry
 from .answers import Recorder, agreement, differences
-from .gate import GateRules, Scores, decide
+from .gate import Decision, GateRules, Scores, decide
 from .lora import Progress
 
 if TYPE_CHECKING:
@@ -65,6 +70,7 @@ class Outcome:
     version: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     run_dir: Path | None = None
+    rule: str | None = None  # the gate rule that decided, when the gate ran
 
 
 @dataclass
@@ -85,17 +91,21 @@ def run_dir(settings: Settings, run_id: int) -> Path:
 
 
 def scores(report: Report) -> Scores:
-    return Scores(report.accuracy, report.macro_f1, report.n)
+    return Scores(report.accuracy, report.macro_f1, report.n, report.recall, report.false_spam)
 
 
-def _summary(report: Report) -> dict[str, Any]:
-    return {
-        "accuracy": round(report.accuracy, 4),
-        "macro_f1": round(report.macro_f1, 4),
-        "n": report.n,
-        "model": report.model,
-        "seconds": round(report.seconds, 2),
-    }
+def recorded_scores(found: dict[str, Any]) -> Scores | None:
+    """Scores from a recorded summary; ``None`` when it lacks accuracy or macro-F1."""
+    if "accuracy" not in found or "macro_f1" not in found:
+        return None
+    recall = found.get("recall")
+    return Scores(
+        found["accuracy"],
+        found["macro_f1"],
+        int(found.get("n", 0)),
+        recall if isinstance(recall, dict) else {},
+        found.get("false_spam"),
+    )
 
 
 def run_training(
@@ -136,6 +146,7 @@ class _Run:
         self.durations: dict[str, float] = {}
         self.metrics: dict[str, Any] = {}
         self.answers: list[str] = []  # the candidate's raw answers on the test split, in order
+        self.pin: TestPin | None = None
 
     def _timed(self, name: str, started: float) -> None:
         self.durations[name] = round(time.monotonic() - started, 2)
@@ -169,7 +180,9 @@ class _Run:
         shutil.copyfile(source, snapshot)
         dataset = Dataset(snapshot)
         data_hash = dataset.content_hash()
-        examples = [e for e in dataset.load() if e.label in settings.labels]
+        loaded = dataset.load()
+        examples = [e for e in loaded if e.label in settings.labels]
+        test = self._pinned_test(loaded, examples)
         counts = {s: sum(e.split == s for e in examples) for s in SPLITS}
         registry.update_run(state, self.id, dataset_hash=data_hash, counts=counts)
 
@@ -185,9 +198,11 @@ class _Run:
         self.hooks.stage("checking Ollama")
         self.metrics["ollama_version"] = server_version(settings)
 
-        test = [e for e in examples if e.split == "test"]
         if not test:
-            raise TrainingError("the test split is empty: a candidate could not be judged")
+            raise TrainingError(
+                "the pinned test set is empty: a candidate could not be judged "
+                "(`mailrouter dataset pin-test` pins the test split as it is)"
+            )
         self.hooks.stage("exporting the dataset")
         data_dir = self.dir / "data"
         exported = dataset.export(
@@ -239,16 +254,16 @@ class _Run:
         )
 
         candidate, baseline, current = self._evaluate(base_dir, adapter_dir, examples, test)
-        rules = GateRules(
-            min_accuracy_gain=settings.training.min_accuracy_gain,
-            min_baseline_gain=settings.training.min_baseline_gain,
-        )
-        decision = decide(scores(candidate), current, scores(baseline), rules)
-        event(log, "training.gate", run=self.id, publish=decision.publish, reason=decision.reason)
+        decision = self._gate(candidate, baseline, current)
         if not decision.publish:
             registry.finish_run(state, self.id, "rejected", decision.reason)
             return Outcome(
-                self.id, "rejected", decision.reason, metrics=self.metrics, run_dir=self.dir
+                self.id,
+                "rejected",
+                decision.reason,
+                metrics=self.metrics,
+                run_dir=self.dir,
+                rule=decision.rule,
             )
 
         from .publish import publish
@@ -264,11 +279,15 @@ class _Run:
             run_dir=self.dir,
             test_examples=test,
             mlx_accuracy=candidate.accuracy,
-            metrics={"mlx": self.metrics["candidate"], "baseline": self.metrics["baseline"]},
+            metrics={
+                "mlx": self.metrics["candidate"],
+                "baseline": self.metrics["baseline"],
+                "test_pin": self.metrics["test_pin"]["digest"],
+            },
             progress=self.hooks.evaluation,
         )
         self._timed("publish", started)
-        self.metrics["ollama"] = _summary(published.ollama)
+        self.metrics["ollama"] = published.ollama.summary()
         self.metrics["version"] = published.version
         self.metrics["ollama_agreement"] = agreement(self.answers, published.answers)
         self.metrics["ollama_differences"] = differences(self.answers, published.answers)
@@ -285,8 +304,51 @@ class _Run:
         )
         event(log, "training.published", run=self.id, model=published.name)
         return Outcome(
-            self.id, "published", reason, published.version, self.metrics, run_dir=self.dir
+            self.id,
+            "published",
+            reason,
+            published.version,
+            self.metrics,
+            run_dir=self.dir,
+            rule=decision.rule,
         )
+
+    def _pinned_test(self, loaded: list[Example], examples: list[Example]) -> list[Example]:
+        """The test examples the gate judges on: the pinned ones. A pinned example gone or
+        changed raises (the run fails naming it); unpinned test examples are reported."""
+        status = check_pin(pin_path(self.settings), loaded)
+        self.pin = status.pin
+        self.metrics["test_pin"] = {
+            "digest": status.pin.digest,
+            "n": len(status.pin.entries),
+            "created": status.pin.created,
+            "unpinned": status.new,
+        }
+        registry.update_run(self.state, self.id, metrics={"test_pin": self.metrics["test_pin"]})
+        if status.created:
+            event(log, "training.test_pinned", run=self.id, n=len(status.pin.entries))
+        if status.new:
+            event(log, "training.test_unpinned", logging.WARNING, run=self.id,
+                  n=len(status.new), ids=",".join(status.new[:10]))  # fmt: skip
+            self.hooks.stage(
+                f"{len(status.new)} test example(s) added since the test set was pinned are left "
+                "out of the gate; `mailrouter dataset pin-test` adds them on purpose"
+            )
+        return [e for e in examples if e.split == "test" and e.id in status.pin.entries]
+
+    def _gate(self, candidate: Report, baseline: Report, current: Scores | None) -> Decision:
+        training = self.settings.training
+        rules = GateRules(
+            min_accuracy_gain=training.min_accuracy_gain,
+            min_baseline_gain=training.min_baseline_gain,
+            max_recall_drop=training.max_recall_drop,
+        )
+        decision = decide(scores(candidate), current, scores(baseline), rules)
+        self.metrics["gate"] = {"rule": decision.rule, "publish": decision.publish}
+        registry.update_run(self.state, self.id, metrics={"gate": self.metrics["gate"]})
+        event(log, "training.gate", run=self.id, publish=decision.publish, rule=decision.rule,
+              reason=decision.reason)  # fmt: skip
+        return decision
 
     def _evaluate(
         self, base_dir: Path, adapter_dir: Path, examples: list[Example], test: list[Example]
@@ -317,7 +379,7 @@ class _Run:
         self.answers = model.answers
         del model
         self._timed("evaluate_candidate", started)
-        self.metrics["candidate"] = _summary(candidate)
+        self.metrics["candidate"] = candidate.summary()
 
         self.hooks.stage("evaluating the baseline")
         started = time.monotonic()
@@ -330,7 +392,7 @@ class _Run:
             settings.classifier.threshold_for(baseline_model.name),
         )
         self._timed("evaluate_baseline", started)
-        self.metrics["baseline"] = _summary(baseline)
+        self.metrics["baseline"] = baseline.summary()
 
         current = self._current(test)
         registry.update_run(
@@ -341,7 +403,8 @@ class _Run:
         return candidate, baseline, current
 
     def _current(self, test: list[Example]) -> Scores | None:
-        """The model in service on the same test split: through Ollama, else as recorded."""
+        """The model in service on the pinned test set: through Ollama, else as recorded when
+        recorded on the same pin (figures from another test set judge nothing)."""
         from .publish import client, evaluate_on_ollama, latest_name, model_names
 
         name = latest_name(self.settings)
@@ -350,16 +413,24 @@ class _Run:
             started = time.monotonic()
             report, _ = evaluate_on_ollama(self.settings, name, test, self.hooks.evaluation)
             self._timed("evaluate_current", started)
-            self.metrics["current"] = {**_summary(report), "source": "ollama"}
+            self.metrics["current"] = {**report.summary(), "source": "ollama"}
             return scores(report)
         recorded = registry.in_service(self.state)
-        if recorded is not None:
-            found = recorded.metrics.get("ollama") or recorded.metrics.get("mlx") or {}
-            if "accuracy" in found and "macro_f1" in found:
-                self.metrics["current"] = {**found, "source": f"recorded ({recorded.version})"}
-                return Scores(found["accuracy"], found["macro_f1"], int(found.get("n", 0)))
-        self.metrics["current"] = None
-        return None
+        found = recorded_scores(recorded.best_metrics) if recorded is not None else None
+        if recorded is None or found is None:
+            self.metrics["current"] = None
+            return None
+        pinned = recorded.metrics.get("test_pin")
+        if pinned is not None and self.pin is not None and pinned != self.pin.digest:
+            event(log, "training.current_not_comparable", logging.WARNING, run=self.id,
+                  version=recorded.version)  # fmt: skip
+            self.metrics["current"] = {"source": f"recorded ({recorded.version}) on another pin"}
+            return None
+        self.metrics["current"] = {
+            **recorded.best_metrics,
+            "source": f"recorded ({recorded.version})",
+        }
+        return found
 
 
 # --- child-process entry point ---------------------------------------------------------------
