@@ -10,7 +10,7 @@ for nothing.
 
 The values must be the raw header text (unfolded or not), never RFC 2047-decoded: decoding would
 let an encoded word the sender chose for an address, such as
-``=?us-ascii?q?x=3B_dkim=3Dpass_header.d=3Dexample.com_x=3D?=@evil.test``, become a result.
+``=?us-ascii?q?x=3B_dkim=3Dpass_header.d=3Dexample.com_x.y=3D?=@evil.test``, become a result.
 
 Pure functions: the IMAP side is :meth:`mailrouter.mailbox.Mailbox.newest_headers`.
 """
@@ -348,8 +348,8 @@ def verdict(headers: Iterable[str], authserv_id: str, from_domain: str) -> Verdi
 
     Authentic: ``dkim=pass`` for an aligned ``header.d`` (``header.i`` when no ``header.d``, as
     Gmail writes), ``dmarc=pass`` for exactly ``from_domain``, or ``spf=pass`` for an aligned
-    ``smtp.mailfrom`` (never ``smtp.helo``, a name the sender picks). A ``dmarc=fail`` for the
-    domain overrides any pass: the domain's own policy refused the mail.
+    ``smtp.mailfrom`` (never ``smtp.helo``, a name the sender picks). See :func:`_distrust` for
+    what overrides a pass.
     """
     wanted = authserv_id.strip()
     if not wanted:
@@ -360,21 +360,40 @@ def verdict(headers: Iterable[str], authserv_id: str, from_domain: str) -> Verdi
     trusted = trusted_results(headers, wanted)
     if not trusted:
         return Verdict(False, f"no Authentication-Results from {wanted} on top")
-    broken = next((h for h in trusted if h.problem), None)
-    if broken is not None:
-        return Verdict(False, f"unreadable Authentication-Results from {wanted}: {broken.problem}")
+    refusal = _distrust(trusted, wanted, domain)
+    if refusal:
+        return Verdict(False, refusal)
     results = [r for header in trusted for r in header.results]
-    for result in results:
-        if result.method == "dmarc" and result.result == "fail":
-            target = _domain(result.props.get("header.from", ""))
-            if not target or target == domain:
-                return Verdict(False, f"dmarc=fail for {domain}")
     for result in results:
         passed = _passing_domain(result, domain)
         if passed:
             return Verdict(True, f"{result.method}=pass for {passed} ({wanted})")
     seen = ", ".join(sorted({f"{r.method}={r.result}" for r in results if r.method in _METHODS}))
     return Verdict(False, f"no aligned pass for {domain} ({seen or 'no DKIM, SPF or DMARC'})")
+
+
+def _distrust(trusted: Sequence[AuthResults], wanted: str, domain: str) -> str:
+    """Why the trusted headers cannot vouch for anything, or ``""``.
+
+    * one of them is unreadable: what else the server said cannot be known;
+    * DKIM, SPF or DMARC reported in two of them: one server checks a method once, so the
+      second is a copy the sender added right below the real one, which a server that does
+      not remove copies of its own id (RFC 8601 §5 says it must) lets through;
+    * ``dmarc=fail`` for the domain: its owner's own policy refused the mail.
+    """
+    where: dict[str, int] = {}
+    for index, header in enumerate(trusted):
+        if header.problem:
+            return f"unreadable Authentication-Results from {wanted}: {header.problem}"
+        for method in sorted({r.method for r in header.results if r.method in _METHODS}):
+            if where.setdefault(method, index) != index:
+                return f"{method} in two headers from {wanted}: one may be a forged copy"
+    for result in (r for header in trusted for r in header.results):
+        if result.method == "dmarc" and result.result == "fail":
+            target = _domain(result.props.get("header.from", ""))
+            if not target or target == domain:
+                return f"dmarc=fail for {domain}"
+    return ""
 
 
 _METHODS = ("dkim", "spf", "dmarc")

@@ -79,6 +79,9 @@ class Email:
     body: str = ""  # text/plain, or HTML converted; quoted replies and signature stripped
     full_text: str = ""  # the same text before quote and signature stripping
     headers: tuple[tuple[str, str], ...] = ()  # (lower-cased name, decoded value), in order
+    #: Raw ``Authentication-Results`` values, top to bottom: never RFC 2047-decoded, since a
+    #: decoded encoded word from a sender's address could read as a result (authresults.py).
+    auth_results: tuple[str, ...] = ()
     defects: tuple[str, ...] = field(default=())
     truncated: bool = False
 
@@ -382,6 +385,11 @@ def _header_fields(msg: Message, defects: _Defects) -> dict[str, object]:
         "date": _parse_date(first("date"), defects),
         "in_reply_to": _first_id(first("in-reply-to")),
         "references": references,
+        "auth_results": tuple(
+            str(value)
+            for name, value in msg.raw_items()
+            if str(name).lower() == "authentication-results"
+        ),
     }
 
 
