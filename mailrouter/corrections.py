@@ -29,6 +29,7 @@ from email.policy import SMTP
 from email.utils import formatdate, make_msgid
 from typing import TYPE_CHECKING
 
+from .bounces import BounceHandler
 from .classify.base import ClassifyInput
 from .commands import (
     Command,
@@ -77,7 +78,7 @@ def forward_notice(settings: Settings, facts: ForwardFacts) -> Notice:
 
 def pipeline_handlers(settings: Settings) -> list[Handler]:
     """The handlers the pipeline tries before classifying a message."""
-    return [CorrectionHandler(settings)]
+    return [BounceHandler(settings), CorrectionHandler(settings)]
 
 
 # --- recognising a correction ---------------------------------------------------------------

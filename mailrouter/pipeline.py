@@ -44,6 +44,7 @@ import logging
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -63,7 +64,7 @@ from .forward import (
 from .logs import event
 from .mailbox import Mailbox, UidValidityChanged
 from .message import Email, parse_email
-from .router import Route, decide, screen, triage
+from .router import Route, decide, limit_rate, screen, triage
 from .state import (
     ForwardRecord,
     MessageRecord,
@@ -224,6 +225,7 @@ class Pipeline:
         self._smtp_down = False
         self._first_round = True
         self._predictions: dict[int, Prediction] = {}
+        self._batch_routed: Counter[str] = Counter()  # forwards decided per sender, unrecorded
         self._sending = threading.Lock()  # one SMTP conversation at a time on self.sender
 
     # --- the loop API -----------------------------------------------------------------------
@@ -348,6 +350,7 @@ class Pipeline:
         """Read, classify and record a batch: what is left to send and file, in order."""
         incomings = self._read(uids, sizes)
         self._predictions = self._classify_batch([i for i in incomings if i.uid not in resumable])
+        self._batch_routed.clear()  # routes of this batch not yet in the database
         records: dict[int, MessageRecord] = {}
         plans: list[NewMessage] = []
         planned: set[str] = set()  # content hashes and fingerprints of this batch's new mail
@@ -601,7 +604,23 @@ class Pipeline:
         return {i.uid: p for i, p in zip(wanted, predictions, strict=True)}
 
     def _route(self, incoming: Incoming) -> tuple[Route, Prediction | None] | None:
-        """The route, or ``None`` when the classifier is down and ``on_error = "wait"``."""
+        """The route, or ``None`` when the classifier is down and ``on_error = "wait"``; a
+        forward over the sender's hourly limit (``limit_rate``) is filed instead."""
+        decided = self._classified_route(incoming)
+        limit = self.settings.mailbox.max_forwards_per_sender_per_hour
+        if decided is None or not decided[0].forwards or limit == 0:
+            return decided
+        sender = incoming.email.sender
+        recent = self.state.routed_from(sender, 3600) + self._batch_routed[sender]
+        route = limit_rate(decided[0], sender, recent, self.settings)
+        if route.forwards:
+            self._batch_routed[sender] += 1
+        else:
+            event(log, "forward_rate_limited", logging.WARNING, uid=incoming.uid, sender=sender,
+                  recent=recent, limit=limit)  # fmt: skip
+        return route, decided[1]
+
+    def _classified_route(self, incoming: Incoming) -> tuple[Route, Prediction | None] | None:
         email = incoming.email
         screened = screen(email, self.settings)
         if screened is not None:

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -600,6 +600,22 @@ class State:
         """How many messages are in each state."""
         rows = self.query("SELECT state, COUNT(*) AS n FROM messages GROUP BY state")
         return {r["state"]: int(r["n"]) for r in rows}
+
+    def routed_from(self, sender: str, within_seconds: float) -> int:
+        """How many of ``sender``'s messages recorded in the last ``within_seconds`` were routed
+        to be forwarded (to a department or triage; copies not counted): what a per-sender rate
+        limit compares. Ids grow with time, so only the rows after the newest older one are
+        read: the cost is that of the period, not of the whole history."""
+        since = (datetime.now(UTC) - timedelta(seconds=within_seconds)).isoformat(
+            timespec="seconds"
+        )
+        rows = self.query(
+            "SELECT COUNT(*) AS n FROM messages WHERE id > COALESCE((SELECT id FROM messages "
+            "WHERE created < ? ORDER BY id DESC LIMIT 1), 0) AND sender = ? AND created >= ? "
+            "AND route IN ('department', 'triage') AND duplicate_of IS NULL",
+            (since, sender, since),
+        )
+        return int(rows[0]["n"])
 
     # --- forwards ---------------------------------------------------------------------------
 
