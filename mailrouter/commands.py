@@ -135,11 +135,16 @@ def _words(text: str) -> list[str]:
 
 
 def is_staff(sender: str, domains: Sequence[str], addresses: Sequence[str]) -> bool:
-    """Whether ``sender`` belongs to a staff domain (or a sub-domain) or is a staff address."""
+    """Whether ``sender`` is a staff address or its domain is exactly a staff domain.
+
+    Exact: ``mail.example.com`` is staff only when listed itself, since anyone who can register
+    or spoof a subdomain (a marketing tool's ``news.example.com``) must not become staff. This
+    only says who *may* correct: the mail still has to prove its author (see corrections).
+    """
     sender = sender.strip().lower()
     if not sender or "@" not in sender:
         return False
     if sender in {a.strip().lower() for a in addresses}:
         return True
     domain = sender.rpartition("@")[2]
-    return any(domain == d.lower() or domain.endswith("." + d.lower()) for d in domains if d)
+    return domain in {d.strip().lower() for d in domains if d.strip()}

@@ -1,21 +1,23 @@
 """Corrections by reply: staff fix a route, mailrouter re-forwards and learns (DESIGN §5).
 
-A mail to the router is a correction when it carries a valid ``[MR-<token>]`` (subject or own
-text) or answers a forward directly (``In-Reply-To``). It is claimed before classification, so
-it is never forwarded as customer mail. Then, in order:
+A mail to the router is a correction when it comes from staff and carries a valid ``[MR-<token>]``
+(subject or own text) or answers a forward (``In-Reply-To``/``References``). Mail from anyone
+else is customer mail, whatever token or reference it quotes: it is classified and forwarded as
+usual. A staff correction is claimed before classification, then, in order:
 
-1. trust: the sender is staff, and a passing aligned DKIM/SPF result from the trusted
-   ``Authentication-Results`` server when one is configured; the token is the one of the forward
-   the mail answers. Anything else is ignored and logged, with no reply (no backscatter);
-2. the command: the subject after the token, else the first line of the reply's own text;
-3. the daily cap per sender (a guard against poisoning the dataset);
+1. the command: the subject after the token, else the first line of the reply's own text;
+2. the caps: per sender, per domain and in total per day (a guard against poisoning the data);
+3. trust: when the topmost ``Authentication-Results`` of the trusted server show the mail
+   authentic (:mod:`mailrouter.authresults`) it applies at once; otherwise the claimed author is
+   asked to confirm (:mod:`mailrouter.confirmations`) and it applies when they answer, or, with
+   ``confirm_unauthenticated = false``, it is refused. ``From:`` alone never applies anything;
 4. applying: the original (fetched back from the folder it was filed in) is forwarded again to
    the right department through :meth:`Pipeline.send_forward` (a new forward id, stored before
-   sending), the example is recorded in ``examples.jsonl`` (a later correction of the same
-   message replaces it) and the sender gets a one-line confirmation.
+   sending), the example is recorded in ``examples.jsonl`` (or held for review when it
+   contradicts an existing example) and the author gets a one-line answer.
 
-Each correction mail is recorded by its Message-ID before anything is sent, so a crash between
-sending and the commit of the outcome does not forward twice.
+Each correction mail is recorded by the hash of its bytes before anything is sent, so a crash
+between sending and the commit of the outcome neither forwards twice nor asks twice.
 """
 
 from __future__ import annotations
@@ -23,17 +25,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import formatdate, make_msgid
 from typing import TYPE_CHECKING
 
+from .authresults import verdict
 from .bounces import BounceHandler
 from .classify.base import ClassifyInput
 from .commands import (
     Command,
-    authenticated,
     find_tokens,
     first_command_line,
     is_staff,
@@ -41,6 +43,7 @@ from .commands import (
     subject_command,
 )
 from .config import Settings, token_key
+from .confirmations import compose_request, declines, find_refs, make_ref, ref_hash, request_text
 from .dataset import Dataset
 from .errors import SmtpError
 from .forward import ForwardFacts, Notice, SmtpSender, address_domain, send_with_retry
@@ -49,7 +52,17 @@ from .message import Email, parse_email, strip_quoted
 from .notice import DigestItem, correction_block, spam_digest
 from .pipeline import Context, Incoming, Outcome
 from .router import screen
-from .state import ForwardRecord, MessageRecord, MessageState, NewForward, State, now_iso
+from .state import (
+    ConfirmationRecord,
+    CorrectionRecord,
+    CorrectionRow,
+    ForwardRecord,
+    MessageRecord,
+    MessageState,
+    NewForward,
+    State,
+    now_iso,
+)
 from .tokens import check_token, token_maker
 
 if TYPE_CHECKING:
@@ -58,6 +71,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HELP_KEY = "help:"
+ORIGINAL_MISSING = (
+    "mailrouter : l'original est introuvable dans la boîte, rien n'a été changé. / "
+    "The original could not be found in the mailbox; nothing was changed."
+)
 DIGEST_KEY = "last_spam_digest"
 
 
@@ -93,18 +110,29 @@ class Claim:
     problem: str = ""
 
 
+def answered_forward(email: Email, state: State) -> ForwardRecord | None:
+    """The forward that ``In-Reply-To`` (else the newest of ``References``) names, if any."""
+    for message_id in (email.in_reply_to, *reversed(email.references)):
+        if message_id:
+            forward = state.forward_by(message_id=message_id)
+            if forward is not None:
+                return forward
+    return None
+
+
 def find_claim(email: Email, state: State, key: bytes) -> Claim | None:
     """The forward a mail answers, or ``None`` when it is not a correction at all.
 
-    Tokens count in the subject and in the reply's own text, not in quoted text: a customer who
-    answers a staff reply that quoted a forward is not correcting anything.
+    Tokens count in the subject and in the reply's own text, not in quoted text. A token must be
+    the one of the forward the mail answers when it answers one: a token copied from another
+    forward proves nothing about this one.
     """
     in_subject = find_tokens(email.subject)
     # Tokens typed by the writer, not quoted: stripping quotes is the costly part, and most
     # mail has no token anywhere.
     typed = find_tokens(own_text(email)) if find_tokens(email.full_text) else []
     tokens = in_subject + [t for t in typed if t not in in_subject]
-    answered = state.forward_by(message_id=email.in_reply_to) if email.in_reply_to else None
+    answered = answered_forward(email, state)
     if not tokens:
         return Claim(answered, False) if answered is not None else None
     token = tokens[0]
@@ -130,11 +158,25 @@ def own_text(email: Email) -> str:
     return strip_quoted(email.full_text)
 
 
+def over_caps(state: State, settings: Settings, sender: str) -> str | None:
+    """Which daily cap a new correction from ``sender`` would exceed, if any."""
+    corr = settings.corrections
+    since = datetime.now(UTC).strftime("%Y-%m-%dT00:00:00")
+    domain = sender.rpartition("@")[2]
+    if state.corrections_count(since, by=sender) >= corr.daily_cap:
+        return f"daily cap of {corr.daily_cap} corrections for {sender} reached"
+    if state.corrections_count(since, domain=domain) >= corr.daily_domain_cap:
+        return f"daily cap of {corr.daily_domain_cap} corrections for @{domain} reached"
+    if state.corrections_count(since) >= corr.daily_total_cap:
+        return f"daily cap of {corr.daily_total_cap} corrections in total reached"
+    return None
+
+
 # --- the handler ------------------------------------------------------------------------------
 
 
 class CorrectionHandler:
-    """Claims corrections before classification; see the module docstring for the order."""
+    """Claims staff corrections and confirmation answers before classification."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -149,218 +191,342 @@ class CorrectionHandler:
     def __call__(self, context: Context, incoming: Incoming) -> Outcome | None:
         email = incoming.email
         screened = screen(email, self.settings)
-        if screened is not None and screened.kind == "ignore":
-            return None  # an auto-reply or our own mail: the router ignores it
+        if screened is not None and screened.kind == "ignore" and automated(screened.reason):
+            return None  # an auto-reply or our own mail: it corrects nothing
+        corr = self.settings.corrections
+        if not is_staff(email.sender, corr.staff_domains, corr.staff_addresses):
+            return None  # customer mail, even quoting a token: classified as usual
+        refs = (
+            find_refs(email.subject, own_text(email))
+            if "[MRC-" in email.full_text + (email.subject)
+            else []
+        )
+        for ref in refs:
+            confirmation = context.state.confirmation_by_ref(ref_hash(ref))
+            if confirmation is not None:
+                if context.dry_run:
+                    return _dry("confirmation answer")
+                return Corrector(context, email, self.key).answer(confirmation)
         claim = find_claim(email, context.state, self.key)
         if claim is None:
             return None
-        corr = self.settings.corrections
-        staff = is_staff(email.sender, corr.staff_domains, corr.staff_addresses)
         if claim.forward is None:
-            if not staff:
-                return None  # customer mail that merely contains "[MR-": classified as usual
-            return _ignored(email, claim.problem)
-        if not staff:
-            return _ignored(email, f"sender {email.sender or '(none)'} is not staff")
-        if corr.trusted_authserv_id:
-            ok, why = authenticated(
-                email.header_all("authentication-results"),
-                corr.trusted_authserv_id,
-                email.sender_domain,
-            )
-            if not ok:
-                return _ignored(email, f"not authenticated: {why}")
-        if claim.problem:
-            return _ignored(email, claim.problem)
+            return _refused(email, claim.problem)
         command = command_of(email, claim, self.settings)
         if context.dry_run:
-            return Outcome(MessageState.IGNORED, None, f"correction: {command.kind}", "correction")
-        return Applier(context, email, claim.forward).apply(command)
+            return _dry(f"correction: {command.kind}")
+        return Corrector(context, email, self.key).correct(claim.forward, command)
 
 
-def _ignored(email: Email, why: str) -> Outcome:
+def automated(reason: str) -> bool:
+    """Whether a ``screen`` reason says machine-sent mail (never a person's correction)."""
+    return reason.startswith(("automated mail", "sent by the router"))
+
+
+def _dry(reason: str) -> Outcome:
+    return Outcome(MessageState.IGNORED, None, reason, "correction")
+
+
+def _refused(email: Email, why: str) -> Outcome:
     event(log, "correction_refused", logging.WARNING, sender=email.sender, reason=why,
           message_id=email.message_id)  # fmt: skip
     return Outcome(MessageState.IGNORED, "triage", f"correction refused: {why}", "correction")
+
+
+def _filed(reason: str) -> Outcome:
+    return Outcome(MessageState.FILED, "routed", reason, "correction")
+
+
+# --- deciding ---------------------------------------------------------------------------------
+
+
+class Corrector:
+    """Handles one staff mail: a correction to record, or the answer to a confirmation."""
+
+    def __init__(self, context: Context, email: Email, key: bytes) -> None:
+        self.context = context
+        self.settings = context.settings
+        self.state = context.state
+        self.email = email
+        self.key = key
+
+    def correct(self, forward: ForwardRecord, command: Command) -> Outcome:
+        """Record a correction, then apply it, ask for confirmation or refuse it."""
+        row = self.state.correction_by_mail(self.email.content_hash)
+        if row is None:
+            decided = self._record(forward, command)
+            if isinstance(decided, Outcome):
+                return decided
+            row = decided
+        if row.status == "pending":
+            return Applier(self.context, row, self.email).apply()
+        if row.status == "awaiting":
+            return self._ask(row)
+        return _filed(f"correction already handled ({row.status})")
+
+    def _record(self, forward: ForwardRecord, command: Command) -> CorrectionRecord | Outcome:
+        sender = self.email.sender
+        over = over_caps(self.state, self.settings, sender)
+        if over is not None:
+            self._add(forward, command, None, status="refused", reason=over)
+            return _refused(self.email, over)
+        record = self.state.message(forward.message)
+        current = current_label(self.state, record)
+        if command.kind == "unknown":
+            self._add(forward, command, current, status="unreadable", reason=command.text[:200])
+            help_reply(self.context, self.email)
+            return _filed(f"unreadable correction {command.text[:60]!r}")
+        new_label = current if command.kind == "confirm" else command.department
+        if new_label is None:
+            help_reply(self.context, self.email)
+            return _filed("nothing to confirm: the message had no department")
+        if command.kind != "confirm" and self.state.last_applied_label(record.id) == new_label:
+            return _filed(f"correction to {new_label} already applied")
+        auth = verdict(
+            self.email.auth_results,
+            self.settings.corrections.trusted_authserv_id,
+            self.email.sender_domain,
+        )
+        if auth.ok:
+            return self._add(forward, command, current, new_label, "pending", auth.reason)
+        if not self.settings.corrections.confirm_unauthenticated:
+            why = f"not authenticated ({auth.reason}) and confirm_unauthenticated is off"
+            self._add(forward, command, current, new_label, "refused", auth.reason, reason=why)
+            return _refused(self.email, why)
+        return self._add(forward, command, current, new_label, "awaiting", auth.reason)
+
+    def _add(
+        self,
+        forward: ForwardRecord,
+        command: Command,
+        current: str | None,
+        new_label: str | None = None,
+        status: str = "pending",
+        auth: str | None = None,
+        *,
+        reason: str | None = None,
+    ) -> CorrectionRecord:
+        return self.state.add_correction(
+            forward_id=forward.forward_id, message=forward.message, by=self.email.sender,
+            domain=self.email.sender_domain, command=command.kind, old_label=current,
+            new_label=new_label, status=status, mail_id=self.email.content_hash, auth=auth,
+            reason=reason,
+        )  # fmt: skip
+
+    def _ask(self, row: CorrectionRecord) -> Outcome:
+        """Send the claimed author the confirmation request (again after a crash, same ref)."""
+        ref = make_ref(self.key, row.id, row.mail_id or "")
+        days = self.settings.corrections.confirm_days
+        expires = datetime.now(UTC) + timedelta(days=days)
+        confirmation = self.state.add_confirmation(
+            row.id, ref_hash(ref), row.by, expires.isoformat(timespec="seconds")
+        )
+        if confirmation.status == "new":
+            record = self.state.message(row.message or 0)
+            text = request_text(
+                subject=record.subject,
+                sender=record.sender,
+                old=row.old_label,
+                new=row.new_label or "?",
+                kind=row.command,
+                expires=expires,
+            )
+            data = compose_request(
+                self.settings, to=row.by, ref=ref, text=text, subject=record.subject
+            )
+            self.context.pipeline.send_plain(data, row.by)  # a temporary error: retried later
+            self.state.update_confirmation(confirmation.id, "waiting")
+            event(log, "correction_confirmation_requested", id=row.id, to=row.by, auth=row.auth)
+        return _filed(f"correction by {row.by} awaiting confirmation ({row.auth})")
+
+    def answer(self, confirmation: ConfirmationRecord) -> Outcome:
+        """A reply carrying a confirmation reference: apply, cancel, or say it expired."""
+        row = self.state.correction(confirmation.correction)
+        if row is None or confirmation.status not in ("new", "waiting"):
+            return _filed(f"confirmation already {confirmation.status}")
+        if self.email.sender != confirmation.address:
+            return _refused(
+                self.email,
+                f"confirmation answered from {self.email.sender}, not {confirmation.address}",
+            )
+        if datetime.fromisoformat(confirmation.expires) < datetime.now(UTC):
+            return self._close(
+                confirmation,
+                row,
+                "expired",
+                "mailrouter : cette demande a expiré, rien n'a été changé. / "
+                "This request has expired; nothing was changed.",
+            )
+        if declines(first_command_line(own_text(self.email))):
+            return self._close(
+                confirmation,
+                row,
+                "declined",
+                "mailrouter : correction annulée, rien n'a été changé. / "
+                "Correction cancelled; nothing was changed.",
+            )
+        if row.status == "awaiting":
+            self.state.update_correction(row.id, status="pending", auth=f"confirmed by {row.by}")
+            row = self.state.correction(row.id) or row
+        outcome = Applier(self.context, row, self.email).apply()
+        self.state.update_confirmation(confirmation.id, "confirmed")
+        return outcome
+
+    def _close(
+        self, confirmation: ConfirmationRecord, row: CorrectionRecord, status: str, line: str
+    ) -> Outcome:
+        self.state.update_confirmation(confirmation.id, status)
+        self.state.update_correction(row.id, status=status)
+        event(log, f"correction_{status}", id=row.id, by=row.by)
+        reply(self.context, self.email, line)
+        return _filed(f"correction {status}")
 
 
 # --- applying ---------------------------------------------------------------------------------
 
 
 class Applier:
-    """Applies one accepted correction mail to the message its forward carried."""
+    """Applies one accepted correction to the message its forward carried."""
 
-    def __init__(self, context: Context, email: Email, forward: ForwardRecord) -> None:
+    def __init__(self, context: Context, row: CorrectionRecord, answer_to: Email) -> None:
         self.context = context
         self.settings = context.settings
         self.state = context.state
-        self.email = email
-        self.forward = forward
-        self.record = context.state.message(forward.message)
-        self.mail_id = email.message_id or email.content_hash
+        self.row = row
+        self.answer_to = answer_to
+        self.record = context.state.message(row.message or 0)
 
-    def apply(self, command: Command) -> Outcome:
-        done = self._row()
-        if done is not None and done["status"] == "applied":
-            return self._outcome(f"correction already applied ({done['new_label']})")
-        current = current_label(self.state, self.record)
-        if command.kind == "unknown":
-            self._help()
-            return self._outcome(f"unreadable correction {command.text[:60]!r}")
-        new_label = current if command.kind == "confirm" else command.department
-        if new_label is None:
-            self._help()
-            return self._outcome("nothing to confirm: the message had no department")
-        if done is None and self._over_cap():
-            return _ignored(
-                self.email, f"daily cap of {self.settings.corrections.daily_cap} reached"
-            )
-        if (
-            done is None
-            and last_applied(self.state, self.record.id) == new_label
-            and command.kind != "confirm"
-        ):
-            return self._outcome(f"correction to {new_label} already applied")
-
+    def apply(self) -> Outcome:
+        row, record = self.row, self.record
+        new_label, current = row.new_label or "", row.old_label
         raw = self.context.mailbox.fetch_filed(
-            self.record.folder or "routed", self.record.message_id, self.record.content_hash
+            record.folder or "routed", record.message_id, record.content_hash
         )
         if raw is None:
-            event(log, "correction_original_missing", logging.WARNING, id=self.record.id)
-            self._reply(
-                "mailrouter : l'original est introuvable dans la boîte, rien n'a été changé. / "
-                "The original could not be found in the mailbox; nothing was changed."
-            )
-            return self._outcome("original not found in the mailbox")
-        row = done["id"] if done is not None else self._start(command, current, new_label)
-        original = parse_email(raw, max_bytes=self.settings.mailbox.max_message_bytes)
-
-        resend = command.kind == "route" and new_label != current
-        if resend and not self._already_sent(new_label, row):
-            dep = self.settings.department(new_label)
-            to = dep.address if dep.action == "forward" and dep.address else None
-            destination = to or self.settings.smtp.triage_address
-            try:
-                self.context.pipeline.send_forward(
-                    self.record, raw, destination=destination, department=new_label,
-                    reason=f"corrigé par / corrected by {self.email.sender}",
-                )  # fmt: skip
-            except SmtpError as exc:
-                event(log, "correction_deferred", logging.WARNING, id=row, error=str(exc))
-                raise  # the pipeline keeps the message and tries again next round
+            event(log, "correction_original_missing", logging.WARNING, id=record.id)
+            self.state.update_correction(row.id, status="failed", reason="original not found")
+            reply(self.context, self.answer_to, ORIGINAL_MISSING)
+            return _filed("original not found in the mailbox")
+        if row.command == "route" and new_label != current and not self._already_sent(new_label):
+            refused = self._resend(raw, new_label)
+            if refused:
+                self.state.update_correction(row.id, status="failed", reason=refused[:500])
+                reply(self.context, self.answer_to, f"mailrouter : {refused}")
+                return _filed(f"correction to {new_label} failed: {refused}")
         source = "correction" if new_label != current else "confirmation"
-        read = ClassifyInput.from_email(original)
-        example = Dataset.from_settings(self.settings).upsert_correction(
-            text=read.text,
-            label=new_label,
-            subject=read.subject,
-            sender_domain=read.sender_domain,
-            message_id=original.message_id or self.record.content_hash,
-            corrected_from=current if source == "correction" else None,
-            by=self.email.sender,
-            source=source,
+        read = ClassifyInput.from_email(
+            parse_email(raw, max_bytes=self.settings.mailbox.max_message_bytes)
         )
-        self.state.execute(
-            "UPDATE corrections SET status = 'applied', example_id = ? WHERE id = ?",
-            (example.id, row),
-        )
-        event(log, "correction_applied", id=self.record.id, by=self.email.sender,
-              old=current, new=new_label, kind=command.kind, example=example.id)  # fmt: skip
-        subject = self.record.subject[:80] or "(sans objet)"
-        if source == "correction":
-            line = (
-                f"mailrouter : « {subject} » renvoyé à {new_label} (était {current or 'triage'}). "
-                f"/ Re-forwarded to {new_label} (was {current or 'triage'})."
-            )
-            if command.kind == "spam":
-                line = (
-                    f"mailrouter : « {subject} » noté comme spam. / Recorded as spam (was "
-                    f"{current or 'triage'})."
-                )
-        else:
-            line = f"mailrouter : merci, « {subject} » confirmé {new_label}. / Confirmed, thanks."
-        self._reply(line)
-        return self._outcome(f"correction by {self.email.sender}: {current} -> {new_label}")
-
-    # --- helpers ------------------------------------------------------------------------------
-
-    def _outcome(self, reason: str) -> Outcome:
-        return Outcome(MessageState.FILED, "routed", reason, "correction")
-
-    def _row(self) -> dict[str, object] | None:
-        rows = self.state.query(
-            "SELECT * FROM corrections WHERE mail_id = ? ORDER BY id DESC LIMIT 1", (self.mail_id,)
-        )
-        return dict(rows[0]) if rows else None
-
-    def _start(self, command: Command, current: str | None, new_label: str) -> int:
-        return self.state.execute(
-            "INSERT INTO corrections (forward_id, message, by, command, old_label, new_label, "
-            "status, created, mail_id) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
-            (self.forward.forward_id, self.record.id, self.email.sender, command.kind, current,
-             new_label, now_iso(), self.mail_id),
+        result = Dataset.from_settings(self.settings).upsert_correction(
+            text=read.text, label=new_label, subject=read.subject,
+            sender_domain=read.sender_domain, mail_key=record.content_hash,
+            corrected_from=current if source == "correction" else None, by=row.by, source=source,
         )  # fmt: skip
+        status = "held" if result.held else "applied"
+        self.state.update_correction(
+            row.id, status=status, example_id=result.example.id, reason=result.reason or None
+        )
+        event(
+            log,
+            "correction_applied",
+            id=record.id,
+            by=row.by,
+            old=current,
+            new=new_label,
+            kind=row.command,
+            example=result.example.id,
+            held=result.held,
+            auth=row.auth,
+        )
+        reply(self.context, self.answer_to, self._line(source, result.held))
+        return _filed(
+            f"correction by {row.by}: {current} -> {new_label}"
+            + (" (example held for review)" if result.held else "")
+        )
 
-    def _already_sent(self, department: str, row: int) -> bool:
+    def _resend(self, raw: bytes, department: str) -> str:
+        """Forward the original to ``department``; ``""``, or why its server refused it.
+
+        A temporary failure is raised: the pipeline keeps the mail and tries again next round.
+        """
+        dep = self.settings.department(department)
+        to = dep.address if dep.action == "forward" and dep.address else None
+        destination = to or self.settings.smtp.triage_address
+        try:
+            self.context.pipeline.send_forward(
+                self.record, raw, destination=destination, department=department,
+                reason=f"corrigé par / corrected by {self.row.by}",
+            )  # fmt: skip
+        except SmtpError as exc:
+            event(log, "correction_deferred", logging.WARNING, id=self.row.id, error=str(exc))
+            if not exc.permanent:
+                raise
+            return f"{destination} a refusé le renvoi / refused the forward: {exc}"
+        return ""
+
+    def _already_sent(self, department: str) -> bool:
         """A correction forward to ``department`` left after this correction was recorded."""
-        created = self.state.query("SELECT created FROM corrections WHERE id = ?", (row,))
-        since = created[0]["created"] if created else ""
         return any(
             f.kind == "correction" and f.department == department and f.status == "sent"
-            and f.created >= since
+            and f.created >= self.row.created
             for f in self.state.forwards_of(self.record.id)
         )  # fmt: skip
 
-    def _over_cap(self) -> bool:
-        midnight = datetime.now(UTC).strftime("%Y-%m-%dT00:00:00")
-        rows = self.state.query(
-            "SELECT COUNT(*) AS n FROM corrections WHERE by = ? AND status = 'applied' "
-            "AND created >= ?",
-            (self.email.sender, midnight),
-        )
-        return int(rows[0]["n"]) >= self.settings.corrections.daily_cap
-
-    def _help(self) -> None:
-        """One short help reply per sender per ``help_interval_seconds``."""
-        key = HELP_KEY + self.email.sender
-        last = float(self.state.get(key, "0") or 0)
-        if time.time() - last < self.settings.corrections.help_interval_seconds:
-            event(log, "correction_help_skipped", sender=self.email.sender)
-            return
-        names = ", ".join(d.name for d in self.settings.departments)
-        self._reply(
-            "mailrouter : je n'ai pas compris. Répondez avec le nom d'un service "
-            f"({names}), « spam » ou « ok ».\n"
-            f"I did not understand. Reply with a department ({names}), 'spam' or 'ok'."
-        )
-        self.state.set(key, str(time.time()))
-
-    def _reply(self, text: str) -> None:
-        data = compose_reply(self.settings, self.email, text)
-        try:
-            self.context.pipeline.send_plain(data, self.email.sender)
-        except SmtpError as exc:  # the correction stands even if the answer is lost
-            event(log, "correction_reply_failed", logging.WARNING, error=str(exc))
-
-
-def last_applied(state: State, message: int) -> str | None:
-    """The label of the latest applied correction of a message, if any."""
-    rows = state.query(
-        "SELECT new_label FROM corrections WHERE message = ? AND status = 'applied' "
-        "ORDER BY id DESC LIMIT 1",
-        (message,),
-    )
-    return rows[0]["new_label"] if rows else None
+    def _line(self, source: str, held: bool) -> str:
+        subject = self.record.subject[:80] or "(sans objet)"
+        new, was = self.row.new_label, self.row.old_label or "triage"
+        if source == "confirmation":
+            line = f"mailrouter : merci, « {subject} » confirmé {new}. / Confirmed, thanks."
+        elif self.row.command == "spam":
+            line = f"mailrouter : « {subject} » noté comme spam. / Recorded as spam (was {was})."
+        else:
+            line = (
+                f"mailrouter : « {subject} » renvoyé à {new} (était {was}). "
+                f"/ Re-forwarded to {new} (was {was})."
+            )
+        if held:
+            line += (
+                "\nL'exemple contredit un exemple existant : il attend une revue "
+                "(mailrouter corrections review). / The training example contradicts an "
+                "existing one and waits for review."
+            )
+        return line
 
 
 def current_label(state: State, record: MessageRecord) -> str | None:
     """The department a message is with now: its latest correction, else the route decided."""
-    corrected = last_applied(state, record.id)
+    corrected = state.last_applied_label(record.id)
     if corrected is not None:
         return corrected
     if record.route == "spam":
         return record.label
     return record.department if record.route == "department" else None
+
+
+def help_reply(context: Context, email: Email) -> None:
+    """One short help reply per sender per ``help_interval_seconds``."""
+    key = HELP_KEY + email.sender
+    last = float(context.state.get(key, "0") or 0)
+    if time.time() - last < context.settings.corrections.help_interval_seconds:
+        event(log, "correction_help_skipped", sender=email.sender)
+        return
+    names = ", ".join(d.name for d in context.settings.departments)
+    reply(
+        context,
+        email,
+        "mailrouter : je n'ai pas compris. Répondez avec le nom d'un service "
+        f"({names}), « spam » ou « ok ».\n"
+        f"I did not understand. Reply with a department ({names}), 'spam' or 'ok'.",
+    )
+    context.state.set(key, str(time.time()))
+
+
+def reply(context: Context, to: Email, text: str) -> None:
+    """A one-line answer to a staff mail; the correction stands even if the answer is lost."""
+    try:
+        context.pipeline.send_plain(compose_reply(context.settings, to, text), to.sender)
+    except SmtpError as exc:
+        event(log, "correction_reply_failed", logging.WARNING, error=str(exc))
 
 
 def compose_reply(settings: Settings, to: Email, text: str) -> bytes:
@@ -453,40 +619,31 @@ def _parse_iso(text: str) -> datetime | None:
 # --- the corrections command ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class CorrectionRow:
-    id: int
-    created: str
-    by: str
-    command: str
-    old_label: str | None
-    new_label: str | None
-    status: str
-    subject: str
-    example_id: str | None
-
-
 def list_corrections(state: State, limit: int = 50) -> list[CorrectionRow]:
-    rows = state.query(
-        "SELECT c.id, c.created, c.by, c.command, c.old_label, c.new_label, c.status, "
-        "c.example_id, m.subject FROM corrections c LEFT JOIN messages m ON m.id = c.message "
-        "ORDER BY c.id DESC LIMIT ?",
-        (limit,),
-    )
-    return [CorrectionRow(**{k: r[k] for k in r.keys()}) for r in rows]  # noqa: SIM118
+    return state.correction_rows(limit)
 
 
 def revert_correction(settings: Settings, state: State, correction_id: int) -> str:
-    """Remove the example a correction recorded; returns what was done, for the user."""
-    rows = state.query("SELECT * FROM corrections WHERE id = ?", (correction_id,))
-    if not rows:
+    """Withdraw the example a correction recorded; returns what was done, for the user.
+
+    Only an example this correction wrote goes: one its author confirmed that already existed
+    (an import, a starter example) stays, and a held one is rejected.
+    """
+    row = state.correction(correction_id)
+    if row is None:
         return f"no correction #{correction_id}"
-    row = rows[0]
-    if row["status"] == "reverted":
+    if row.status == "reverted":
         return f"correction #{correction_id} was already reverted"
-    removed = bool(row["example_id"]) and Dataset.from_settings(settings).remove(row["example_id"])
-    state.execute("UPDATE corrections SET status = 'reverted' WHERE id = ?", (correction_id,))
-    event(log, "correction_reverted", id=correction_id, example=row["example_id"])
+    dataset = Dataset.from_settings(settings)
+    removed = False
+    if row.example_id and row.status == "held":
+        removed = dataset.reject_held(row.example_id)
+    elif row.example_id:
+        example = dataset.get(row.example_id)
+        ours = example is not None and example.source in ("correction", "confirmation")
+        removed = ours and example.by == row.by and dataset.remove(row.example_id)
+    state.update_correction(correction_id, status="reverted")
+    event(log, "correction_reverted", id=correction_id, example=row.example_id)
     if removed:
-        return f"reverted correction #{correction_id}: example {row['example_id']} removed"
-    return f"reverted correction #{correction_id}: it had no example left in the dataset"
+        return f"reverted correction #{correction_id}: example {row.example_id} removed"
+    return f"reverted correction #{correction_id}: it had no example of its own in the dataset"

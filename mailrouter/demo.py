@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from email.message import EmailMessage
-from email.utils import formatdate
+from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,9 @@ from rich.text import Text
 from .config import Settings, load_settings
 from .dataset import Dataset, Example
 from .errors import MailRouterError
+from .files import STARTER_EXAMPLES
 from .localservers import (
+    Delivered,
     DovecotServer,
     ImapAccount,
     PymapServer,
@@ -41,10 +43,13 @@ from .localservers import (
     local_config,
     write_toml,
 )
+from .pipeline import Pipeline
 from .state import State
 
 REPO = Path(__file__).resolve().parent.parent
-STARTER = REPO / "data" / "examples.jsonl"
+# The demo routes a temp data folder of its own, with its own servers: it takes no data-folder
+# lock (see mailrouter.datalock) and runs beside a live service.
+STARTER = STARTER_EXAMPLES
 # MLX on a CPU spends about 2.5 s per iteration of one ~400-token prompt on this tiny model (its
 # 32,768-token output layer dominates): a handful of iterations shows the path in a minute.
 MLX_ITERS = 10
@@ -144,6 +149,19 @@ def correction_email(forward_message_id: str, token: str, command: str, subject:
     msg["Message-ID"] = f"<correction-{token}@example.com>"
     msg["In-Reply-To"] = forward_message_id
     msg.set_content(f"{command}\n\n> {subject}\n")
+    return msg.as_bytes()
+
+
+def confirmation_answer(request: Delivered) -> bytes:
+    """What the member of staff sends back: “oui”, replying to the confirmation request."""
+    msg = EmailMessage()
+    msg["From"] = STAFF
+    msg["To"] = "router@mailrouter.test"
+    msg["Subject"] = f"Re: {request.header('Subject')}"
+    msg["Date"] = formatdate(localtime=True)
+    msg["Message-ID"] = make_msgid(domain="example.com")
+    msg["In-Reply-To"] = request.header("Message-ID") or ""
+    msg.set_content("oui\n")
     return msg.as_bytes()
 
 
@@ -270,8 +288,6 @@ class Demo:
     def _route(
         self, settings: Settings, account: ImapAccount, sink: SmtpSink, held_out: list[Example]
     ) -> None:
-        from .pipeline import Pipeline
-
         self.step(f"2. {len(held_out)} emails arrive; the router runs one round")
         mails = [as_email(e, i) for i, e in enumerate(held_out, 1)]
         account.append(mails)
@@ -335,14 +351,6 @@ class Demo:
 
     def _correct(self, settings: Settings, account: ImapAccount, sink: SmtpSink) -> None:
         self.step("3. A member of staff corrects one route by reply")
-        try:
-            from .corrections import pipeline_handlers  # noqa: F401
-        except ImportError:
-            self.say("corrections by reply are not available in this build: skipped")
-            self.summary.correction = "skipped (corrections not available)"
-            return
-        from .pipeline import Pipeline
-
         chosen = choose_correction(self.decisions, self.expected)
         if chosen is None:
             self.say("nothing was routed, so there is nothing to correct")
@@ -350,43 +358,65 @@ class Demo:
             return
         decision, command, why = chosen
         with State(settings.state_path) as state:
-            row = state.query(
-                "SELECT id FROM messages WHERE message_id = ? ORDER BY id LIMIT 1",
-                (decision.message_id,),
-            )[0]
-            forward = state.forwards_of(row["id"])[0]
+            record = state.first_with_message_id(decision.message_id)
+            assert record is not None
+            forward = state.forwards_of(record.id)[0]
         text = self.texts[decision.message_id]
         self.say(f"chosen: “{_subject_of(text, 10)}” — {why}")
         self.say(
             f"{STAFF} clicks the “{command}” link of the forward: a mail to the router "
             f"with subject [MR-{forward.token}] {command}"
         )
+        self.say(
+            "no mail server vouches for it here (no Authentication-Results), so the router "
+            "asks the address it claims to confirm"
+        )
+        request = self._deliver(
+            settings, account, sink,
+            correction_email(forward.message_id, forward.token, command, text[:60]),
+        )  # fmt: skip
+        if request is not None:
+            self.say(f"{STAFF} answers “oui” to the request (only that mailbox received it)")
+            self._deliver(settings, account, sink, confirmation_answer(request))
+        self._report_example(settings, decision)
+
+    def _deliver(
+        self, settings: Settings, account: ImapAccount, sink: SmtpSink, mail: bytes
+    ) -> Delivered | None:
+        """Drop ``mail`` in the inbox, run one round, show what was sent; the confirmation
+        request among it, if any."""
         before = len(sink.delivered())
-        account.append([correction_email(forward.message_id, forward.token, command, text[:60])])
+        account.append([mail])
         pipeline = Pipeline(settings)
         try:
             pipeline.run_once()
         finally:
             pipeline.close()
+        request = None
         for msg in sink.delivered()[before:]:
             subject = (msg.header("Subject") or "").replace("\n", " ")
-            kind = "confirmation" if msg.rcpt_tos == (STAFF,) else "re-forward"
+            kind = "re-forward" if msg.rcpt_tos != (STAFF,) else "answer"
+            if msg.header("X-MailRouter-Notice") == "confirmation-request":
+                kind, request = "confirmation request", msg
             self.say(f"  SMTP → {', '.join(msg.rcpt_tos)} ({kind}): {subject[:90]}")
+        return request
+
+    def _report_example(self, settings: Settings, decision: Any) -> None:
         examples = Dataset.from_settings(settings).load()
         new = [e for e in examples if e.source in ("correction", "confirmation")]
-        if new:
-            ex = new[-1]
-            self.summary.new_example = ex
-            self.say(
-                f"new example in examples.jsonl: label {ex.label}, split {ex.split}, "
-                f"source {ex.source}"
-                + (f", corrected from {ex.corrected_from}" if ex.corrected_from else "")
-                + f", by {ex.by}"
-            )
-            self.summary.correction = f"{_landed(decision)} → {ex.label} ({ex.source})"
-        else:
+        if not new:
             self.say("[red]the correction was not recorded[/red]")
             self.summary.correction = "not recorded"
+            return
+        ex = new[-1]
+        self.summary.new_example = ex
+        self.say(
+            f"new example in examples.jsonl: label {ex.label}, split {ex.split}, "
+            f"source {ex.source}"
+            + (f", corrected from {ex.corrected_from}" if ex.corrected_from else "")
+            + f", by {ex.by}"
+        )
+        self.summary.correction = f"{_landed(decision)} → {ex.label} ({ex.source})"
 
     def _retrain(self, settings: Settings) -> None:
         from .classify.baseline import BaselineClassifier

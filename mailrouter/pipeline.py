@@ -22,9 +22,11 @@ is filed like the first, never forwarded again.
 * ``handlers``: callables ``(Context, Incoming) -> Outcome | None`` tried in order before
   classification; the first that returns an :class:`Outcome` claims the message (staff
   corrections). A handler that raises a temporary :class:`SmtpError` (``permanent=False``)
-  leaves the message unrecorded in the folder, tried again next round; any other exception
-  sends it to triage. A handler may run twice for the same message after a crash (between its action
-  and the commit of its outcome): make it idempotent, e.g. keyed on ``incoming.email.message_id``.
+  leaves the message unrecorded in the folder, tried again next round; so does any other
+  exception (it is logged and shown by ``mailrouter status``), since filing the mail without a
+  forward could swallow it. A handler may run twice for the same message after a crash
+  (between its action and the commit of its outcome): make it idempotent, keyed on what the
+  sender cannot choose, e.g. ``incoming.email.content_hash``.
   With ``context.dry_run`` it must change nothing. The default list comes from
   ``mailrouter.corrections.pipeline_handlers(settings)`` when that module defines it.
 * ``notice``: ``(Settings, ForwardFacts) -> Notice | None``, the block added to every forward
@@ -74,6 +76,7 @@ from .state import (
     State,
     StateError,
 )
+from .status import record_error
 
 if TYPE_CHECKING:
     from .classify import Classifier
@@ -98,6 +101,10 @@ BATCH_BYTES = 64 * 1024 * 1024
 HEADER_BYTES = 64 * 1024
 #: UIDs per size lookup: one FETCH command line stays well under servers' 64 KB limits.
 SIZES_PER_FETCH = 1000
+
+
+class HandlerFailed(Exception):
+    """A pre-classification handler raised: the message is left in place for a later round."""
 
 
 @dataclass(frozen=True)
@@ -487,6 +494,12 @@ class Pipeline:
             event(log, "handler_deferred", logging.WARNING, uid=incoming.uid, code=exc.code,
                   error=str(exc))  # fmt: skip
             return None
+        except HandlerFailed as exc:  # the mail stays in the folder, tried again next round
+            report.waiting += 1
+            log.error("handler failed on uid %s: %s", incoming.uid, exc, exc_info=exc.__cause__)
+            if not self.dry_run:
+                record_error(self.state, "handler_failed", f"uid {incoming.uid}: {exc}")
+            return None
         if outcome is not None:
             self._report(report, incoming, outcome.route, None, None, None, outcome.reason)
             if self.dry_run:
@@ -569,11 +582,14 @@ class Pipeline:
         for handler in self.handlers:
             try:
                 outcome = handler(context, incoming)
-            except Exception as exc:  # a bug in a handler must not stop the loop
+            except (MailboxError, StateError, ConfigError):
+                raise  # the mailbox, the database or the configuration: not this message
+            except Exception as exc:
                 if isinstance(exc, SmtpError) and not exc.permanent:
                     raise  # nothing final: the message waits in the folder for a later round
-                log.exception("handler %r failed", handler)
-                return Outcome(MessageState.TRIAGED, "triage", f"handler error: {exc}", "triage")
+                # Filing it anyway could swallow a correction or a customer's mail without a
+                # forward: it stays where it is, and ``status`` shows why.
+                raise HandlerFailed(f"{type(exc).__name__}: {exc}") from exc
             if outcome is not None:
                 return outcome
         return None

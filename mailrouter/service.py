@@ -16,7 +16,6 @@ process does not exit on them, so a supervisor never sees a crash loop.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -33,7 +32,7 @@ from .config import Settings
 from .errors import ConfigError, MailRouterError
 from .logs import event, setup_logging
 from .state import State, now_iso
-from .status import KEYS
+from .status import KEYS, record_error
 
 log = logging.getLogger(__name__)
 
@@ -216,9 +215,7 @@ class Service:
 
     def _record_error(self, name: str, error: str) -> None:
         if self.state is not None:
-            data = {"at": now_iso(), "event": name, "error": error[:500]}
-            with contextlib.suppress(MailRouterError):
-                self.state.set(KEYS.LAST_ERROR, json.dumps(data, ensure_ascii=False))
+            record_error(self.state, name, error)
 
     def _close_router(self) -> None:
         router, self.router = self.router, None

@@ -7,6 +7,7 @@ contacts or changes anything, so ``status`` is safe while the service runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -15,7 +16,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .config import Settings
-from .state import State
+from .errors import MailRouterError
+from .state import State, now_iso
 
 
 class KEYS:
@@ -204,6 +206,13 @@ def collect(settings: Settings, state: State | None, now: datetime | None = None
         )
     status.last_error = _last_error(state)
     return status
+
+
+def record_error(state: State, name: str, error: str) -> None:
+    """Keep the latest error for ``status`` (best effort: recording must not fail the caller)."""
+    data = {"at": now_iso(), "event": name, "error": error[:500]}
+    with contextlib.suppress(MailRouterError):
+        state.set(KEYS.LAST_ERROR, json.dumps(data, ensure_ascii=False))
 
 
 def _last_error(state: State) -> str | None:

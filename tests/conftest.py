@@ -21,7 +21,12 @@ REPO = Path(__file__).resolve().parent.parent
 STARTER = REPO / "data" / "examples.jsonl"
 TEST_DATA = REPO / "tests" / "data"
 
-pytest_plugins = ["tests.fixtures.mail", "tests.fixtures.models", "tests.fixtures.ollama"]
+pytest_plugins = [
+    "tests.fixtures.mail",
+    "tests.fixtures.models",
+    "tests.fixtures.ollama",
+    "tests.fixtures.corrections",
+]
 
 
 def require(condition: bool, reason: str) -> None:

@@ -1,4 +1,8 @@
-"""Corrections by reply, end to end on a real Dovecot and a real SMTP server."""
+"""Corrections by reply, end to end on a real Dovecot and a real SMTP server.
+
+The router's receiving server is ``AUTHSERV``: staff replies carry its passing result unless a
+test says otherwise (the trust rules themselves are tested in test_corrections_trust.py).
+"""
 
 from __future__ import annotations
 
@@ -6,115 +10,41 @@ import json
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from email.message import EmailMessage
-from email.policy import SMTP
-from email.utils import formatdate, make_msgid
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 import pytest
 
-from mailrouter.classify import ClassifyInput, Prediction, make_classifier
+from mailrouter.classify import ClassifyInput, make_classifier
 from mailrouter.config import Settings, load_settings
 from mailrouter.corrections import list_corrections, revert_correction, send_spam_digest
 from mailrouter.dataset import Dataset
 from mailrouter.localservers import Delivered, ImapAccount, SmtpSink
-from mailrouter.pipeline import Pipeline, RoundReport
 from mailrouter.state import State
 from tests.conftest import TEST_DATA
+from tests.fixtures.corrections import (
+    AUTHSERV,
+    INVOICE,
+    STAFF,
+    Forced,
+    authenticated,
+    forwards,
+    route_invoice_to_support,
+    run,
+    staff_reply,
+    to,
+)
 from tests.fixtures.mail import make_email
-from tests.sample_examples import write_sample_dataset
 
 REPLIES = TEST_DATA / "replies"
-STAFF = "marie.dupont@example.com"
-ROUTER = "router@mailrouter.test"
-INVOICE = make_email(
-    "Erreur sur la facture F-2026-114",
-    "Bonjour, la facture F-2026-114 compte deux fois la maintenance. Pouvez-vous corriger ?",
-    sender="compta@client-sarl.test",
-)
-
-
-@dataclass
-class Forced:
-    """A classifier whose answer the test chooses: the route to correct is known in advance."""
-
-    label: str | None
-    confidence: float = 0.93
-    name: str = "forced"
-    seen: list[ClassifyInput] = field(default_factory=list)
-
-    def classify(self, item: ClassifyInput) -> Prediction:
-        self.seen.append(item)
-        return Prediction(self.label, self.confidence, self.name)
-
-
-@pytest.fixture
-def dataset(data_dir: Path) -> Dataset:
-    write_sample_dataset(data_dir / "examples.jsonl")
-    return Dataset(data_dir / "examples.jsonl")
-
-
-@pytest.fixture
-def settings(dataset: Dataset, make_mail_config: Callable[..., Path]) -> Settings:
-    return load_settings(make_mail_config())
-
-
-def run(settings: Settings, classifier: Any = None) -> RoundReport:
-    pipeline = Pipeline(settings, classifier=classifier or Forced("Support"))
-    try:
-        return pipeline.run_once()
-    finally:
-        pipeline.close()
-
-
-def forwards(sink: SmtpSink) -> list[Delivered]:
-    return [d for d in sink.delivered() if d.header("X-MailRouter-Forward-Id")]
-
-
-def to(sink: SmtpSink, address: str) -> list[Delivered]:
-    return [d for d in sink.delivered() if address in d.rcpt_tos]
-
-
-def staff_reply(
-    forward: Delivered,
-    text: str,
-    *,
-    sender: str = STAFF,
-    subject: str | None = None,
-    headers: dict[str, str] | None = None,
-    in_reply_to: bool = True,
-) -> bytes:
-    msg = EmailMessage()
-    msg["From"] = sender
-    msg["To"] = ROUTER
-    msg["Subject"] = subject or f"Re: {forward.header('Subject')}"
-    msg["Date"] = formatdate(localtime=True)
-    msg["Message-ID"] = make_msgid(domain="example.com")
-    if in_reply_to:
-        msg["In-Reply-To"] = forward.header("Message-ID")
-        msg["References"] = forward.header("Message-ID")
-    for name, value in (headers or {}).items():
-        msg[name] = value
-    msg.set_content(f"{text}\n\nLe 3 nov. 2026, router a écrit :\n> Mauvais service ?\n")
-    return msg.as_bytes(policy=SMTP)
-
-
-def route_invoice_to_support(settings: Settings, account: ImapAccount, sink: SmtpSink) -> Delivered:
-    account.append([INVOICE])
-    run(settings, Forced("Support"))
-    forward = forwards(sink)[-1]
-    assert forward.rcpt_tos == ("support@example.com",)
-    return forward
 
 
 def fixture_reply(name: str, forward: Delivered) -> bytes:
     """A reply fixture, pointed at the forward the test made."""
     raw = (REPLIES / name).read_bytes()
     raw = raw.replace(b"@@TOKEN@@", forward.header("X-MailRouter-Token").encode())
-    return raw.replace(b"<fwd-TEST@mailrouter.invalid>", forward.header("Message-ID").encode())
+    raw = raw.replace(b"<fwd-TEST@mailrouter.invalid>", forward.header("Message-ID").encode())
+    return authenticated(raw)
 
 
 def _reply_cases() -> list[tuple[str, str | None]]:
@@ -191,7 +121,9 @@ def test_a_correction_between_batches_being_sent_is_applied_once(
 ) -> None:
     """One message a batch: the correction's re-forward and confirmation are sent from the main
     thread while the sending thread forwards the batches around it, on the one connection."""
-    settings = load_settings(make_mail_config(mailbox={"batch_size": 1}))
+    settings = load_settings(
+        make_mail_config(mailbox={"batch_size": 1}, corrections={"trusted_authserv_id": AUTHSERV})
+    )
     forward = route_invoice_to_support(settings, imap_account, smtp_sink)
     customers = [
         make_email(f"Question {i}", f"Bonjour, question {i} sur mon compte.", sender=f"c{i}@x.test")
@@ -263,26 +195,29 @@ def _refused(
     return "\n".join(r.getMessage() + str(getattr(r, "fields", "")) for r in caplog.records)
 
 
-def test_an_outsider_cannot_correct(
-    settings: Settings, imap_account: ImapAccount, smtp_sink: SmtpSink, dataset: Dataset,
-    caplog: pytest.LogCaptureFixture,
-) -> None:  # fmt: skip
-    logs = _refused(settings, imap_account, smtp_sink, dataset, caplog,
-                    lambda f: staff_reply(f, "Finance", sender="eve@evil.test"))  # fmt: skip
-    assert "not staff" in logs
+def test_an_outsiders_reply_is_customer_mail_not_a_correction(
+    settings: Settings, imap_account: ImapAccount, smtp_sink: SmtpSink, dataset: Dataset
+) -> None:
+    forward = route_invoice_to_support(settings, imap_account, smtp_sink)
+    imap_account.append([staff_reply(forward, "Finance", sender="eve@evil.test")])
+    forced = Forced("Support")
+    report = run(settings, forced)
+    assert [d.route for d in report.decisions] == ["department"]
+    assert len(forced.seen) == 1
+    assert to(smtp_sink, "finance@example.com") == []
+    assert [e for e in dataset.load() if e.source == "correction"] == []
 
 
-def test_a_forged_from_without_authentication_is_refused(
+def test_a_forged_result_is_refused_when_confirmation_is_off(
     dataset: Dataset, make_mail_config: Callable[..., Path], imap_account: ImapAccount,
     smtp_sink: SmtpSink, caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
-    settings = load_settings(
-        make_mail_config(corrections={"trusted_authserv_id": "mx.example.com"})
-    )
+    corrections = {"trusted_authserv_id": "mx.example.com", "confirm_unauthenticated": False}
+    settings = load_settings(make_mail_config(corrections=corrections))
     forged = "evil.test; dkim=pass header.d=example.com"
     headers = {"Authentication-Results": forged}
     logs = _refused(settings, imap_account, smtp_sink, dataset, caplog,
-                    lambda f: staff_reply(f, "Finance", headers=headers))  # fmt: skip
+                    lambda f: staff_reply(f, "Finance", headers=headers, auth=None))  # fmt: skip
     assert "not authenticated" in logs
 
 
@@ -295,7 +230,7 @@ def test_an_authenticated_staff_reply_is_accepted(
     )
     forward = route_invoice_to_support(settings, imap_account, smtp_sink)
     good = "mx.example.com; dkim=pass header.d=example.com; spf=pass smtp.mailfrom=example.com"
-    imap_account.append([staff_reply(forward, "Finance", headers={"Authentication-Results": good})])
+    imap_account.append([staff_reply(forward, "Finance", auth=good)])
     run(settings)
     assert len(to(smtp_sink, "finance@example.com")) == 1
 
@@ -358,7 +293,7 @@ def test_spam_digest_links_route_the_mail_and_record_the_example(
     assert "Erreur sur la facture F-2026-114" in text
     link = re.search(r"Finance : (mailto:\S+)", text).group(1)
     subject = unquote(parse_qs(urlparse(link).query)["subject"][0])
-    imap_account.append([make_email(subject, "Finance", sender=STAFF)])
+    imap_account.append([authenticated(make_email(subject, "Finance", sender=STAFF))])
     run(settings)
 
     (forward,) = forwards(smtp_sink)
@@ -384,7 +319,9 @@ def test_the_daily_cap_stops_a_flood_of_corrections(
     dataset: Dataset, make_mail_config: Callable[..., Path], imap_account: ImapAccount,
     smtp_sink: SmtpSink,
 ) -> None:  # fmt: skip
-    settings = load_settings(make_mail_config(corrections={"daily_cap": 1}))
+    settings = load_settings(
+        make_mail_config(corrections={"daily_cap": 1, "trusted_authserv_id": AUTHSERV})
+    )
     mails = [make_email(f"Question {i}", f"Bonjour, question numéro {i} sur nos commandes.",
                         sender=f"c{i}@customer.test") for i in range(2)]  # fmt: skip
     imap_account.append(mails)
@@ -433,7 +370,7 @@ def test_a_reply_with_only_quoted_text_gets_help_not_a_guess(
     )
     headers = {"In-Reply-To": forward.header("Message-ID")}
     subject = f"Re: {forward.header('Subject')}"
-    imap_account.append([make_email(subject, body, sender=STAFF, headers=headers)])
+    imap_account.append([authenticated(make_email(subject, body, sender=STAFF, headers=headers))])
     run(settings)
     assert len(forwards(smtp_sink)) == 1
     assert [e for e in dataset.load() if e.source == "correction"] == []

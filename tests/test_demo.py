@@ -67,7 +67,8 @@ def test_demo_runs_the_loop(tmp_path: Path) -> None:
     assert "classifier: baseline — no usable Ollama here" in out
     assert "expected" in out and "predicted" in out
     assert "routed automatically" in out
-    assert "(re-forward)" in out or "(confirmation)" in out
+    assert "(confirmation request)" in out, "an unauthenticated correction is confirmed first"
+    assert "(re-forward)" in out or "(answer)" in out
     assert "new example in examples.jsonl" in out
     assert "baseline retrained on" in out
     assert "demo finished" in out

@@ -8,15 +8,7 @@ from mailrouter.corrections import list_corrections
 from mailrouter.dataset import Dataset
 from mailrouter.localservers import ImapAccount, SmtpSink
 from mailrouter.state import State
-from tests.test_corrections import (  # noqa: F401 - fixtures
-    Forced,
-    dataset,
-    route_invoice_to_support,
-    run,
-    settings,
-    staff_reply,
-    to,
-)
+from tests.fixtures.corrections import Forced, route_invoice_to_support, run, staff_reply, to
 
 
 def _inbox(account: ImapAccount) -> int:
@@ -28,10 +20,10 @@ def _inbox(account: ImapAccount) -> int:
 
 
 def test_a_correction_that_cannot_be_sent_yet_waits_then_applies_once(
-    settings: Settings,  # noqa: F811
+    settings: Settings,
     imap_account: ImapAccount,
     smtp_sink: SmtpSink,
-    dataset: Dataset,  # noqa: F811
+    dataset: Dataset,
 ) -> None:
     forward = route_invoice_to_support(settings, imap_account, smtp_sink)
     imap_account.append([staff_reply(forward, "Finance")])

@@ -1,0 +1,286 @@
+"""The learning loop attacked as an outsider would, on a real Dovecot and a real SMTP server.
+
+Every forgery must change nothing and send nothing to a department; the one mail it may cause
+is a confirmation request to the address it claimed, which a spoofer never sees.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from mailrouter.config import Settings, load_settings
+from mailrouter.corrections import list_corrections
+from mailrouter.dataset import Dataset
+from mailrouter.localservers import Delivered, ImapAccount, SmtpSink
+from mailrouter.pipeline import Context, Incoming, Pipeline
+from mailrouter.state import State
+from mailrouter.status import collect
+from tests.fixtures.corrections import (
+    AUTHSERV,
+    ROUTER,
+    STAFF,
+    Forced,
+    forwards,
+    route_invoice_to_support,
+    run,
+    staff_reply,
+    to,
+)
+from tests.fixtures.mail import make_email
+
+DEPARTMENTS = ("rh@example.com", "support@example.com", "commercial@example.com",
+               "finance@example.com")  # fmt: skip
+CONFIRM_RE = re.compile(r"\[MRC-([0-9a-f]{32})\]")
+
+
+def department_mail(sink: SmtpSink) -> list[Delivered]:
+    return [d for d in sink.delivered() if set(d.rcpt_tos) & set(DEPARTMENTS)]
+
+
+def corrections_of(dataset: Dataset) -> list[object]:
+    return [e for e in dataset.load() if e.source in ("correction", "confirmation")]
+
+
+def confirmation_request(sink: SmtpSink, address: str = STAFF) -> Delivered:
+    (request,) = [d for d in to(sink, address) if CONFIRM_RE.search(d.header("Subject") or "")]
+    return request
+
+
+def answer(request: Delivered, text: str, *, sender: str = STAFF) -> bytes:
+    """A reply to a confirmation request, as a mail client writes it (no authentication)."""
+    subject = f"Re: {request.header('Subject')}"
+    headers = {"In-Reply-To": request.header("Message-ID")}
+    body = f"{text}\n\n> {request.header('Subject')}"
+    return make_email(subject, body, sender=sender, to=ROUTER, headers=headers)
+
+
+FORGERIES = {
+    "no authentication header": None,
+    "a forged trusted result below a failing one": (
+        f"{AUTHSERV}; dkim=fail header.d=example.com\r\n"
+        f"Authentication-Results: {AUTHSERV}; dkim=pass header.d=example.com"
+    ),
+    "a forged trusted result below another server's": (
+        f"other.mx.test; dkim=pass header.d=example.com\r\n"
+        f"Authentication-Results: {AUTHSERV}; dkim=pass header.d=example.com"
+    ),
+    "header.d of another domain": f"{AUTHSERV}; dkim=pass header.d=evil.test",
+    "a look-alike domain": f"{AUTHSERV}; dkim=pass header.d=example.com.evil.test",
+    "a quoted smtp.mailfrom": (
+        f'{AUTHSERV}; spf=pass smtp.mailfrom="eve@evil.test (x) example.com"'
+    ),
+    "a pass hidden in a comment": f"{AUTHSERV}; dkim=fail (dkim=pass header.d=example.com)",
+}
+
+
+@pytest.mark.parametrize("auth", list(FORGERIES.values()), ids=list(FORGERIES))
+def test_a_spoofed_staff_correction_only_asks_the_claimed_address(
+    auth: str | None,
+    settings: Settings,
+    imap_account: ImapAccount,
+    smtp_sink: SmtpSink,
+    dataset: Dataset,
+) -> None:
+    forward = route_invoice_to_support(settings, imap_account, smtp_sink)
+    before = len(smtp_sink.delivered())
+    imap_account.append([staff_reply(forward, "Finance", auth=auth)])
+    run(settings)
+
+    new = smtp_sink.delivered()[before:]
+    assert [d.rcpt_tos for d in new] == [(STAFF,)], "only a confirmation request, to STAFF"
+    assert CONFIRM_RE.search(new[0].header("Subject"))
+    assert new[0].header("Auto-Submitted") == "auto-generated"
+    assert len(department_mail(smtp_sink)) == 1  # the original forward, nothing more
+    assert corrections_of(dataset) == []
+    with State(settings.state_path) as state:
+        assert [r.status for r in list_corrections(state)] == ["awaiting"]
+
+
+def test_with_confirmation_off_an_unauthenticated_correction_sends_nothing(
+    dataset: Dataset,
+    make_mail_config: Callable[..., Path],
+    imap_account: ImapAccount,
+    smtp_sink: SmtpSink,
+) -> None:
+    corrections = {"trusted_authserv_id": AUTHSERV, "confirm_unauthenticated": False}
+    settings = load_settings(make_mail_config(corrections=corrections))
+    forward = route_invoice_to_support(settings, imap_account, smtp_sink)
+    before = len(smtp_sink.delivered())
+    imap_account.append([staff_reply(forward, "Finance", auth=None)])
+    run(settings)
+    assert len(smtp_sink.delivered()) == before
+    assert corrections_of(dataset) == []
+
+
+def test_an_unauthenticated_correction_applies_once_confirmed(
+    settings: Settings, imap_account: ImapAccount, smtp_sink: SmtpSink, dataset: Dataset
+) -> None:
+    forward = route_invoice_to_support(settings, imap_account, smtp_sink)
+    imap_account.append([staff_reply(forward, "Finance", auth=None)])
+    run(settings)
+    request = confirmation_request(smtp_sink)
+    text = request.message().get_content()
+    assert "Finance" in text and "Support" in text, "the request says what will change"
+    ref = CONFIRM_RE.search(request.header("Subject")).group(1)
+    others = [d for d in smtp_sink.delivered() if d is not request]
+    assert all(ref.encode() not in d.data for d in others), "the ref reaches only STAFF"
+
+    imap_account.append([answer(request, "oui")])
+    run(settings)
+    assert len(to(smtp_sink, "finance@example.com")) == 1
+    (example,) = corrections_of(dataset)
+    assert (example.label, example.by) == ("Finance", STAFF)
+
+    imap_account.append([answer(request, "oui")])  # answered twice: applied once
+    run(settings)
+    assert len(to(smtp_sink, "finance@example.com")) == 1
+    with State(settings.state_path) as state:
+        (row,) = list_corrections(state)
+        assert (row.status, row.auth) == ("applied", f"confirmed by {STAFF}")
+
+
+@pytest.mark.parametrize(
+    ("text", "sender"), [("non", STAFF), ("oui", "paul@example.com"), ("oui", "eve@evil.test")]
+)
+def test_a_confirmation_declined_or_answered_by_someone_else_changes_nothing(
+    text: str,
+    sender: str,
+    settings: Settings,
+    imap_account: ImapAccount,
+    smtp_sink: SmtpSink,
+    dataset: Dataset,
+) -> None:
+    forward = route_invoice_to_support(settings, imap_account, smtp_sink)
+    imap_account.append([staff_reply(forward, "Finance", auth=None)])
+    run(settings)
+    imap_account.append([answer(confirmation_request(smtp_sink), text, sender=sender)])
+    run(settings)
+    assert to(smtp_sink, "finance@example.com") == []
+    assert corrections_of(dataset) == []
+
+
+def test_a_guessed_confirmation_reference_is_customer_mail_or_nothing(
+    settings: Settings, imap_account: ImapAccount, smtp_sink: SmtpSink, dataset: Dataset
+) -> None:
+    forward = route_invoice_to_support(settings, imap_account, smtp_sink)
+    imap_account.append([staff_reply(forward, "Finance", auth=None)])
+    run(settings)
+    guess = f"[MRC-{'0' * 32}] oui"
+    imap_account.append([make_email(guess, "oui", sender=STAFF, to=ROUTER)])
+    run(settings)
+    assert to(smtp_sink, "finance@example.com") == []
+    assert corrections_of(dataset) == []
+
+
+def test_an_expired_confirmation_applies_nothing(
+    settings: Settings, imap_account: ImapAccount, smtp_sink: SmtpSink, dataset: Dataset
+) -> None:
+    forward = route_invoice_to_support(settings, imap_account, smtp_sink)
+    imap_account.append([staff_reply(forward, "Finance", auth=None)])
+    run(settings)
+    with State(settings.state_path) as state:
+        state.execute("UPDATE confirmations SET expires = '2000-01-01T00:00:00+00:00'")
+    imap_account.append([answer(confirmation_request(smtp_sink), "oui")])
+    run(settings)
+    assert to(smtp_sink, "finance@example.com") == []
+    assert corrections_of(dataset) == []
+    assert "expir" in to(smtp_sink, STAFF)[-1].message().get_content()
+
+
+@pytest.mark.parametrize("authentic", [True, False], ids=["insider", "spoofer"])
+def test_sixty_corrections_from_rotating_staff_addresses_stop_at_the_caps(
+    authentic: bool,
+    dataset: Dataset,
+    make_mail_config: Callable[..., Path],
+    imap_account: ImapAccount,
+    smtp_sink: SmtpSink,
+) -> None:
+    caps = {"daily_cap": 2, "daily_domain_cap": 5, "daily_total_cap": 8}
+    settings = load_settings(
+        make_mail_config(corrections={"trusted_authserv_id": AUTHSERV, **caps})
+    )
+    mails = [make_email(f"Question {i}", f"Bonjour, question numéro {i} sur nos commandes.",
+                        sender=f"c{i}@customer.test") for i in range(60)]  # fmt: skip
+    imap_account.append(mails)
+    run(settings, Forced("Support"))
+    sent = forwards(smtp_sink)
+    assert len(sent) == 60
+    before = len(smtp_sink.delivered())
+    auth = f"{AUTHSERV}; dkim=pass header.d=example.com" if authentic else None
+    replies = [
+        staff_reply(f, "Finance", sender=f"agent{i}@example.com", auth=auth)
+        for i, f in enumerate(sent)
+    ]
+    imap_account.append(replies)
+    run(settings)
+
+    assert len(to(smtp_sink, "finance@example.com")) == (5 if authentic else 0)
+    assert len(corrections_of(dataset)) == (5 if authentic else 0)
+    new = smtp_sink.delivered()[before:]
+    assert len(new) <= 2 * 5, "at most the domain cap's answers and re-forwards"
+
+
+def test_a_customer_quoting_a_token_reaches_a_department(
+    settings: Settings, imap_account: ImapAccount, smtp_sink: SmtpSink, dataset: Dataset
+) -> None:
+    """A staff answer quoted the forward's reference; the customer's follow-up is routed."""
+    forward = route_invoice_to_support(settings, imap_account, smtp_sink)
+    token = forward.header("X-MailRouter-Token")
+    follow_up = make_email(
+        f"Re: [MR-{token}] Erreur sur la facture F-2026-114",
+        f"Merci, mais la facture est toujours fausse.\n\n> Réf. / Ref. [MR-{token}]\n",
+        sender="compta@client-sarl.test",
+        headers={"In-Reply-To": forward.header("Message-ID")},
+    )
+    imap_account.append([follow_up])
+    forced = Forced("Finance")
+    report = run(settings, forced)
+    assert [d.route for d in report.decisions] == ["department"]
+    assert len(forced.seen) == 1
+    assert len(to(smtp_sink, "finance@example.com")) == 1
+    assert corrections_of(dataset) == []
+
+
+def test_a_subdomain_of_a_staff_domain_is_not_staff(
+    settings: Settings, imap_account: ImapAccount, smtp_sink: SmtpSink, dataset: Dataset
+) -> None:
+    forward = route_invoice_to_support(settings, imap_account, smtp_sink)
+    news = f"{AUTHSERV}; dkim=pass header.d=news.example.com"
+    imap_account.append(
+        [staff_reply(forward, "Finance", sender="promo@news.example.com", auth=news)]
+    )
+    forced = Forced("Commercial")
+    run(settings, forced)
+    assert len(forced.seen) == 1, "classified as customer mail"
+    assert to(smtp_sink, "finance@example.com") == []
+    assert corrections_of(dataset) == []
+
+
+def test_a_handler_error_leaves_the_mail_in_place_and_status_says_why(
+    settings: Settings, imap_account: ImapAccount, smtp_sink: SmtpSink
+) -> None:
+    def broken(context: Context, incoming: Incoming) -> None:
+        raise RuntimeError("disk on fire")
+
+    imap_account.append([make_email("Bonjour", "Une question sur ma commande.")])
+    pipeline = Pipeline(settings, classifier=Forced("Support"), handlers=[broken])
+    try:
+        report = pipeline.run_once()
+    finally:
+        pipeline.close()
+    assert (report.waiting, report.filed, report.forwarded) == (1, 0, 0)
+    assert smtp_sink.delivered() == []
+    client = imap_account.client()
+    try:
+        assert client.select_folder("INBOX", readonly=True)[b"EXISTS"] == 1
+    finally:
+        client.logout()
+    with State(settings.state_path) as state:
+        assert "disk on fire" in (collect(settings, state).last_error or "")
+
+    report = run(settings, Forced("Support"))  # the bug fixed: the next round routes it
+    assert report.forwarded == 1
