@@ -31,6 +31,7 @@ from __future__ import annotations
 import email as stdlib_email
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from email.message import Message
 from email.parser import HeaderParser
@@ -66,6 +67,7 @@ _ID_LINE = re.compile(
     r"(<[^<>\s]{1,250}>)",
     re.IGNORECASE | re.MULTILINE,
 )
+_ANGLE = re.compile(r"<[^<>\s]{1,250}>")
 _SMTP_CODE = re.compile(r"\b[45]\d\d[ -]|\b[45]\.\d{1,3}\.\d{1,3}\b")
 _DELAY = ("delay", "retard", "verzogert", "verzogerung", "retras", "still being retried", "warning")
 
@@ -123,18 +125,16 @@ def _collect(part: Message, found: _Found, depth: int) -> None:
     elif ctype in _RETURNED:
         inner = part.get_payload()
         if isinstance(inner, list) and inner and isinstance(inner[0], Message):
-            found.header_ids += [str(v) for v in inner[0].get_all("message-id", [])]
+            found.header_ids += _angles(inner[0].get_all("message-id", []))
     elif ctype in _RETURNED_HEADERS:
         text = _text(part)
-        found.header_ids += [
-            str(v) for v in HeaderParser().parsestr(text).get_all("message-id", [])
-        ]
+        found.header_ids += _angles(HeaderParser().parsestr(text).get_all("message-id", []))
         found.texts.append(text)
     elif ctype == "message/delivery-status":
         blocks = _status_blocks(part)
         found.blocks += blocks
         for name in ("x-original-message-id", "original-message-id"):
-            found.header_ids += [_flat(v) for b in blocks for v in b.get_all(name, [])]
+            found.header_ids += _angles(v for b in blocks for v in b.get_all(name, []))
     elif ctype == "text/plain":
         found.texts.append(_text(part))
 
@@ -154,6 +154,12 @@ def _status_blocks(part: Message) -> list[Message]:
         return [b for b in payload if isinstance(b, Message)]
     text = _text(part).replace("\r\n", "\n")
     return [HeaderParser().parsestr(b.strip() + "\n") for b in re.split(r"\n\s*\n", text) if b]
+
+
+def _angles(values: Iterable[object]) -> list[str]:
+    """The ``<…>`` of each header value (folded, or with a comment around it)."""
+    found = (_ANGLE.search(str(v)) for v in values)
+    return [m.group(0) for m in found if m]
 
 
 def _ids_in(text: str) -> list[str]:

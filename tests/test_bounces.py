@@ -236,3 +236,22 @@ def test_dry_run_reads_the_bounce_and_changes_nothing(
         assert record is not None and record.status == "sent"
     assert len(smtp_sink.delivered()) == 1
     assert email.message_from_bytes(smtp_sink.delivered()[0].data)["To"] == SUPPORT
+
+
+def test_a_folded_message_id_with_a_comment_and_a_bare_status() -> None:
+    raw = (
+        b"From: MAILER-DAEMON@mx.example.org\nSubject: Undelivered Mail Returned to Sender\n"
+        b"Content-Type: multipart/report; report-type=delivery-status; boundary=b\n\n"
+        b"--b\nContent-Type: text/plain\n\nThe mail system\n"
+        b"--b\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; mx\n\n"
+        b"Final-Recipient: rfc822; support@example.com\nAction: failed\nStatus: 5.0.0\n\n"
+        b"--b\nContent-Type: message/rfc822\n\nMessage-ID:\n (ours) <fwd-0123456789ab@x.test>\n"
+        b"From: router@x.test\n\nMessage recu.\n--b--\n"
+    )
+    bounce = read_bounce(raw, parse_email(raw))
+    assert bounce is not None
+    assert (bounce.failed, bounce.message_ids, bounce.reason) == (
+        True,
+        ("<fwd-0123456789ab@x.test>",),
+        "status 5.0.0",
+    )
