@@ -199,10 +199,7 @@ class _Run:
         self.metrics["ollama_version"] = server_version(settings)
 
         if not test:
-            raise TrainingError(
-                "the pinned test set is empty: a candidate could not be judged "
-                "(`mailrouter dataset pin-test` pins the test split as it is)"
-            )
+            raise TrainingError("the pinned test set is empty (`mailrouter dataset pin-test`)")
         self.hooks.stage("exporting the dataset")
         data_dir = self.dir / "data"
         exported = dataset.export(
@@ -257,14 +254,7 @@ class _Run:
         decision = self._gate(candidate, baseline, current)
         if not decision.publish:
             registry.finish_run(state, self.id, "rejected", decision.reason)
-            return Outcome(
-                self.id,
-                "rejected",
-                decision.reason,
-                metrics=self.metrics,
-                run_dir=self.dir,
-                rule=decision.rule,
-            )
+            return self._judged("rejected", decision.reason, decision)
 
         from .publish import publish
 
@@ -303,15 +293,13 @@ class _Run:
             },
         )
         event(log, "training.published", run=self.id, model=published.name)
-        return Outcome(
-            self.id,
-            "published",
-            reason,
-            published.version,
-            self.metrics,
-            run_dir=self.dir,
-            rule=decision.rule,
-        )
+        return self._judged("published", reason, decision, published.version)
+
+    def _judged(
+        self, outcome: str, reason: str, decision: Decision, version: str | None = None
+    ) -> Outcome:
+        """The outcome of a run the gate judged: with its metrics, files and deciding rule."""
+        return Outcome(self.id, outcome, reason, version, self.metrics, self.dir, decision.rule)
 
     def _pinned_test(self, loaded: list[Example], examples: list[Example]) -> list[Example]:
         """The test examples the gate judges on: the pinned ones. A pinned example gone or
