@@ -320,6 +320,13 @@ def _property_name(s: _Scanner, method: str) -> str:
 # --- trust ------------------------------------------------------------------------------------
 
 
+def trusted_ids(authserv_id: str) -> frozenset[str]:
+    """The configured authserv-ids, lower-cased: one, or several separated by commas (a comma
+    cannot appear in an authserv-id) for a provider whose servers name themselves differently,
+    such as Fastmail's ``mx1…``-``mx8.messagingengine.com``."""
+    return frozenset(part.strip().lower() for part in authserv_id.split(",") if part.strip())
+
+
 def trusted_results(
     headers_top_to_bottom: Iterable[str], authserv_id: str
 ) -> tuple[AuthResults, ...]:
@@ -329,15 +336,14 @@ def trusted_results(
     by the sender. With :data:`MISSING_ID` (a server that names itself nowhere) only the topmost
     header counts, since a sender's unnamed header right below it would look the same.
     """
-    wanted = authserv_id.strip().lower()
-    if not wanted:
-        return ()
+    wanted = trusted_ids(authserv_id)
+    named = wanted - {MISSING_ID}  # a quoted "(missing)" is a name some sender wrote
     run: list[AuthResults] = []
-    for value in headers_top_to_bottom:
+    for value in headers_top_to_bottom if wanted else ():
         parsed = parse(value)
-        if wanted == MISSING_ID:
-            return (parsed,) if not parsed.authserv_id else ()
-        if parsed.authserv_id.lower() != wanted:
+        if not run and not parsed.authserv_id and MISSING_ID in wanted:
+            return (parsed,)
+        if parsed.authserv_id.lower() not in named:
             break
         run.append(parsed)
     return tuple(run)
@@ -351,7 +357,7 @@ def verdict(headers: Iterable[str], authserv_id: str, from_domain: str) -> Verdi
     ``smtp.mailfrom`` (never ``smtp.helo``, a name the sender picks). See :func:`_distrust` for
     what overrides a pass.
     """
-    wanted = authserv_id.strip()
+    wanted = ", ".join(sorted(trusted_ids(authserv_id)))
     if not wanted:
         return Verdict(False, "no trusted authserv-id configured")
     domain = _domain(from_domain)
@@ -360,19 +366,20 @@ def verdict(headers: Iterable[str], authserv_id: str, from_domain: str) -> Verdi
     trusted = trusted_results(headers, wanted)
     if not trusted:
         return Verdict(False, f"no Authentication-Results from {wanted} on top")
-    refusal = _distrust(trusted, wanted, domain)
+    server = trusted[0].authserv_id or MISSING_ID
+    refusal = _distrust(trusted, server, domain)
     if refusal:
         return Verdict(False, refusal)
     results = [r for header in trusted for r in header.results]
     for result in results:
         passed = _passing_domain(result, domain)
         if passed:
-            return Verdict(True, f"{result.method}=pass for {passed} ({wanted})")
+            return Verdict(True, f"{result.method}=pass for {passed} ({server})")
     seen = ", ".join(sorted({f"{r.method}={r.result}" for r in results if r.method in _METHODS}))
     return Verdict(False, f"no aligned pass for {domain} ({seen or 'no DKIM, SPF or DMARC'})")
 
 
-def _distrust(trusted: Sequence[AuthResults], wanted: str, domain: str) -> str:
+def _distrust(trusted: Sequence[AuthResults], server: str, domain: str) -> str:
     """Why the trusted headers cannot vouch for anything, or ``""``.
 
     * one of them is unreadable: what else the server said cannot be known;
@@ -384,10 +391,10 @@ def _distrust(trusted: Sequence[AuthResults], wanted: str, domain: str) -> str:
     where: dict[str, int] = {}
     for index, header in enumerate(trusted):
         if header.problem:
-            return f"unreadable Authentication-Results from {wanted}: {header.problem}"
+            return f"unreadable Authentication-Results from {server}: {header.problem}"
         for method in sorted({r.method for r in header.results if r.method in _METHODS}):
             if where.setdefault(method, index) != index:
-                return f"{method} in two headers from {wanted}: one may be a forged copy"
+                return f"{method} in two headers from {server}: one may be a forged copy"
     for result in (r for header in trusted for r in header.results):
         if result.method == "dmarc" and result.result == "fail":
             target = _domain(result.props.get("header.from", ""))

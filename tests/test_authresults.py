@@ -286,6 +286,23 @@ def test_a_trusted_header_below_an_untrusted_one_proves_nothing() -> None:
     assert ok([PASS, untrusted])
 
 
+def test_several_names_of_one_provider_separated_by_commas() -> None:
+    fastmail = "mx1.messagingengine.com , MX6.messagingengine.com"
+    assert verdict([FASTMAIL, FASTMAIL_EXTRA], fastmail, FROM) == Verdict(
+        True, "dkim=pass for example.com (mx6.messagingengine.com)"
+    )
+    assert not ok([FASTMAIL], "mx1.messagingengine.com")
+    run = trusted_results(
+        ["a.test; none", "B.test; none", "c.test; none", "a.test; none"], "a.test,b.test"
+    )
+    assert [h.authserv_id for h in run] == ["a.test", "B.test"]
+    assert verdict([PASS], " , ", FROM) == Verdict(False, "no trusted authserv-id configured")
+    assert (
+        verdict([], f"{MX},b.test", FROM).reason
+        == f"no Authentication-Results from b.test, {MX} on top"
+    )
+
+
 def test_no_trusted_id_configured() -> None:
     assert verdict([PASS], "", FROM) == Verdict(False, "no trusted authserv-id configured")
     assert verdict([PASS], MX, "") == Verdict(False, "no usable From domain ('')")
