@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -219,6 +228,21 @@ class LogSettings(_Section):
     file: Path | None = None
 
 
+def default_data_dir(platform: str, environ: Mapping[str, str], home: Path) -> Path:
+    """Where the data folder lives when ``data_dir`` is not set: outside any checkout, so
+    customer text is never committed by accident. macOS: ``~/Library/Application Support``;
+    elsewhere the XDG rule (``$XDG_DATA_HOME`` when absolute, else ``~/.local/share``)."""
+    if platform == "darwin":
+        return home / "Library" / "Application Support" / "mailrouter"
+    xdg = environ.get("XDG_DATA_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else home / ".local" / "share"
+    return base / "mailrouter"
+
+
+def _default_data_dir() -> Path:
+    return default_data_dir(sys.platform, os.environ, Path.home())
+
+
 class Settings(BaseSettings):
     """The whole configuration. Build it with :func:`load_settings`."""
 
@@ -229,7 +253,7 @@ class Settings(BaseSettings):
         validate_default=True,
     )
 
-    data_dir: Path = Path("data")
+    data_dir: Path = Field(default_factory=_default_data_dir)
     mailbox: MailboxSettings = Field(default_factory=MailboxSettings)
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
@@ -240,6 +264,11 @@ class Settings(BaseSettings):
 
     # Where the values came from; not a setting.
     _source: Path | None = None
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
 
     @model_validator(mode="after")
     def _check_departments(self) -> Settings:
@@ -335,9 +364,10 @@ def load_settings(config: Path | str | None = None, **overrides: Any) -> Setting
     where = str(path) if path else "defaults"
     if path is not None:
         try:
-            tomllib.loads(path.read_text(encoding="utf-8"))
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        _refuse_exposed_secrets(path, data)
 
     cls = type(
         "_FileSettings",
@@ -350,6 +380,37 @@ def load_settings(config: Path | str | None = None, **overrides: Any) -> Setting
         raise ConfigError(_describe(exc, where)) from exc
     settings._source = path
     return settings
+
+
+#: The fields of a config file that hold a secret.
+SECRET_FIELDS = (
+    ("mailbox", "password"),
+    ("smtp", "password"),
+    ("corrections", "token_key"),
+    ("training", "hf_token"),
+)
+
+
+def secrets_in(data: Mapping[str, Any]) -> list[str]:
+    """The secret fields (``mailbox.password``…) that parsed config ``data`` sets."""
+    found = []
+    for section, name in SECRET_FIELDS:
+        table = data.get(section)
+        if isinstance(table, Mapping) and table.get(name):
+            found.append(f"{section}.{name}")
+    return found
+
+
+def _refuse_exposed_secrets(path: Path, data: Mapping[str, Any]) -> None:
+    """A config file that holds a secret must be private to its owner."""
+    held = secrets_in(data)
+    mode = path.stat().st_mode & 0o777
+    if held and os.name == "posix" and mode & 0o077:
+        raise ConfigError(
+            f"{path} holds {', '.join(held)} and its group or others may read it (mode "
+            f"{mode:o}): run `chmod 600 {path}`, or move the secrets to the environment or the "
+            "Keychain"
+        )
 
 
 def _describe(exc: ValidationError, where: str) -> str:
@@ -365,7 +426,7 @@ def _describe(exc: ValidationError, where: str) -> str:
     return "\n".join(lines)
 
 
-def secret(settings_value: SecretStr | None, account: str, *, env: str) -> str:
+def secret(settings_value: SecretStr | None, account: str, *, env: str, hint: str = "") -> str:
     """A secret from the settings (env or file), else the Keychain; raises with both fixes named."""
     if settings_value is not None and settings_value.get_secret_value():
         return settings_value.get_secret_value()
@@ -374,7 +435,7 @@ def secret(settings_value: SecretStr | None, account: str, *, env: str) -> str:
         return found
     raise SecretMissingError(
         f"secret {account!r} is not set: export {env}=… or store it in the Keychain with "
-        f"`keyring set mailrouter {account}`"
+        f"`keyring set mailrouter {account}`{hint}"
     )
 
 
@@ -403,7 +464,22 @@ def token_key(settings: Settings) -> bytes:
         settings.corrections.token_key,
         "token-key",
         env="MAILROUTER_CORRECTIONS__TOKEN_KEY",
+        hint=(
+            "; make a new key with "
+            '`python -c "import secrets; print(secrets.token_urlsafe(32))"` (a new key '
+            "makes the links of forwards already sent invalid)"
+        ),
     ).encode()
+
+
+def check_serve_secrets(settings: Settings, *, dry_run: bool = False) -> None:
+    """Every secret ``serve`` will need, before it touches the mailbox: the IMAP password, the
+    token key, and the SMTP password when SMTP has a login. A dry run sends nothing, so it
+    needs no SMTP password; it checks the token key, since the corrections it previews do."""
+    imap_password(settings)
+    token_key(settings)
+    if not dry_run:
+        smtp_password(settings)
 
 
 def hf_token(settings: Settings) -> str | None:

@@ -40,6 +40,7 @@ from filelock import FileLock, Timeout
 
 from .classify.base import ClassifyInput
 from .errors import DatasetError
+from .files import make_dirs
 from .prompt import PromptOptions
 
 if TYPE_CHECKING:
@@ -595,7 +596,7 @@ class Dataset:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_dirs(self.path.parent)
         try:
             with FileLock(self.lock_path, timeout=LOCK_TIMEOUT, mode=0o600):
                 yield
@@ -776,7 +777,7 @@ def export_examples(
 ) -> ExportResult:
     """Write an mlx-lm data folder. Examples of unconfigured labels are left out and counted."""
     out = Path(out_dir)
-    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_dirs(out)
     names = {d.name for d in departments}
     lines: dict[str, list[str]] = {s: [] for s in SPLITS}
     skipped: Counter[str] = Counter()
@@ -799,7 +800,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Temp file in the same folder, fsync, rename over ``path``, fsync the folder. The file
     is ``0o600`` (``mkstemp``'s mode): datasets, exports and models hold customer text."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:

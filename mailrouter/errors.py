@@ -24,6 +24,12 @@ class SecretMissingError(ConfigError):
     """A secret (password, token, key) is neither in the environment nor in the Keychain."""
 
 
+class DataDirBusyError(MailRouterError):
+    """Another process routes mail from the same data folder; the message names it."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again once the other process has stopped
+
+
 class DatasetError(MailRouterError):
     """The dataset file is unreadable or an import source is malformed."""
 

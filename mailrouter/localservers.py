@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .files import write_private
+
 DOVECOT_CANDIDATES = ("/usr/sbin/dovecot", "/usr/local/sbin/dovecot", "/opt/homebrew/sbin/dovecot")
 LOOPBACK = "127.0.0.1"
 
@@ -666,9 +668,7 @@ def write_toml(data: dict[str, Any], path: Path) -> Path:
         elif _is_tables(value):
             for item in value:
                 lines += ["", f"[[{key}]]", *table(item)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return write_private(path, "\n".join(lines) + "\n")  # it holds the test passwords
 
 
 def _is_tables(value: Any) -> bool:

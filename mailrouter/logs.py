@@ -12,8 +12,11 @@ import logging
 import logging.handlers
 import sys
 import time
+from io import TextIOWrapper
 from pathlib import Path
 from typing import Any
+
+from .files import make_dirs, private_file
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -36,6 +39,15 @@ def _quote(value: Any) -> str:
     if not text or any(c in text for c in ' ="\n\t'):
         return json.dumps(text, ensure_ascii=False)
     return text
+
+
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log file readable by its owner only (log lines quote senders and subjects),
+    also the new file opened after each rotation."""
+
+    def _open(self) -> TextIOWrapper:
+        private_file(Path(self.baseFilename))
+        return super()._open()
 
 
 class TextFormatter(logging.Formatter):
@@ -73,10 +85,8 @@ def setup_logging(
     formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter()
     handlers: list[logging.Handler] = [logging.StreamHandler(stream or sys.stderr)]
     if file is not None:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(
-            logging.handlers.RotatingFileHandler(file, maxBytes=5_000_000, backupCount=5)
-        )
+        make_dirs(file.parent)
+        handlers.append(PrivateRotatingFileHandler(file, maxBytes=5_000_000, backupCount=5))
     for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)

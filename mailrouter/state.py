@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import MailRouterError
+from .files import private_dir, private_new_file, tighten
 
 
 class StateError(MailRouterError):
@@ -337,8 +338,10 @@ class State:
 
     def __init__(self, path: Path | str, *, timeout: float = 30.0) -> None:
         self.path = Path(path)
+        self.timeout = timeout
         if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Customer text: SQLite gives -wal and -shm the mode of the database file.
+            private_new_file(private_dir(self.path.parent) / self.path.name)
         self._lock = threading.RLock()
         try:
             self.conn = sqlite3.connect(
@@ -346,6 +349,8 @@ class State:
             )
             self.conn.row_factory = sqlite3.Row
             self.conn.execute("PRAGMA journal_mode=WAL")
+            for suffix in ("-wal", "-shm"):  # left by an older version with a looser mode
+                tighten(self.path.with_name(self.path.name + suffix))
             # NORMAL: in WAL mode a commit survives a crash of the process without an fsync. A
             # power cut may lose the last commits; forward ids are derived from the message, so
             # a forward re-created after one has the same Message-ID (see add_forward).
@@ -374,13 +379,29 @@ class State:
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
-                raise StateError(f"{self.path}: {exc}") from exc
+                raise self._write_error(exc) from exc
             try:
                 yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK")
+                self.conn.execute("COMMIT")
+            except BaseException as exc:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise self._write_error(exc) from exc
                 raise
-            self.conn.execute("COMMIT")
+
+    def _write_error(self, exc: sqlite3.Error) -> StateError:
+        """A failed write as one :class:`StateError` that says what to look at."""
+        if isinstance(exc, sqlite3.IntegrityError):
+            why = (
+                "the database refused it; if another mailrouter process uses this data folder, "
+                "stop it (one `mailrouter serve` per data folder)"
+            )
+        elif isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+            why = f"another process held the database for more than {self.timeout:.0f} s"
+        else:
+            why = f"check the disk and the file (`sqlite3 {self.path} 'PRAGMA integrity_check'`)"
+        return StateError(f"{self.path}: the write failed ({exc}): {why}")
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> int:
         """Run one write statement in its own transaction; returns ``lastrowid``."""

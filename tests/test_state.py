@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 from pathlib import Path
 
 import pytest
@@ -112,10 +114,30 @@ def test_copies_are_found_by_bytes_or_fingerprint(tmp_path: Path) -> None:
 
 
 def test_identity_is_unique(tmp_path: Path) -> None:
+    """A refused write is a StateError that names the likely cause, and is rolled back."""
     with State(tmp_path / "s.db") as state:
         _add(state)
-        with pytest.raises(sqlite3.IntegrityError):
+        with pytest.raises(StateError, match=r"UNIQUE constraint.*one `mailrouter serve`"):
             _add(state)
+        assert not state.conn.in_transaction
+        with pytest.raises(StateError, match="FOREIGN KEY"):
+            state.execute("INSERT INTO decisions (message, at, state) VALUES (999, 'now', 'new')")
+        state.set("still", "writable")
+        assert state.get("still") == "writable"
+
+
+def test_database_files_are_private(tmp_path: Path) -> None:
+    """The database, its -wal and -shm hold customer text: owner only, even under umask 022,
+    and even when an older version left them readable."""
+    folder = tmp_path / "data"
+    folder.mkdir(mode=0o755)
+    (folder / "s.db-wal").write_bytes(b"")
+    os.chmod(folder / "s.db-wal", 0o644)
+    with State(folder / "s.db") as state:
+        _add(state)
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert modes == {"s.db": 0o600, "s.db-wal": 0o600, "s.db-shm": 0o600}
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
 
 
 def test_key_value(tmp_path: Path) -> None:

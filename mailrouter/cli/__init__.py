@@ -7,6 +7,7 @@ import sys
 from rich.markup import escape
 
 from ..errors import MailRouterError
+from ..files import private_umask
 from . import (  # noqa: F401 - each module registers its commands on the app
     classify,
     config_cmd,
@@ -21,7 +22,12 @@ from .app import app, err_console
 
 
 def main() -> None:
-    """Run the CLI; a ``MailRouterError`` is one clear message and its exit status, no traceback."""
+    """Run the CLI; a ``MailRouterError`` is one clear message and its exit status, no traceback.
+
+    Every file this process and its children create is private to its owner (see
+    :mod:`mailrouter.files`).
+    """
+    private_umask()
     try:
         code = app(standalone_mode=False)
     except MailRouterError as exc:

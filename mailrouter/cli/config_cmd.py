@@ -11,6 +11,7 @@ import typer
 
 from ..config import DEFAULT_CONFIG, default_departments, load_settings, masked_dump
 from ..errors import ConfigError
+from ..files import install_starter, write_private
 from ..secrets import keychain_set
 from .app import app, console, settings
 
@@ -122,7 +123,6 @@ def init(
         deps.append({"name": name, "address": address})
 
     data: dict[str, Any] = {
-        "data_dir": "data",
         "mailbox": {"host": imap_host, "port": 993, "security": "tls", "username": imap_user},
         "smtp": {
             "host": smtp_host,
@@ -136,11 +136,16 @@ def init(
         "corrections": {"staff_domains": [domain]},
         "departments": deps,
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
     header = "# Written by `mailrouter init`. Every field: config/mailrouter.example.toml\n"
-    output.write_text(header + _to_toml(data), encoding="utf-8")
-    load_settings(output)  # refuse to leave an invalid file behind unnoticed
+    write_private(output, header + _to_toml(data))  # it may receive a password later
+    written = load_settings(output)  # refuse to leave an invalid file behind unnoticed
     console.print(f"wrote {output}")
+    starter = install_starter(written.data_dir)
+    console.print(
+        f"data folder: {written.data_dir} (yours only)"
+        + (f"; starter examples copied to {starter.name}" if starter else ""),
+        highlight=False,
+    )
 
     key = pysecrets.token_urlsafe(32)
     stored = False

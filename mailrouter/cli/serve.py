@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict
 from typing import Annotated
@@ -9,6 +10,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ..config import Settings, check_serve_secrets
+from ..datalock import DataDirLock
 from ..pipeline import Pipeline, RoundReport
 from ..state import State
 from .app import app, console, settings
@@ -26,16 +29,30 @@ def serve(
 ) -> None:
     """Route the contact mailbox: forever (IDLE), or once with --once."""
     current = settings()
-    if not once:
-        from ..service import run_forever
+    check_serve_secrets(current, dry_run=dry_run)
+    with _one_process(current, once=once, dry_run=dry_run):
+        if not once:
+            from ..service import run_forever
 
-        raise typer.Exit(run_forever(current, dry_run=dry_run) or 0)
-    pipeline = Pipeline(current, dry_run=dry_run)
-    try:
-        report = pipeline.run_once()
-    finally:
-        pipeline.close()
+            raise typer.Exit(run_forever(current, dry_run=dry_run) or 0)
+        pipeline = Pipeline(current, dry_run=dry_run)
+        try:
+            report = pipeline.run_once()
+        finally:
+            pipeline.close()
     _print_round(report, dry_run)
+
+
+def _one_process(
+    current: Settings, *, once: bool, dry_run: bool
+) -> contextlib.AbstractContextManager[object]:
+    """The data folder's lock (see :mod:`mailrouter.datalock`). ``serve --once --dry-run`` goes
+    without: it changes nothing, so it may look at the mailbox beside a live service. A long
+    dry run takes it, because it owns the service's status (pid, heartbeat) while it runs."""
+    if once and dry_run:
+        return contextlib.nullcontext()
+    command = "mailrouter serve" + (" --once" if once else "") + (" --dry-run" if dry_run else "")
+    return DataDirLock(current.data_dir, command)
 
 
 def _print_round(report: RoundReport, dry_run: bool) -> None:

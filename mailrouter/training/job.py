@@ -17,11 +17,13 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from filelock import FileLock, Timeout
 
 from ..config import Settings, hf_token
 from ..errors import MailRouterError
+from ..files import private_dir, private_file
 from ..logs import event
 from ..state import open_state
 from . import registry
@@ -43,6 +46,9 @@ _SECRETS = {
     "corrections": {"token_key"},
     "training": {"hf_token"},
 }
+# Environment variables the training child must not inherit: passwords, the token key, API
+# tokens of any service (it needs only the Hugging Face token, sent in its request).
+_SECRET_ENV = re.compile(r"PASSWORD|PASSWD|SECRET|CREDENTIAL|(^|_)(TOKEN|KEYS?)(_|$)", re.I)
 
 
 @dataclass(frozen=True)
@@ -65,10 +71,15 @@ class _Interrupted(Exception):
 
 
 def settings_payload(settings: Settings) -> dict[str, Any]:
-    """The settings for the child, without secrets (the child needs only the HF token, by env)."""
+    """The settings for the child, without secrets (the HF token travels beside them)."""
     data = settings.model_dump(mode="json", exclude=_SECRETS)
     data["data_dir"] = str(Path(settings.data_dir).absolute())
     return data
+
+
+def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without any variable whose name says it holds a secret."""
+    return {k: v for k, v in environ.items() if not _SECRET_ENV.search(k)}
 
 
 def runner_command() -> list[str]:
@@ -101,19 +112,15 @@ def run_job(
     limit = float(timeout or settings.training.timeout_seconds)
     with open_state(settings) as state:
         run_id = registry.start_run(state)
-    folder = settings.models_dir / "runs" / f"{run_id:04d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    job_log = folder / "job.log"
+    folder = private_dir(settings.models_dir / "runs" / f"{run_id:04d}")
+    job_log = private_file(folder / "job.log")
     request = {
         "settings": settings_payload(settings),
+        "hf_token": hf_token(settings),
         "run_id": run_id,
         "force": force,
         "iters": iters,
     }
-    env = dict(os.environ)
-    token = hf_token(settings)
-    if token:
-        env["HF_TOKEN"] = token
     event(log, "training.job.start", run=run_id, timeout_s=limit, log=job_log)
     with job_log.open("ab") as out:
         proc = subprocess.Popen(
@@ -121,7 +128,7 @@ def run_job(
             stdin=subprocess.PIPE,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=child_environment(os.environ),
             start_new_session=True,
         )
         assert proc.stdin is not None

@@ -40,6 +40,7 @@ from filelock import FileLock, Timeout
 
 from ..config import Settings
 from ..errors import MailRouterError, TrainingError
+from ..files import private_umask, tighten
 from ..logs import event
 from ..prompt import PromptOptions
 from ..testpin import TestPin, check_pin, pin_path
@@ -178,6 +179,7 @@ class _Run:
         if not source.is_file():
             raise TrainingError(f"{source}: no dataset yet (`mailrouter dataset import FILE`)")
         shutil.copyfile(source, snapshot)
+        tighten(snapshot)
         dataset = Dataset(snapshot)
         data_hash = dataset.content_hash()
         loaded = dataset.load()
@@ -424,12 +426,24 @@ class _Run:
 # --- child-process entry point ---------------------------------------------------------------
 
 
+def request_settings(request: dict[str, Any]) -> Settings:
+    """The child's settings: the request's, with the Hugging Face token that travels beside
+    them (the parent gives this process no secret in its environment, see
+    :func:`.job.child_environment`)."""
+    data = dict(request["settings"])
+    if request.get("hf_token"):
+        data["training"] = {**data.get("training", {}), "hf_token": request["hf_token"]}
+    return Settings(**data)
+
+
 def main() -> int:
-    """Run one training from ``{"settings": …, "run_id": …, "force": …, "iters": …}`` on stdin."""
+    """Run one training from ``{"settings": …, "hf_token": …, "run_id": …, "force": …,
+    "iters": …}`` on stdin."""
     from ..logs import setup_logging
 
+    private_umask()
     request = json.loads(sys.stdin.read())
-    settings = Settings(**request["settings"])
+    settings = request_settings(request)
     setup_logging(fmt=settings.log.format, level=settings.log.level)
     outcome = run_training(
         settings,
