@@ -8,6 +8,7 @@ the classifier) from what only training needs (Hugging Face, MLX, disk space).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .authresults import MISSING_ID, Detection, detect_authserv_id, trusted_ids
 from .config import Settings, load_settings
 from .errors import MailRouterError
 
@@ -218,6 +220,56 @@ def check_imap(settings: Settings) -> list[Check]:
     return checks
 
 
+#: How many of the newest messages are read to find the receiving server's authserv-id.
+AUTHSERV_SAMPLE = 20
+
+
+def mailbox_authserv_id(settings: Settings, count: int = AUTHSERV_SAMPLE) -> Detection | None:
+    """The authserv-id on top of most of the ``count`` newest messages of the watched folder.
+
+    Only headers are read, with a short timeout and no retry; a mailbox that cannot be read
+    raises :class:`MailRouterError` (``init`` then says nothing, ``doctor`` says why).
+    """
+    from .mailbox import Mailbox
+
+    mailbox = Mailbox.from_settings(_quick(settings, "mailbox"), reconnect_attempts=0)
+    try:
+        return detect_authserv_id(mailbox.newest_headers(count))
+    finally:
+        mailbox.close()
+
+
+def check_authserv_id(settings: Settings) -> Check:
+    """Whether ``trusted_authserv_id`` names the server on top of the mail actually received."""
+    configured = settings.corrections.trusted_authserv_id.strip()
+    name = "authserv-id"
+    why = "corrections wait for a confirmation by mail until it is right"
+    try:
+        found = mailbox_authserv_id(settings)
+    except MailRouterError as exc:
+        return Check(name, False, f"cannot read the newest messages: {_error(exc)}", "", False, why)
+    folder = settings.mailbox.folder
+    if found is None:
+        detail = f"no Authentication-Results header in the newest messages of {folder}"
+        if configured:
+            detail += f" to compare with trusted_authserv_id {configured!r}"
+        fix = "read the headers of a mail received from outside (docs/security.md)"
+        return Check(name, False, detail, fix, False, why)
+    shown = (
+        "no authserv-id (Microsoft 365)" if found.authserv_id == MISSING_ID else found.authserv_id
+    )
+    seen = f"{shown} on top of {found.count} of the {found.total} newest messages"
+    line = f"put `trusted_authserv_id = {json.dumps(found.authserv_id)}` in [corrections]"
+    if found.authserv_id.lower() in trusted_ids(configured):
+        return Check(name, True, f"{seen} in {folder}, as configured", required=False)
+    if not configured:
+        return Check(
+            name, False, f"{seen}; corrections.trusted_authserv_id is empty", line, False, why
+        )
+    detail = f"{seen}, not the configured {configured!r}"
+    return Check(name, False, detail, f"if it is your receiving server, {line}", False, why)
+
+
 def check_smtp(settings: Settings, send_test: bool = False) -> Check:
     """Connect and log in; with ``send_test``, send one real message to the triage address."""
     from .forward import SmtpSender
@@ -390,6 +442,7 @@ def run(
 def _checks(settings: Settings, send_test: bool) -> list[Callable[[], list[Check]]]:
     return [
         lambda: check_imap(settings),
+        lambda: [check_authserv_id(settings)],
         lambda: [check_smtp(settings, send_test)],
         lambda: check_ollama(settings),
         lambda: [check_hf(settings)],

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import secrets as pysecrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from ..config import DEFAULT_CONFIG, default_departments, load_settings, masked_dump
-from ..errors import ConfigError
+from ..config import DEFAULT_CONFIG, Settings, default_departments, load_settings, masked_dump
+from ..doctor import mailbox_authserv_id
+from ..errors import ConfigError, MailRouterError
 from ..files import install_starter, write_private
 from ..secrets import keychain_set
 from .app import app, console, settings
@@ -93,6 +95,13 @@ def init(
     store_key: Annotated[
         bool, typer.Option(help="Store a new correction-token key in the Keychain.")
     ] = True,
+    authserv_id: Annotated[
+        str | None,
+        typer.Option(
+            "--authserv-id",
+            help="Your receiving server's authserv-id (default: read from the newest messages).",
+        ),
+    ] = None,
 ) -> None:
     """Write a starter config (interactive, or fully by flags with --yes)."""
     if output.exists() and not force:
@@ -136,9 +145,14 @@ def init(
         "corrections": {"staff_domains": [domain]},
         "departments": deps,
     }
-    header = "# Written by `mailrouter init`. Every field: config/mailrouter.example.toml\n"
-    write_private(output, header + _to_toml(data))  # it may receive a password later
-    written = load_settings(output)  # refuse to leave an invalid file behind unnoticed
+    if authserv_id is not None:
+        data["corrections"]["trusted_authserv_id"] = authserv_id.strip()
+    written = _write_config(output, data)
+    if authserv_id is None:
+        proposed = _propose_authserv_id(written, ask)
+        if proposed:
+            data["corrections"]["trusted_authserv_id"] = proposed
+            written = _write_config(output, data)
     console.print(f"wrote {output}")
     starter = install_starter(written.data_dir)
     console.print(
@@ -167,6 +181,31 @@ def init(
         "next: set the passwords (MAILROUTER_MAILBOX__PASSWORD, MAILROUTER_SMTP__PASSWORD or the "
         "Keychain), then run `mailrouter doctor`"
     )
+
+
+def _write_config(output: Path, data: dict[str, Any]) -> Settings:
+    header = "# Written by `mailrouter init`. Every field: config/mailrouter.example.toml\n"
+    write_private(output, header + _to_toml(data))  # it may receive a password later
+    return load_settings(output)  # refuse to leave an invalid file behind unnoticed
+
+
+def _propose_authserv_id(written: Settings, ask: Callable[[str | None, str, str], str]) -> str:
+    """The authserv-id on top of the newest messages, as the default of a question.
+
+    ``""`` when the mailbox cannot be read yet (no password stored, server out of reach):
+    nothing is said then, and ``mailrouter doctor`` reports it once the mailbox is reachable.
+    """
+    try:
+        found = mailbox_authserv_id(written)
+    except MailRouterError:
+        return ""
+    if found is None:
+        return ""
+    where = f"on top of {found.count} of the {found.total} newest messages"
+    chosen = ask(None, f"Authserv-id of your receiving server ({where})", found.authserv_id)
+    shown = json.dumps(chosen.strip())
+    console.print(f"trusted_authserv_id = {shown} ({where})", highlight=False, markup=False)
+    return chosen.strip()
 
 
 def _split_department(spec: str) -> tuple[str, str]:
