@@ -626,8 +626,8 @@ def list_corrections(state: State, limit: int = 50) -> list[CorrectionRow]:
 def revert_correction(settings: Settings, state: State, correction_id: int) -> str:
     """Withdraw the example a correction recorded; returns what was done, for the user.
 
-    Only an example this correction wrote goes: one its author confirmed that already existed
-    (an import, a starter example) stays, and a held one is rejected.
+    Only what this correction wrote goes (its held entry, or an example it created): an example
+    it merely agreed with (an import, a starter or test example) stays.
     """
     row = state.correction(correction_id)
     if row is None:
@@ -635,13 +635,7 @@ def revert_correction(settings: Settings, state: State, correction_id: int) -> s
     if row.status == "reverted":
         return f"correction #{correction_id} was already reverted"
     dataset = Dataset.from_settings(settings)
-    removed = False
-    if row.example_id and row.status == "held":
-        removed = dataset.reject_held(row.example_id)
-    elif row.example_id:
-        example = dataset.get(row.example_id)
-        ours = example is not None and example.source in ("correction", "confirmation")
-        removed = ours and example.by == row.by and dataset.remove(row.example_id)
+    removed = bool(row.example_id) and dataset.remove_correction(row.example_id or "")
     state.update_correction(correction_id, status="reverted")
     event(log, "correction_reverted", id=correction_id, example=row.example_id)
     if removed:
