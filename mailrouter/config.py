@@ -212,12 +212,24 @@ class TrainingSettings(_Section):
 
 
 class CorrectionsSettings(_Section):
+    """Who may correct a route, and how a correction proves who wrote it (DESIGN §5).
+
+    ``staff_domains`` match exactly (a subdomain only when listed). A correction applies at once
+    when the topmost ``Authentication-Results`` of ``trusted_authserv_id`` shows it authentic;
+    otherwise the claimed author is asked to confirm (``confirm_unauthenticated``) or it is
+    refused. The caps bound what one sender, one domain and everyone together can do a day.
+    """
+
     staff_domains: list[str] = Field(default_factory=lambda: ["example.com"])
     staff_addresses: list[str] = Field(default_factory=list)
     trusted_authserv_id: str = ""
+    confirm_unauthenticated: bool = True
+    confirm_days: int = Field(default=7, ge=1, le=60)
     reply_to: Literal["sender", "router"] = "sender"
     token_key: SecretStr | None = None
-    daily_cap: int = Field(default=50, ge=0)
+    daily_cap: int = Field(default=20, ge=0)
+    daily_domain_cap: int = Field(default=60, ge=0)
+    daily_total_cap: int = Field(default=100, ge=0)
     help_interval_seconds: int = Field(default=3600, ge=0)
     digest_schedule: str = "0 8 * * *"
 

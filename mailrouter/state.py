@@ -197,6 +197,25 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX messages_state ON messages(mailbox, state);
         """,
     ),
+    (
+        5,
+        "corrections: how each was authenticated, and confirmation requests",
+        """
+        ALTER TABLE corrections ADD COLUMN auth TEXT;
+        ALTER TABLE corrections ADD COLUMN domain TEXT;
+        CREATE INDEX corrections_created ON corrections(created);
+        CREATE TABLE confirmations (
+            id INTEGER PRIMARY KEY,
+            correction INTEGER NOT NULL UNIQUE REFERENCES corrections(id),
+            ref_hash TEXT NOT NULL UNIQUE,
+            address TEXT NOT NULL,
+            status TEXT NOT NULL,
+            created TEXT NOT NULL,
+            expires TEXT NOT NULL,
+            answered TEXT
+        );
+        """,
+    ),
 )
 
 
@@ -275,6 +294,66 @@ class HistoryEntry:
     sender: str
     subject: str
     message_id: str
+
+
+@dataclass(frozen=True)
+class CorrectionRecord:
+    """One correction mail from staff and what became of it.
+
+    ``mail_id`` identifies the correction mail by the hash of its bytes as received (never by its
+    sender-chosen Message-ID), so a mail handled again after a crash finds its row.
+    ``status``: pending | awaiting (a confirmation was requested) | applied | held (the example
+    waits for review) | unreadable | refused | declined | expired | reverted | rejected.
+    """
+
+    id: int
+    forward_id: str | None
+    message: int | None
+    by: str
+    command: str
+    old_label: str | None
+    new_label: str | None
+    status: str
+    created: str
+    mail_id: str | None = None
+    example_id: str | None = None
+    reason: str | None = None
+    auth: str | None = None
+    domain: str | None = None
+
+
+@dataclass(frozen=True)
+class CorrectionRow:
+    """A correction with the subject of the message it corrects, for listings."""
+
+    id: int
+    created: str
+    by: str
+    command: str
+    old_label: str | None
+    new_label: str | None
+    status: str
+    subject: str
+    example_id: str | None
+    auth: str | None = None
+
+
+@dataclass(frozen=True)
+class ConfirmationRecord:
+    """A confirmation request sent to the claimed author of an unauthenticated correction.
+
+    Only the hash of its reference is stored: the reference itself is derived from the token
+    key (see :mod:`mailrouter.confirmations`) and travels only in the mail to that address.
+    """
+
+    id: int
+    correction: int
+    ref_hash: str
+    address: str
+    status: str  # new (not sent yet) | waiting | confirmed | declined | expired
+    created: str
+    expires: str
+    answered: str | None = None
 
 
 @dataclass(frozen=True)
@@ -452,6 +531,13 @@ class State:
         rows = self.query(
             "SELECT * FROM messages WHERE mailbox = ? AND uidvalidity = ? AND uid = ?",
             (mailbox, uidvalidity, uid),
+        )
+        return _row(MessageRecord, rows[0]) if rows else None
+
+    def first_with_message_id(self, message_id: str) -> MessageRecord | None:
+        """The first message recorded with this Message-ID (for displays, never for trust)."""
+        rows = self.query(
+            "SELECT * FROM messages WHERE message_id = ? ORDER BY id LIMIT 1", (message_id,)
         )
         return _row(MessageRecord, rows[0]) if rows else None
 
@@ -776,6 +862,100 @@ class State:
             "UPDATE forwards SET attempts = attempts + 1, last_error = ? WHERE forward_id = ?",
             (error, forward_id),
         )
+
+    # --- corrections and confirmations -------------------------------------------------------
+
+    def correction(self, correction_id: int) -> CorrectionRecord | None:
+        rows = self.query("SELECT * FROM corrections WHERE id = ?", (correction_id,))
+        return _row(CorrectionRecord, rows[0]) if rows else None
+
+    def correction_by_mail(self, mail_id: str) -> CorrectionRecord | None:
+        """The latest correction recorded for this correction mail (by its content hash)."""
+        rows = self.query(
+            "SELECT * FROM corrections WHERE mail_id = ? ORDER BY id DESC LIMIT 1", (mail_id,)
+        )
+        return _row(CorrectionRecord, rows[0]) if rows else None
+
+    def add_correction(self, **values: Any) -> CorrectionRecord:
+        """Record a correction mail (``created`` defaults to now)."""
+        values.setdefault("created", now_iso())
+        columns = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        rowid = self.execute(
+            f"INSERT INTO corrections ({columns}) VALUES ({marks})", tuple(values.values())
+        )
+        found = self.correction(rowid)
+        assert found is not None
+        return found
+
+    def update_correction(self, correction_id: int, **values: Any) -> None:
+        assignments = ", ".join(f"{k} = ?" for k in values)
+        self.execute(
+            f"UPDATE corrections SET {assignments} WHERE id = ?", (*values.values(), correction_id)
+        )
+
+    def corrections_count(
+        self, since: str, *, by: str | None = None, domain: str | None = None
+    ) -> int:
+        """Corrections recorded since ``since`` (ISO time), refused ones aside: what caps count."""
+        sql = "SELECT COUNT(*) AS n FROM corrections WHERE created >= ? AND status != 'refused'"
+        params: list[Any] = [since]
+        if by is not None:
+            sql += " AND by = ?"
+            params.append(by)
+        if domain is not None:
+            sql += " AND domain = ?"
+            params.append(domain)
+        return int(self.query(sql, params)[0]["n"])
+
+    def last_applied_label(self, message: int) -> str | None:
+        """The label of the latest applied (or held) correction of a message, if any."""
+        rows = self.query(
+            "SELECT new_label FROM corrections WHERE message = ? AND status IN ('applied', 'held') "
+            "ORDER BY id DESC LIMIT 1",
+            (message,),
+        )
+        return rows[0]["new_label"] if rows else None
+
+    def correction_rows(self, limit: int = 50) -> list[CorrectionRow]:
+        rows = self.query(
+            "SELECT c.id, c.created, c.by, c.command, c.old_label, c.new_label, c.status, "
+            "c.example_id, c.auth, COALESCE(m.subject, '') AS subject FROM corrections c "
+            "LEFT JOIN messages m ON m.id = c.message ORDER BY c.id DESC LIMIT ?",
+            (limit,),
+        )
+        return [_row(CorrectionRow, r) for r in rows]
+
+    def add_confirmation(
+        self, correction: int, ref_hash: str, address: str, expires: str
+    ) -> ConfirmationRecord:
+        """The confirmation request of a correction; the same one when it already exists."""
+        self.execute(
+            "INSERT OR IGNORE INTO confirmations (correction, ref_hash, address, status, created, "
+            "expires) VALUES (?, ?, ?, 'new', ?, ?)",
+            (correction, ref_hash, address, now_iso(), expires),
+        )
+        rows = self.query("SELECT * FROM confirmations WHERE correction = ?", (correction,))
+        return _row(ConfirmationRecord, rows[0])
+
+    def confirmation_by_ref(self, ref_hash: str) -> ConfirmationRecord | None:
+        rows = self.query("SELECT * FROM confirmations WHERE ref_hash = ?", (ref_hash,))
+        return _row(ConfirmationRecord, rows[0]) if rows else None
+
+    def update_confirmation(self, confirmation: int, status: str) -> None:
+        self.execute(
+            "UPDATE confirmations SET status = ?, answered = ? WHERE id = ?",
+            (status, now_iso(), confirmation),
+        )
+
+    def spam_since(self, since: str) -> list[int]:
+        """Ids of the messages filed as spam since ``since`` (for the spam digest)."""
+        rows = self.query(
+            "SELECT id FROM messages WHERE state = 'spam' AND duplicate_of IS NULL "
+            "AND updated > ? ORDER BY id",
+            (since,),
+        )
+        return [int(r["id"]) for r in rows]
 
     # --- history and key-value --------------------------------------------------------------
 
