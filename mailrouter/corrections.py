@@ -31,7 +31,7 @@ from email.policy import SMTP
 from email.utils import formatdate, make_msgid
 from typing import TYPE_CHECKING
 
-from .authresults import verdict
+from .authresults import Verdict, verdict
 from .bounces import BounceHandler
 from .classify.base import ClassifyInput
 from .commands import (
@@ -48,7 +48,7 @@ from .dataset import Dataset
 from .errors import SmtpError
 from .forward import ForwardFacts, Notice, SmtpSender, address_domain, send_with_retry
 from .logs import event
-from .message import Email, parse_email, strip_quoted
+from .message import Email, parse_addresses, parse_email, strip_quoted
 from .notice import DigestItem, correction_block, spam_digest
 from .pipeline import Context, Incoming, Outcome
 from .router import screen
@@ -156,6 +156,13 @@ def command_of(email: Email, claim: Claim, settings: Settings) -> Command:
 def own_text(email: Email) -> str:
     """What the writer typed: no quoted text, no signature (``""`` for a bare quote)."""
     return strip_quoted(email.full_text)
+
+
+def addressed_to_router(email: Email, settings: Settings) -> bool:
+    """Whether the router's address (or the mailbox's login) is among ``To:`` and ``Cc:``."""
+    ours = {settings.smtp.from_address.strip().lower(), settings.mailbox.username.strip().lower()}
+    copied = [address for _, address in parse_addresses(email.header_all("cc"))]
+    return bool(ours & {*email.to, *copied})
 
 
 def over_caps(state: State, settings: Settings, sender: str) -> str | None:
@@ -287,6 +294,10 @@ class Corrector:
             self.settings.corrections.trusted_authserv_id,
             self.email.sender_domain,
         )
+        if auth.ok and not addressed_to_router(self.email, self.settings):
+            # A staff answer to a customer is signed too: replayed to contact@ by that
+            # customer, it would pass. A correction is written to the router.
+            auth = Verdict(False, "signed, but not addressed to the router (a replayed mail?)")
         if auth.ok:
             return self._add(forward, command, current, new_label, "pending", auth.reason)
         if not self.settings.corrections.confirm_unauthenticated:

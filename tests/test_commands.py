@@ -61,7 +61,8 @@ def test_first_command_line_skips_greetings() -> None:
 
 def test_staff() -> None:
     assert is_staff("Marie.Dupont@example.com", ["example.com"], [])
-    assert is_staff("paul@paris.example.com", ["example.com"], [])
+    assert not is_staff("paul@paris.example.com", ["example.com"], []), "exact domains only"
+    assert is_staff("paul@paris.example.com", ["example.com", "paris.example.com"], [])
     assert not is_staff("eve@example.com.evil.test", ["example.com"], [])
     assert not is_staff("eve@notexample.com", ["example.com"], [])
     assert is_staff("boss@gmail.com", ["example.com"], ["Boss@gmail.com"])

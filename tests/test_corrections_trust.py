@@ -284,3 +284,20 @@ def test_a_handler_error_leaves_the_mail_in_place_and_status_says_why(
 
     report = run(settings, Forced("Support"))  # the bug fixed: the next round routes it
     assert report.forwarded == 1
+
+
+def test_a_signed_staff_answer_replayed_by_the_customer_does_not_apply(
+    settings: Settings, imap_account: ImapAccount, smtp_sink: SmtpSink, dataset: Dataset
+) -> None:
+    """Staff answered the customer (signed, In-Reply-To the forward); the customer sends that
+    very mail to contact@, where it still shows dkim=pass: it is not addressed to the router."""
+    forward = route_invoice_to_support(settings, imap_account, smtp_sink)
+    answer_to_customer = staff_reply(forward, "ok").replace(
+        f"To: {ROUTER}".encode(), b"To: compta@client-sarl.test"
+    )
+    imap_account.append([answer_to_customer])
+    run(settings)
+    assert corrections_of(dataset) == []
+    with State(settings.state_path) as state:
+        (row,) = list_corrections(state)
+        assert row.status == "awaiting" and "not addressed to the router" in (row.auth or "")
