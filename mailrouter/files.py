@@ -20,6 +20,11 @@ DIR_MODE = 0o700
 
 # The starter dataset of a source checkout (a later change makes it package data).
 STARTER_EXAMPLES = Path(__file__).resolve().parent.parent / "data" / "examples.jsonl"
+#: What to do about a data folder without a dataset (the default one starts empty).
+NO_DATASET_FIX = (
+    "`mailrouter init` copies the starter data into the data folder, "
+    "`mailrouter dataset import FILE` adds your own"
+)
 
 
 def private_umask() -> int:

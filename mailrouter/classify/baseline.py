@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import BASELINE_MODEL_PREFIX
 from ..dataset import Dataset, Example, atomic_write_bytes
 from ..errors import ClassifierError
+from ..files import NO_DATASET_FIX
 from ..prompt import PromptOptions, prefix
 from .base import ClassifyInput, Prediction
 
@@ -140,10 +141,7 @@ class BaselineClassifier:
             )
         examples = [e for e in dataset.load() if e.split in TRAIN_SPLITS]
         if not examples:
-            raise ClassifierError(
-                f"{dataset.path} has no training examples; import some with "
-                "`mailrouter dataset import FILE`"
-            )
+            raise ClassifierError(f"{dataset.path} has no training examples: {NO_DATASET_FIX}")
         started = time.monotonic()
         model = cls.fit(examples, settings.departments, options, name=_model_name(data_hash))
         model.fit_seconds = time.monotonic() - started

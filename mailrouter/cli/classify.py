@@ -16,6 +16,7 @@ from ..dataset import SPLITS, Dataset
 from ..errors import ClassifierError, DatasetError, MailRouterError
 from ..evaluation import evaluate as run_evaluation
 from ..evaluation import format_report, write_html
+from ..files import NO_DATASET_FIX
 from ..message import parse_email
 from .app import app, err_console, settings
 
@@ -113,7 +114,10 @@ def evaluate(
     current = settings()
     examples = Dataset.from_settings(current).split(split)
     if not examples:
-        raise DatasetError(f"the {split} split of {current.examples_path} is empty")
+        raise DatasetError(
+            f"the {split} split of {current.examples_path} is empty"
+            + ("" if current.examples_path.exists() else f": {NO_DATASET_FIX}")
+        )
     classifier = make_classifier(current, _backend(backend))
     threshold = current.classifier.threshold_for(classifier.name)
     if backend == "baseline" or (backend is None and current.classifier.backend == "baseline"):

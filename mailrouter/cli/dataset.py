@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..dataset import SPLITS, Dataset, Example
 from ..errors import DatasetError
+from ..files import NO_DATASET_FIX
 from ..importers import FORMATS, check_label, read_examples
 from ..prompt import PromptOptions
 from ..testpin import pin_path, repin
@@ -27,6 +28,8 @@ def stats(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
     dataset = Dataset.from_settings(current)
     counts = dataset.stats()
     warnings = counts.warnings(current.departments, current.training.batch_size)
+    if not dataset.path.exists():
+        warnings.insert(0, f"{dataset.path} does not exist yet: {NO_DATASET_FIX}")
     if as_json:
         data = {
             "path": str(dataset.path),
