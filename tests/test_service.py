@@ -158,7 +158,11 @@ def test_sigterm_mid_round_finishes_the_message_in_hand(
     config = make_mail_config(log={"format": "json"})
     imap_account.append(
         [
-            _mail(f"Facture {i} en retard", f"Relance: la facture {i} reste impayee.")
+            _mail(
+                f"Facture {i} en retard",
+                f"Relance: la facture {i} reste impayee.",
+                sender=f"client{i}@customer.test",
+            )
             for i in range(total)
         ]
     )
