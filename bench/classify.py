@@ -112,9 +112,9 @@ def test_server_latency(settings: Settings, examples: list) -> float:
     The model is the tests' one (built and cached on first use): it answers with a department
     name, so each request generates what a real answer costs (a label and ``</s>``).
     """
+    from mailrouter.training.tinymodel import build
     from tests.fixtures.models import cached_build, tiny_model_key
     from tests.fixtures.ollama import build_trained_gguf, publish_gguf, spawn
-    from tests.tiny_model import build
 
     gguf = build_trained_gguf(cached_build("tiny-mistral", tiny_model_key(), build))
     with tempfile.TemporaryDirectory(prefix="mailrouter-bench-") as tmp:

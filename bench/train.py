@@ -27,7 +27,7 @@ from mailrouter.dataset import Dataset  # noqa: E402
 from mailrouter.prompt import PromptOptions  # noqa: E402
 from mailrouter.training.config import build_run  # noqa: E402
 from mailrouter.training.lora import child_env, command, run_lora  # noqa: E402
-from tests import tiny_model  # noqa: E402
+from mailrouter.training.tinymodel import build as build_tiny_model  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         root = Path(tmp)
-        model = tiny_model.build(root / "tiny")
+        model = build_tiny_model(root / "tiny")
         settings = load_settings(
             data_dir=root / "data",
             training={"batch_size": 2, "val_batches": 1, "nice": 0, "num_layers": -1},

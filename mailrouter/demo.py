@@ -22,6 +22,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from rich.text import Text
 
 from .config import Settings, load_settings
 from .dataset import Dataset, Example
-from .errors import MailRouterError
+from .errors import MailRouterError, TrainingError
 from .files import STARTER_EXAMPLES
 from .localservers import (
     Delivered,
@@ -45,11 +47,10 @@ from .localservers import (
 )
 from .pipeline import Pipeline
 from .state import State
+from .training import tinymodel
 
-REPO = Path(__file__).resolve().parent.parent
 # The demo routes a temp data folder of its own, with its own servers: it takes no data-folder
 # lock (see mailrouter.datalock) and runs beside a live service.
-STARTER = STARTER_EXAMPLES
 # MLX on a CPU spends about 2.5 s per iteration of one ~400-token prompt on this tiny model (its
 # 32,768-token output layer dominates): a handful of iterations shows the path in a minute.
 MLX_ITERS = 10
@@ -176,7 +177,7 @@ class Demo:
         emails: int = 20,
         with_mlx: bool = False,
         backend: str | None = None,
-        starter: Path = STARTER,
+        starter: Traversable = STARTER_EXAMPLES,
     ) -> None:
         self.console = console
         self.emails = emails
@@ -193,8 +194,10 @@ class Demo:
 
     def run(self) -> Summary:
         started = time.monotonic()
-        if not self.starter.exists():
-            raise MailRouterError(f"{self.starter}: the starter dataset is missing")
+        if not self.starter.is_file():
+            raise MailRouterError(
+                f"{self.starter}: the starter dataset is missing; reinstall mailrouter"
+            )
         work = Path(tempfile.mkdtemp(prefix="mailrouter-demo-"))
         try:
             with self._servers() as (account, sink):
@@ -237,7 +240,8 @@ class Demo:
         # test-split emails. (Train-split emails otherwise: then a correction lands in train, as
         # most do, and the retrained model visibly learns it.)
         split = "test" if fine_tuned else "train"
-        starter = Dataset(self.starter).load()
+        with resources.as_file(self.starter) as path:
+            starter = Dataset(path).load()
         held_out = pick_held_out(starter, self.emails, split)
         chosen = {e.id for e in held_out}
         Dataset(data / "examples.jsonl").add(e for e in starter if e.id not in chosen)
@@ -440,33 +444,25 @@ class Demo:
             self.summary.retrained += "; " + self._retrain_mlx(settings)
 
     def _retrain_mlx(self, settings: Settings) -> str:
-        """LoRA-train the tiny Mistral-architecture test model on the grown dataset with mlx-lm.
+        """LoRA-train the tiny Mistral-architecture model (:mod:`.training.tinymodel`) on the
+        grown dataset with mlx-lm.
 
         Its weights are random, so what this shows is the training path (export, the mlx-lm
-        child process, its losses), not accuracy. It needs a source checkout with the dev extras
-        (the generator is ``tests/tiny_model.py``, its tokenizer comes from mistral-common).
+        child process, its losses), not accuracy. Its tokenizer comes from mistral-common, a dev
+        extra: without it the step is skipped with the command that adds it.
         """
-        import importlib.util
-
         from .prompt import PromptOptions
         from .training.config import build_run
         from .training.lora import run_lora
 
-        generator = REPO / "tests" / "tiny_model.py"
-        spec = importlib.util.spec_from_file_location("_tiny_model", generator)
-        if (
-            spec is None
-            or spec.loader is None
-            or importlib.util.find_spec("mistral_common") is None
-        ):
-            self.say("tiny MLX model: needs a source checkout with `pip install -e '.[dev]'`")
-            return "MLX skipped (dev extras missing)"
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found"
-        tiny = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(tiny)
         work = settings.data_dir.parent / "mlx"
         started = time.monotonic()
-        model = tiny.build(work / "tiny-model")
+        try:
+            model = tinymodel.build(work / "tiny-model")
+        except TrainingError as exc:
+            self.say(f"tiny MLX model skipped: {exc}")
+            return "MLX skipped (mistral-common missing)"
         exported = Dataset.from_settings(settings).export(
             work / "data", settings.departments, PromptOptions.from_settings(settings)
         )

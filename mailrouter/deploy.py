@@ -1,9 +1,10 @@
 """Installing ``mailrouter serve`` as a launchd agent (macOS) or a systemd user unit (Linux).
 
-Everything here is pure: the templates in ``deploy/`` are rendered with real paths, and each
-``mailrouter service`` action is a :class:`Plan` of steps (write a file, run a command). The CLI
-executes a plan with a runner that tests replace, so the exact ``launchctl``/``systemctl`` command
-lines are checked without touching the machine's service manager.
+Everything here is pure: the templates (the checkout's ``deploy/``, shipped as the package data
+of ``mailrouter.service_templates``) are rendered with real paths, and each ``mailrouter service``
+action is a :class:`Plan` of steps (write a file, run a command). The CLI executes a plan with a
+runner that tests replace, so the exact ``launchctl``/``systemctl`` command lines are checked
+without touching the machine's service manager.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from string import Template
 from typing import Literal
@@ -27,7 +30,7 @@ LABEL = "com.mailrouter.agent"
 UNIT = "mailrouter.service"
 _INSTANCE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 THROTTLE_SECONDS = 30
-TEMPLATES = Path(__file__).resolve().parent.parent / "deploy"
+TEMPLATES: Traversable = resources.files("mailrouter.service_templates")
 # launchd starts agents with a bare PATH (/usr/bin:/bin:/usr/sbin:/sbin): add Homebrew's two
 # prefixes so `ollama` (and anything training calls) is found on Apple silicon and Intel Macs.
 SYSTEM_PATH = ("/opt/homebrew/bin", "/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin")
@@ -129,24 +132,23 @@ def target_for(
 # --- rendering ------------------------------------------------------------------------------
 
 
-def template_path(manager: Manager, templates: Path = TEMPLATES) -> Path:
+def template_path(manager: Manager, templates: Traversable = TEMPLATES) -> Traversable:
     if manager == "launchd":
         return templates / "launchd" / f"{LABEL}.plist.template"
     return templates / "systemd" / f"{UNIT}.template"
 
 
-def _read_template(manager: Manager, templates: Path) -> Template:
+def _read_template(manager: Manager, templates: Traversable) -> Template:
     path = template_path(manager, templates)
     try:
         return Template(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(
-            f"{path}: service template not found; run mailrouter from its source checkout "
-            "(`pip install -e .`)"
+            f"{path}: service template not found; reinstall mailrouter (its package ships it)"
         ) from exc
 
 
-def render_plist(target: Target, templates: Path = TEMPLATES) -> str:
+def render_plist(target: Target, templates: Traversable = TEMPLATES) -> str:
     """The LaunchAgent, checked with ``plistlib``: a bad path or template never reaches launchd."""
     values = {
         "label": target.label,
@@ -182,7 +184,7 @@ def _systemd_quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
 
 
-def render_unit(target: Target, templates: Path = TEMPLATES) -> str:
+def render_unit(target: Target, templates: Traversable = TEMPLATES) -> str:
     """The systemd user unit; paths with spaces are quoted, ``%`` specifiers escaped."""
     values = {
         "program": _systemd_quote(str(target.program)),
@@ -195,7 +197,7 @@ def render_unit(target: Target, templates: Path = TEMPLATES) -> str:
     return _read_template("systemd", templates).substitute(values)
 
 
-def render(target: Target, templates: Path = TEMPLATES) -> str:
+def render(target: Target, templates: Traversable = TEMPLATES) -> str:
     return (
         render_plist(target, templates)
         if target.manager == "launchd"
@@ -254,7 +256,7 @@ def plan(
     action: Action,
     target: Target,
     *,
-    templates: Path = TEMPLATES,
+    templates: Traversable = TEMPLATES,
     have_plutil: bool = False,
     lines: int = 100,
     follow: bool = False,
@@ -266,7 +268,7 @@ def plan(
 
 
 def _launchd_steps(
-    action: Action, t: Target, templates: Path, have_plutil: bool, lines: int, follow: bool
+    action: Action, t: Target, templates: Traversable, have_plutil: bool, lines: int, follow: bool
 ) -> tuple[Step, ...]:
     plist = str(t.unit_file)
     if action == "install":
@@ -303,7 +305,7 @@ def _launchd_steps(
 
 
 def _systemd_steps(
-    action: Action, t: Target, templates: Path, lines: int, follow: bool
+    action: Action, t: Target, templates: Traversable, lines: int, follow: bool
 ) -> tuple[Step, ...]:
     if action == "install":
         return (

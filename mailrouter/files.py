@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 PRIVATE_UMASK = 0o077
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 
-# The starter dataset of a source checkout (a later change makes it package data).
-STARTER_EXAMPLES = Path(__file__).resolve().parent.parent / "data" / "examples.jsonl"
+#: The starter dataset: the checkout's ``data/examples.jsonl``, shipped as the package data of
+#: ``mailrouter.starter`` (see setup.py), so an installed wheel has it too.
+STARTER_EXAMPLES: Traversable = resources.files("mailrouter.starter") / "examples.jsonl"
 #: What to do about a data folder without a dataset (the default one starts empty).
 NO_DATASET_FIX = (
     "`mailrouter init` copies the starter data into the data folder, "
@@ -86,11 +88,11 @@ def write_private(path: Path, text: str) -> Path:
     return path
 
 
-def install_starter(data_dir: Path, starter: Path = STARTER_EXAMPLES) -> Path | None:
+def install_starter(data_dir: Path, starter: Traversable = STARTER_EXAMPLES) -> Path | None:
     """Copy the starter dataset into a new data folder; ``None`` when there is nothing to do
     (an examples file exists already, or this installation has no starter data)."""
     target = private_dir(data_dir) / "examples.jsonl"
     if target.exists() or not starter.is_file():
         return None
-    shutil.copyfile(starter, private_file(target))
+    private_file(target).write_bytes(starter.read_bytes())
     return target

@@ -11,7 +11,7 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from tests import tiny_model as generator
+from mailrouter.training import tinymodel as generator
 from tests.conftest import require
 from tests.fixtures.models import starter_test_prompts
 

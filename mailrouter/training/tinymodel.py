@@ -1,18 +1,21 @@
 """A tiny Mistral-architecture model with the real Mistral v0.3 tokenizer, built in a second.
 
-Tests (and anyone trying the training loop without a download) need a model that mlx-lm loads,
-trains and fuses exactly like ``mistralai/Mistral-7B-Instruct-v0.3``, only small: the same
-architecture (``model_type: mistral``, grouped-query attention, untied output), the same
-SentencePiece tokenizer (shipped by Mistral in the ``mistral-common`` package, 32,768 pieces with
-the ``[INST]``/``[/INST]`` control pieces), and our chat template. Prompt token counts, control
-tokens in the GGUF export and train/serve token equality are then the real ones; only the weights
-are random (a fixed seed, so every build is byte-identical).
+Tests, ``mailrouter demo --with-mlx`` (which LoRA-trains it) and anyone trying the training loop
+without a download need a model that mlx-lm loads, trains and fuses exactly like
+``mistralai/Mistral-7B-Instruct-v0.3``, only small: the same architecture (``model_type:
+mistral``, grouped-query attention, untied output), the same SentencePiece tokenizer (shipped by
+Mistral in the ``mistral-common`` package, 32,768 pieces with the ``[INST]``/``[/INST]`` control
+pieces), and our chat template. Prompt token counts, control tokens in the GGUF export and
+train/serve token equality are then the real ones; only the weights are random (a fixed seed, so
+every build is byte-identical).
 
-Usage: ``python tests/tiny_model.py OUT_DIR``, then ``training.base_model = "OUT_DIR"``.
+Usage: ``python -m mailrouter.training.tinymodel OUT_DIR``, then ``training.base_model =
+"OUT_DIR"``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -20,8 +23,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
+from safetensors.numpy import save_file
 
-from mailrouter.prompt import CHAT_TEMPLATE
+from ..errors import TrainingError
+from ..prompt import CHAT_TEMPLATE
 
 SEED = 0
 
@@ -51,12 +57,17 @@ TOKENIZER_RESOURCE = "data/mistral_instruct_tokenizer_240323.model.v3"
 
 
 def mistral_tokenizer_path() -> Path:
-    """The v0.3 SentencePiece file shipped by ``mistral-common`` (a dev dependency)."""
-    import mistral_common
-
-    path = Path(mistral_common.__file__).parent / TOKENIZER_RESOURCE
+    """The v0.3 SentencePiece file shipped by ``mistral-common`` (a dev extra: only this model
+    needs it, so an installed mailrouter may lack it and the error says how to add it)."""
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or spec.origin is None:
+        raise TrainingError(
+            "the tiny model's tokenizer comes from the mistral-common package: "
+            "`pip install mistral-common` (with pipx: `pipx inject mailrouter mistral-common`)"
+        )
+    path = Path(spec.origin).parent / TOKENIZER_RESOURCE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall mistral-common")
+        raise TrainingError(f"{path} is missing: reinstall mistral-common")
     return path
 
 
@@ -101,8 +112,6 @@ def tokenizer_config(sp_model_path: Path) -> dict:
     ``[TOOL_CALLS]``, ``[control_N]``…) is declared special, so text containing ``[INST]`` is
     tokenized to the control id, as mistral-common does.
     """
-    import sentencepiece as spm
-
     sp = spm.SentencePieceProcessor(model_file=str(sp_model_path))
     added = {}
     for i in range(sp.get_piece_size()):
@@ -136,8 +145,6 @@ def tokenizer_config(sp_model_path: Path) -> dict:
 
 def build(out_dir: Path | str) -> Path:
     """Write the model folder (config, weights, tokenizer) into ``out_dir`` and return it."""
-    from safetensors.numpy import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sp_path = mistral_tokenizer_path()
@@ -159,7 +166,7 @@ def _write_fast_tokenizer(out: Path) -> None:
     Only the fast tokenizer is saved: ``save_pretrained`` would also rewrite the config files with
     loader-specific keys.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy (seconds): only when a model is built
 
     tok = AutoTokenizer.from_pretrained(str(out))
     tok.backend_tokenizer.save(str(out / "tokenizer.json"))
@@ -168,7 +175,7 @@ def _write_fast_tokenizer(out: Path) -> None:
 def main(argv: list[str]) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found"
     if len(argv) != 1:
-        print("usage: python tests/tiny_model.py OUT_DIR", file=sys.stderr)
+        print("usage: python -m mailrouter.training.tinymodel OUT_DIR", file=sys.stderr)
         return 2
     path = build(argv[0])
     print(f"tiny Mistral model written to {path}")
