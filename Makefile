@@ -50,4 +50,4 @@ bench: $(VENV)/.installed-dev test-servers
 	for b in bench/[!_]*.py; do HF_HUB_OFFLINE=1 $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info
