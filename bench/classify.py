@@ -29,11 +29,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mailrouter.classify.base import ClassifyInput  # noqa: E402
 from mailrouter.classify.ollama import OllamaClassifier, normalize_host  # noqa: E402
 from mailrouter.config import Settings, load_settings  # noqa: E402
 from mailrouter.dataset import Dataset, example_prompt  # noqa: E402
 from mailrouter.errors import ClassifierError  # noqa: E402
+from mailrouter.prediction import ClassifyInput  # noqa: E402
 from mailrouter.prompt import PromptOptions, prefix  # noqa: E402
 
 STARTER = REPO / "data" / "examples.jsonl"

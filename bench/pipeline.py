@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from _proctime import tree_cpu_seconds  # noqa: E402
 
-from mailrouter.classify import Classifier, ClassifyInput, Prediction, make_classifier  # noqa: E402
+from mailrouter.classify import Classifier, make_classifier  # noqa: E402
 from mailrouter.config import load_settings  # noqa: E402
 from mailrouter.dataset import Dataset  # noqa: E402
 from mailrouter.localservers import (  # noqa: E402
@@ -53,7 +53,8 @@ from mailrouter.localservers import (  # noqa: E402
     local_config,
     write_toml,
 )
-from mailrouter.pipeline import Pipeline  # noqa: E402
+from mailrouter.prediction import ClassifyInput, Prediction  # noqa: E402
+from mailrouter.wiring import build_pipeline  # noqa: E402
 from tests.fixtures.mail import make_email  # noqa: E402
 
 T = TypeVar("T")
@@ -153,7 +154,7 @@ def pipeline_round(config: Path) -> tuple[float, float, int, int]:
     settings = load_settings(config)
     started = time.perf_counter()
     classifier = Timed(make_classifier(settings))
-    pipeline = Pipeline(settings, classifier=classifier)
+    pipeline = build_pipeline(settings, classifier=classifier)
     try:
         report = pipeline.run_once()
     finally:

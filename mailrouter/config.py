@@ -33,7 +33,7 @@ from pydantic_settings import (
 )
 
 from .errors import ConfigError, SecretMissingError
-from .secrets import keychain_get
+from .keychain import keychain_get
 
 DEFAULT_CONFIG = Path("config/mailrouter.toml")
 ENV_CONFIG = "MAILROUTER_CONFIG"

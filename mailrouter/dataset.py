@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock, Timeout
 
-from .classify.base import ClassifyInput
 from .errors import DatasetError
 from .files import make_dirs
+from .prediction import ClassifyInput
 from .prompt import PromptOptions
 
 if TYPE_CHECKING:

@@ -45,9 +45,9 @@ from .localservers import (
     local_config,
     write_toml,
 )
-from .pipeline import Pipeline
 from .state import State
 from .training import tinymodel
+from .wiring import build_pipeline
 
 # The demo routes a temp data folder of its own, with its own servers: it takes no data-folder
 # lock (see mailrouter.datalock) and runs beside a live service.
@@ -301,7 +301,7 @@ class Demo:
         self.texts = {
             f"<demo-{i}-{e.id}@client-demo.fr>": e.text for i, e in enumerate(held_out, 1)
         }
-        pipeline = Pipeline(settings)
+        pipeline = build_pipeline(settings)
         try:
             report = pipeline.run_once()
         finally:
@@ -391,7 +391,7 @@ class Demo:
         request among it, if any."""
         before = len(sink.delivered())
         account.append([mail])
-        pipeline = Pipeline(settings)
+        pipeline = build_pipeline(settings)
         try:
             pipeline.run_once()
         finally:

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .authresults import MISSING_ID, Detection, detect_authserv_id, trusted_ids
 from .config import Settings, load_settings
+from .corrections.authentication import MISSING_ID, Detection, detect_authserv_id, trusted_ids
 from .errors import MailRouterError
 
 # A 7B model fused back to float16 (14.5 GB), its GGUF (14.5 GB) and the quantised copy Ollama
@@ -184,7 +184,7 @@ CAPABILITIES = {
 def check_imap(settings: Settings) -> list[Check]:
     """Log in, open the watched folder, and report the capabilities the router uses."""
     from .config import imap_password
-    from .mailbox import connect_imap
+    from .mail.imap import connect_imap
 
     box = _quick(settings, "mailbox").mailbox
     where = f"{box.username} at {box.host}:{box.port} ({box.security})"
@@ -230,7 +230,7 @@ def mailbox_authserv_id(settings: Settings, count: int = AUTHSERV_SAMPLE) -> Det
     Only headers are read, with a short timeout and no retry; a mailbox that cannot be read
     raises :class:`MailRouterError` (``init`` then says nothing, ``doctor`` says why).
     """
-    from .mailbox import Mailbox
+    from .mail.imap import Mailbox
 
     mailbox = Mailbox.from_settings(_quick(settings, "mailbox"), reconnect_attempts=0)
     try:
@@ -272,7 +272,7 @@ def check_authserv_id(settings: Settings) -> Check:
 
 def check_smtp(settings: Settings, send_test: bool = False) -> Check:
     """Connect and log in; with ``send_test``, send one real message to the triage address."""
-    from .forward import SmtpSender
+    from .mail.smtp import SmtpSender
 
     quick = _quick(settings, "smtp")
     s = quick.smtp

@@ -19,9 +19,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from .classify.base import map_label
 from .dataset import SPLITS, Example, normalise_split
 from .errors import DatasetError
+from .prediction import map_label
 
 if TYPE_CHECKING:
     from .config import Department
@@ -148,7 +148,7 @@ def _read_csv(path: Path, split: str | None, source: str) -> Iterator[tuple[str,
 
 
 def _read_mail(path: Path, fmt: str, label: str, source: str) -> Iterator[Example]:
-    from .message import parse_email
+    from .mail.parse import parse_email
 
     for where, raw in _raw_messages(path, fmt):
         email = parse_email(raw)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from .automated import automated_reason
-from .classify.base import Prediction
+from .prediction import Prediction
 
 if TYPE_CHECKING:
     from .config import Settings

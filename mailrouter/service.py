@@ -29,10 +29,12 @@ from types import FrameType
 from typing import Any, Protocol
 
 from .config import Settings
+from .corrections.digest import send_spam_digest
 from .errors import ConfigError, MailRouterError
 from .logs import event, setup_logging
 from .state import State, now_iso
 from .status import KEYS, record_error
+from .wiring import build_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +90,7 @@ def training_command(settings: Settings) -> list[str]:
 
 
 def _default_router(settings: Settings, dry_run: bool) -> Router:
-    from .pipeline import Pipeline
-
-    return Pipeline(settings, dry_run=dry_run)
+    return build_pipeline(settings, dry_run=dry_run)
 
 
 class Service:
@@ -203,8 +203,6 @@ class Service:
     def _send_digest(self) -> None:
         """Failures are logged; the spam not yet listed goes into the next digest."""
         self._digest_due = False
-        from .corrections import send_spam_digest
-
         try:
             send_spam_digest(self.settings)
         except MailRouterError as exc:
@@ -255,7 +253,7 @@ class Service:
             self.settings,
             # a dry run sends nothing and changes no model: no digest, no training
             training=None if self.dry_run else self.train,
-            digest=self.digest if _digest_available() and not self.dry_run else None,
+            digest=None if self.dry_run else self.digest,
             retry=self.retry_deferred,
             heartbeat=self.heartbeat,
         )
@@ -306,15 +304,6 @@ class Service:
             if self._deadline is not None:
                 self._deadline.cancel()
         return 0
-
-
-def _digest_available() -> bool:
-    """The spam digest exists once the corrections module provides it."""
-    try:
-        from .corrections import send_spam_digest  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def run_forever(settings: Settings, dry_run: bool = False) -> int:

@@ -360,7 +360,8 @@ class ConfirmationRecord:
 class NewForward:
     """A forward to create: its id, Message-ID and token are derived when it is recorded.
 
-    ``token`` is a callable ``forward_id -> str`` (see :func:`mailrouter.tokens.token_maker`).
+    ``token`` is a callable ``forward_id -> str``
+    (see :func:`mailrouter.corrections.tokens.token_maker`).
     """
 
     kind: str

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailrouter.authresults import (
+from mailrouter.corrections.authentication import (
     MISSING_ID,
     AuthResults,
     Detection,
@@ -19,7 +19,7 @@ from mailrouter.authresults import (
     trusted_results,
     verdict,
 )
-from mailrouter.message import parse_email
+from mailrouter.mail.parse import parse_email
 from tests.fixtures.mail import make_email
 
 MX = "mx.example.net"  # our receiving server

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from mailrouter.authresults import MISSING_ID
 from mailrouter.cli import app
 from mailrouter.config import load_settings
+from mailrouter.corrections.authentication import MISSING_ID
 from mailrouter.doctor import check_authserv_id
 from mailrouter.localservers import ImapAccount
-from mailrouter.mailbox import Mailbox
+from mailrouter.mail.imap import Mailbox
 from tests.fixtures.mail import make_email
 
 MX = "mx.mailrouter.test"

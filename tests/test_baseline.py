@@ -9,11 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailrouter.classify import make_classifier
-from mailrouter.classify.base import Classifier, ClassifyInput
+from mailrouter.classify.base import Classifier
 from mailrouter.classify.baseline import BaselineClassifier, char_grams, email_text
 from mailrouter.config import default_departments, load_settings
 from mailrouter.dataset import Example
 from mailrouter.errors import ClassifierError
+from mailrouter.prediction import ClassifyInput
 from mailrouter.prompt import PromptOptions, build_prompt
 
 from .sample_examples import sample_examples, write_sample_dataset

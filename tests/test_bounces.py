@@ -9,12 +9,13 @@ import re
 
 import pytest
 
-from mailrouter.bounces import KEY_PREFIX, BounceHandler, read_bounce
 from mailrouter.config import Settings
 from mailrouter.localservers import Delivered, ImapAccount, SmtpSink
-from mailrouter.message import parse_email
-from mailrouter.pipeline import Context, Incoming, Pipeline
+from mailrouter.mail.parse import parse_email
+from mailrouter.pipeline.bounces import KEY_PREFIX, BounceHandler, read_bounce
+from mailrouter.pipeline.types import Context, Incoming
 from mailrouter.state import State
+from mailrouter.wiring import build_pipeline
 from tests.conftest import TEST_DATA
 from tests.fixtures.corrections import Forced, forwards, route_invoice_to_support, run, to
 from tests.fixtures.mail import attached, make_email
@@ -201,10 +202,10 @@ def test_a_bounce_handled_again_after_a_crash_sends_one_report(
     forward = route_invoice_to_support(settings, imap_account, smtp_sink)
     raw = bounce_of("gmail-dsn.eml", forward)
     incoming = Incoming(uid=99, raw=raw, email=parse_email(raw), size=len(raw))
-    pipeline = Pipeline(settings, classifier=Forced("Support"))
+    pipeline = build_pipeline(settings, classifier=Forced("Support"))
     try:
         pipeline.mailbox.connect()
-        context = Context(settings, pipeline.state, pipeline.mailbox, pipeline, False)
+        context = Context(settings, pipeline.state, pipeline.mailbox, pipeline.outbox, False)
         handler = BounceHandler(settings)
         first = handler(context, incoming)
         assert first is not None and f"reported to {settings.smtp.triage_address}" in first.reason
@@ -224,7 +225,7 @@ def test_dry_run_reads_the_bounce_and_changes_nothing(
 ) -> None:
     forward = route_invoice_to_support(settings, imap_account, smtp_sink)
     imap_account.append([bounce_of("exim-plain.eml", forward)])
-    pipeline = Pipeline(settings, dry_run=True, classifier=Forced("Support"))
+    pipeline = build_pipeline(settings, dry_run=True, classifier=Forced("Support"))
     try:
         (decision,) = pipeline.run_once().decisions
     finally:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from mailrouter.commands import (
+from mailrouter.config import default_departments
+from mailrouter.corrections.replies import (
     find_tokens,
     first_command_line,
     is_staff,
     parse_command,
     subject_command,
 )
-from mailrouter.config import default_departments
 
 DEPS = default_departments()
 

@@ -15,16 +15,19 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import pytest
 
-from mailrouter.classify import ClassifyInput, make_classifier
+from mailrouter.classify import make_classifier
 from mailrouter.config import Settings, load_settings
-from mailrouter.corrections import list_corrections, revert_correction, send_spam_digest
+from mailrouter.corrections.digest import send_spam_digest
+from mailrouter.corrections.review import list_corrections, revert_correction
 from mailrouter.dataset import Dataset
 from mailrouter.localservers import Delivered, ImapAccount, SmtpSink
+from mailrouter.prediction import ClassifyInput
 from mailrouter.state import State
 from tests.conftest import TEST_DATA
 from tests.fixtures.corrections import (
     AUTHSERV,
     INVOICE,
+    ROUTER,
     STAFF,
     Forced,
     authenticated,
@@ -44,6 +47,7 @@ def fixture_reply(name: str, forward: Delivered) -> bytes:
     raw = (REPLIES / name).read_bytes()
     raw = raw.replace(b"@@TOKEN@@", forward.header("X-MailRouter-Token").encode())
     raw = raw.replace(b"<fwd-TEST@mailrouter.invalid>", forward.header("Message-ID").encode())
+    raw = raw.replace(b"\nTo: contact@example.com", f"\nTo: {ROUTER}".encode(), 1)
     return authenticated(raw)
 
 
@@ -293,7 +297,7 @@ def test_spam_digest_links_route_the_mail_and_record_the_example(
     assert "Erreur sur la facture F-2026-114" in text
     link = re.search(r"Finance : (mailto:\S+)", text).group(1)
     subject = unquote(parse_qs(urlparse(link).query)["subject"][0])
-    imap_account.append([authenticated(make_email(subject, "Finance", sender=STAFF))])
+    imap_account.append([authenticated(make_email(subject, "Finance", sender=STAFF, to=ROUTER))])
     run(settings)
 
     (forward,) = forwards(smtp_sink)

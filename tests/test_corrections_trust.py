@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 
 from mailrouter.config import Settings, load_settings
-from mailrouter.corrections import list_corrections
+from mailrouter.corrections.review import list_corrections
 from mailrouter.dataset import Dataset
 from mailrouter.localservers import Delivered, ImapAccount, SmtpSink
-from mailrouter.pipeline import Context, Incoming, Pipeline
+from mailrouter.pipeline.types import Context, Incoming
 from mailrouter.state import State
 from mailrouter.status import collect
+from mailrouter.wiring import build_pipeline
 from tests.fixtures.corrections import (
     AUTHSERV,
     ROUTER,
@@ -267,7 +268,7 @@ def test_a_handler_error_leaves_the_mail_in_place_and_status_says_why(
         raise RuntimeError("disk on fire")
 
     imap_account.append([make_email("Bonjour", "Une question sur ma commande.")])
-    pipeline = Pipeline(settings, classifier=Forced("Support"), handlers=[broken])
+    pipeline = build_pipeline(settings, classifier=Forced("Support"), handlers=[broken])
     try:
         report = pipeline.run_once()
     finally:

@@ -40,7 +40,7 @@ MIN_KILLS = 20
 ZYGOTE = r"""
 import json, os, sys, traceback
 import sklearn.feature_extraction.text, sklearn.linear_model, sklearn.pipeline
-import mailrouter.cli, mailrouter.pipeline, mailrouter.classify.baseline
+import mailrouter.cli, mailrouter.pipeline.round, mailrouter.classify.baseline
 print("ready", flush=True)
 for line in sys.stdin:
     command, _, argument = line.strip().partition(" ")

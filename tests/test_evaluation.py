@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from mailrouter.classify.base import ClassifyInput, Prediction
 from mailrouter.classify.baseline import BaselineClassifier
 from mailrouter.config import default_departments
 from mailrouter.dataset import Example
-from mailrouter.evaluation import UNKNOWN, evaluate, format_report, render_html, write_html
+from mailrouter.prediction import ClassifyInput, Prediction
+from mailrouter.training.evaluation import UNKNOWN, evaluate, format_report, render_html, write_html
 
 from .sample_examples import sample_examples
 

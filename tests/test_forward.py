@@ -9,17 +9,12 @@ from email import policy
 import pytest
 
 from mailrouter.config import Settings
+from mailrouter.corrections.tokens import check_token, make_token
 from mailrouter.errors import ConfigError, SmtpError
-from mailrouter.forward import (
-    ForwardFacts,
-    Notice,
-    SmtpSender,
-    compose_forward,
-    send_with_retry,
-)
 from mailrouter.localservers import SmtpSink, free_port
-from mailrouter.message import parse_email
-from mailrouter.tokens import check_token, make_token
+from mailrouter.mail.parse import parse_email
+from mailrouter.mail.smtp import SmtpSender, send_with_retry
+from mailrouter.pipeline.compose import ForwardFacts, Notice, compose_forward
 from tests.fixtures.mail import make_email
 
 FACTS = ForwardFacts(

@@ -4,7 +4,7 @@ handled exactly once (Dovecot and aiosmtpd, with the staff-correction handler)."
 from __future__ import annotations
 
 from mailrouter.config import Settings
-from mailrouter.corrections import list_corrections
+from mailrouter.corrections.review import list_corrections
 from mailrouter.dataset import Dataset
 from mailrouter.localservers import ImapAccount, SmtpSink
 from mailrouter.state import State

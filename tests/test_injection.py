@@ -17,12 +17,19 @@ from pathlib import Path
 
 import pytest
 
-from mailrouter.classify.base import Classifier, ClassifyInput, Prediction, map_label
+from mailrouter.classify.base import Classifier
 from mailrouter.classify.baseline import BaselineClassifier
 from mailrouter.classify.ollama import OllamaClassifier
 from mailrouter.config import Settings, load_settings
-from mailrouter.forward import ForwardFacts, clean_header_text, compose_forward, safe_address
-from mailrouter.message import Email, parse_email
+from mailrouter.mail.parse import parse_email
+from mailrouter.message import Email
+from mailrouter.pipeline.compose import (
+    ForwardFacts,
+    clean_header_text,
+    compose_forward,
+    safe_address,
+)
+from mailrouter.prediction import ClassifyInput, Prediction, map_label
 from mailrouter.router import Route, decide, screen
 from tests.conftest import TEST_DATA
 from tests.fixtures.ollama import OllamaEndpoint

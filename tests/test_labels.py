@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mailrouter.classify.base import Prediction, map_label
 from mailrouter.config import default_departments
+from mailrouter.prediction import Prediction, map_label
 
 DEPS = default_departments()
 

@@ -12,8 +12,8 @@ import pytest
 from mailrouter.config import Settings
 from mailrouter.errors import ConfigError, MailboxAuthError, MailboxError
 from mailrouter.localservers import DovecotServer, ImapAccount
-from mailrouter.mailbox import Mailbox, UidValidityChanged, connect_imap
-from mailrouter.transport import tls_context
+from mailrouter.mail.imap import Mailbox, UidValidityChanged, connect_imap
+from mailrouter.mail.tls import tls_context
 from tests.fixtures.mail import make_email
 
 

@@ -13,8 +13,8 @@ from types import ModuleType
 
 from mailrouter.config import load_settings
 from mailrouter.localservers import ImapAccount, SmtpSink
-from mailrouter.pipeline import Pipeline
 from mailrouter.state import State
+from mailrouter.wiring import build_pipeline
 from tests.conftest import TEST_DATA
 from tests.sample_examples import write_sample_dataset
 
@@ -50,7 +50,7 @@ def test_malformed_corpus_is_routed_without_a_crash(
     # One sender wrote most of the corpus: no per-sender forward limit here.
     settings = load_settings(make_mail_config(mailbox={"max_forwards_per_sender_per_hour": 0}))
 
-    pipeline = Pipeline(settings)
+    pipeline = build_pipeline(settings)
     try:
         report = pipeline.run_once()
     finally:

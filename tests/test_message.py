@@ -18,7 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailrouter.message import MAX_BODY_CHARS, Email, decode_header_value, parse_email, strip_quoted
+from mailrouter.mail.parse import MAX_BODY_CHARS, decode_header_value, parse_email, strip_quoted
+from mailrouter.message import Email
 from tests.data.mime.corpus import corpus_files, huge_message
 
 # The autouse hermetic fixture is function-scoped; parse_email touches no files, so sharing is safe.

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from mailrouter.classify import make_classifier
-from mailrouter.classify.base import ClassifyInput
 from mailrouter.config import Department, default_departments, load_settings
 from mailrouter.errors import ClassifierError
+from mailrouter.prediction import ClassifyInput
 
 EMAIL = ClassifyInput(
     "Bonjour, je vous envoie ma candidature.", subject="Stage", sender_domain="x.fr"

@@ -18,7 +18,6 @@ from pathlib import Path
 import ollama
 import pytest
 
-from mailrouter.classify.base import ClassifyInput, map_label
 from mailrouter.classify.ollama import (
     OllamaClassifier,
     TokenChoice,
@@ -29,6 +28,7 @@ from mailrouter.classify.ollama import (
 from mailrouter.config import Settings, default_departments, load_settings
 from mailrouter.dataset import Dataset, training_row
 from mailrouter.errors import ClassifierError, ModelMissingError
+from mailrouter.prediction import ClassifyInput, map_label
 from tests.conftest import STARTER
 from tests.fixtures.ollama import (
     OllamaEndpoint,

@@ -23,9 +23,9 @@ from mailrouter.config import load_settings
 from mailrouter.datalock import HOLDER_NAME
 from mailrouter.localservers import ImapAccount, SmtpSink
 from mailrouter.logs import setup_logging
-from mailrouter.pipeline import Pipeline
 from mailrouter.service import log_file
 from mailrouter.state import State
+from mailrouter.wiring import build_pipeline
 from tests.fixtures.mail import examples_for_mail
 
 BUSY = 75  # DataDirBusyError.exit_code
@@ -207,7 +207,7 @@ def test_the_files_of_a_real_round_are_private(
     assert path is not None and path.is_relative_to(data_dir)
     setup_logging(file=path)
     try:
-        pipeline = Pipeline(settings)
+        pipeline = build_pipeline(settings)
         try:
             assert len(pipeline.run_once().decisions) == 3
         finally:

@@ -12,7 +12,6 @@ import pytest
 from typer.testing import CliRunner
 
 from mailrouter.classify import make_classifier
-from mailrouter.classify.base import ClassifyInput
 from mailrouter.cli import app
 from mailrouter.config import Settings, load_settings
 from mailrouter.localservers import (
@@ -24,10 +23,12 @@ from mailrouter.localservers import (
     local_config,
     write_toml,
 )
-from mailrouter.message import parse_email
-from mailrouter.pipeline import Context, Incoming, Pipeline, RoundReport
+from mailrouter.mail.parse import parse_email
+from mailrouter.pipeline.types import Context, Incoming, RoundReport
+from mailrouter.prediction import ClassifyInput
 from mailrouter.router import decide
 from mailrouter.state import MessageState, State
+from mailrouter.wiring import build_pipeline
 from tests.conftest import require
 from tests.fixtures.mail import attached, examples_for_mail, make_email
 from tests.sample_examples import write_sample_dataset
@@ -58,7 +59,7 @@ def test_starter_test_split_is_routed_once_each_where_the_baseline_says(
     imap_account.append(raw for _, raw in mails)
     classifier = make_classifier(settings, "baseline")
 
-    pipeline = Pipeline(settings)
+    pipeline = build_pipeline(settings)
     try:
         report = pipeline.run_once()
         again = pipeline.run_once()
@@ -108,7 +109,7 @@ QUOTE = make_email(
 
 
 def _run(settings: Settings, **kwargs: Any) -> RoundReport:
-    pipeline = Pipeline(settings, **kwargs)
+    pipeline = build_pipeline(settings, **kwargs)
     try:
         return pipeline.run_once()
     finally:
@@ -192,7 +193,7 @@ def test_imap_connection_dropped_mid_run_reconnects_and_finishes(
         if len(seen) in (3, 9):
             dovecot.kick(imap_account.username) if how == "kick" else dovecot.restart()
 
-    pipeline = Pipeline(settings, handlers=[drop_connection])
+    pipeline = build_pipeline(settings, handlers=[drop_connection])
     try:
         report = pipeline.run_once()
         assert pipeline.mailbox.reconnects >= 1
@@ -322,7 +323,7 @@ def test_batches_are_capped_in_bytes_and_all_mail_is_routed(
 ) -> None:
     """Two batches are in memory at once: a batch holds at most BATCH_BYTES of mail (a larger
     message alone, a message read by its header for HEADER_BYTES), whatever batch_size says."""
-    import mailrouter.pipeline as pipeline_module
+    import mailrouter.pipeline.round as pipeline_module
 
     monkeypatch.setattr(pipeline_module, "BATCH_BYTES", 6000)
     monkeypatch.setattr(pipeline_module, "HEADER_BYTES", 100)
@@ -331,7 +332,7 @@ def test_batches_are_capped_in_bytes_and_all_mail_is_routed(
     mails = [*small[:2], make_email("Devis", "Un devis. " + "y" * 9000), *small[2:]]
     mails.append(make_email("Gros", "z" * 30_000))  # over max_message_bytes: its header only
     imap_account.append(mails)
-    pipeline = Pipeline(settings)
+    pipeline = build_pipeline(settings)
     try:
         pipeline.mailbox.connect()
         batches = [uids for uids, _ in pipeline._batches(pipeline.mailbox.pending_uids())]
@@ -389,7 +390,7 @@ def test_pymap_fallback_routes_and_idles(
         settings = load_settings(
             write_toml(local_config(account, smtp_sink, data_dir), data_dir / "p.toml")
         )
-        pipeline = Pipeline(settings)
+        pipeline = build_pipeline(settings)
         try:
             assert pipeline.run_once().forwarded == 1
             timer = threading.Timer(

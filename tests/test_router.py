@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mailrouter.classify.base import Prediction
 from mailrouter.config import Department, Settings
 from mailrouter.message import Email
+from mailrouter.prediction import Prediction
 from mailrouter.router import decide, limit_rate, screen
 
 

@@ -13,7 +13,9 @@ from mailrouter.config import Settings, load_settings
 from mailrouter.dataset import Dataset, Example
 from mailrouter.errors import DatasetError
 from mailrouter.state import State
-from mailrouter.testpin import (
+from mailrouter.training import registry
+from mailrouter.training.runner import run_training
+from mailrouter.training.testpin import (
     PinDiff,
     build_pin,
     check_pin,
@@ -22,8 +24,6 @@ from mailrouter.testpin import (
     read_pin,
     repin,
 )
-from mailrouter.training import registry
-from mailrouter.training.runner import run_training
 
 runner = CliRunner()
 

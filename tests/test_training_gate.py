@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from mailrouter.config import default_departments, load_settings
-from mailrouter.evaluation import Item, Report
 from mailrouter.training.config import build_run, iterations
+from mailrouter.training.evaluation import Item, Report
 from mailrouter.training.gate import Decision, GateRules, Scores, decide
 from mailrouter.training.runner import recorded_scores, scores
 

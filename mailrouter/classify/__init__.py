@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Classifier, ClassifyInput, Prediction, map_label
+from ..prediction import ClassifyInput, Prediction, map_label
+from .base import Classifier
 
 if TYPE_CHECKING:
     from ..config import Settings

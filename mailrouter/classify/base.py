@@ -1,68 +1,15 @@
-"""What every classifier returns, and the one place a model's answer becomes a label.
+"""The protocol every classifier backend follows: a small class with one method.
 
-A backend is a small class with one method, ``classify``. Whatever text a model produces, only
-:func:`map_label` turns it into a department name, and only if it names a configured department or
-one of its aliases; anything else is ``None`` (the router sends it to triage, never a guess).
+What a backend returns (:class:`~mailrouter.prediction.Prediction`) and the one place a model's
+answer becomes a label (:func:`~mailrouter.prediction.map_label`) are core types, so decisions
+never import a backend.
 """
 
 from __future__ import annotations
 
-import unicodedata
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from ..config import Department, fold
-from ..message import Email
-from ..prompt import PromptOptions, build_prompt
-
-_LATIN_END = 0x24F  # end of Latin Extended-B: accented letters of European languages
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """A classifier's answer. ``label`` is a configured department name or ``None`` (unknown)."""
-
-    label: str | None
-    confidence: float
-    model: str
-    raw: str = ""
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.confidence <= 1.0:
-            raise ValueError(f"confidence {self.confidence} is outside [0, 1]")
-
-
-@dataclass(frozen=True)
-class ClassifyInput:
-    """What a classifier reads: the same fields :func:`mailrouter.prompt.build_prompt` takes."""
-
-    text: str
-    subject: str = ""
-    sender_domain: str = ""
-
-    @classmethod
-    def from_email(cls, email: Email) -> ClassifyInput:
-        """What is read of a live email; a correction records the same fields as its example."""
-        return cls(
-            text=email.body or email.full_text,
-            subject=email.subject,
-            sender_domain=email.sender_domain,
-        )
-
-    def prompt(
-        self,
-        departments: Sequence[Department],
-        options: PromptOptions = PromptOptions(),  # noqa: B008 - frozen dataclass
-    ) -> str:
-        """The one prompt for this input; training export and every backend call this."""
-        return build_prompt(
-            self.text,
-            departments,
-            subject=self.subject,
-            sender_domain=self.sender_domain,
-            options=options,
-        )
+from ..prediction import ClassifyInput, Prediction
 
 
 @runtime_checkable
@@ -72,22 +19,3 @@ class Classifier(Protocol):
     name: str
 
     def classify(self, item: ClassifyInput) -> Prediction: ...
-
-
-def map_label(answer: str, departments: Sequence[Department]) -> str | None:
-    """Map a model's answer onto a department name (case, accents, aliases); ``None`` otherwise.
-
-    The answer is stripped (llama.cpp answers ``" RH"`` where MLX answers ``"RH"``), trailing
-    punctuation is ignored, and only an exact name or alias counts: "RH et Finance" is not a label.
-    Letters outside the Latin script (fullwidth ``Ｆ``, Cyrillic ``і``, zero-width joiners) are
-    refused rather than folded: a look-alike of a department is not that department.
-    """
-    if any(ord(c) > _LATIN_END or unicodedata.category(c) == "Cf" for c in answer):
-        return None
-    key = fold(answer).strip(" \t\r\n.:;,!?\"'`*")
-    if not key:
-        return None
-    for dep in departments:
-        if key == fold(dep.name) or key in {fold(a) for a in dep.aliases}:
-            return dep.name
-    return None

@@ -23,8 +23,8 @@ from ..config import BASELINE_MODEL_PREFIX
 from ..dataset import Dataset, Example, atomic_write_bytes
 from ..errors import ClassifierError
 from ..files import NO_DATASET_FIX
+from ..prediction import ClassifyInput, Prediction
 from ..prompt import PromptOptions, prefix
-from .base import ClassifyInput, Prediction
 
 if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline

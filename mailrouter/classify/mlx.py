@@ -23,8 +23,8 @@ from typing import Any
 
 from ..config import Department, Settings
 from ..errors import ClassifierError
+from ..prediction import ClassifyInput, Prediction, map_label
 from ..prompt import STOP, PromptOptions
-from .base import ClassifyInput, Prediction, map_label
 
 
 class MlxClassifier:

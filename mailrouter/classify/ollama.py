@@ -31,8 +31,8 @@ import ollama
 from ..config import Department, Settings, fold
 from ..errors import ClassifierError, ModelMissingError
 from ..logs import event
+from ..prediction import ClassifyInput, Prediction, map_label
 from ..prompt import STOP, PromptOptions, render_chat
-from .base import ClassifyInput, Prediction, map_label
 
 log = logging.getLogger(__name__)
 

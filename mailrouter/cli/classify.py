@@ -10,14 +10,15 @@ from typing import Annotated
 import typer
 
 from ..classify import make_classifier
-from ..classify.base import Classifier, ClassifyInput
+from ..classify.base import Classifier
 from ..config import Settings
 from ..dataset import SPLITS, Dataset
 from ..errors import ClassifierError, DatasetError, MailRouterError
-from ..evaluation import evaluate as run_evaluation
-from ..evaluation import format_report, write_html
 from ..files import NO_DATASET_FIX
-from ..message import parse_email
+from ..mail.parse import parse_email
+from ..prediction import ClassifyInput
+from ..training.evaluation import evaluate as run_evaluation
+from ..training.evaluation import format_report, write_html
 from .app import app, err_console, settings
 
 BACKENDS = ("ollama", "mlx", "baseline")

@@ -14,7 +14,7 @@ from ..config import DEFAULT_CONFIG, Settings, default_departments, load_setting
 from ..doctor import mailbox_authserv_id
 from ..errors import ConfigError, MailRouterError
 from ..files import install_starter, write_private
-from ..secrets import keychain_set
+from ..keychain import keychain_set
 from .app import app, console, settings
 
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)

@@ -14,7 +14,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..corrections import list_corrections, revert_correction, send_spam_digest
+from ..corrections.digest import send_spam_digest
+from ..corrections.review import list_corrections, revert_correction
 from ..dataset import Dataset
 from ..state import State
 from .app import app, console, settings

@@ -14,7 +14,7 @@ from ..errors import DatasetError
 from ..files import NO_DATASET_FIX
 from ..importers import FORMATS, check_label, read_examples
 from ..prompt import PromptOptions
-from ..testpin import pin_path, repin
+from ..training.testpin import pin_path, repin
 from .app import app, console, err_console, settings
 
 dataset_app = typer.Typer(help="Inspect and grow the labelled examples.", no_args_is_help=True)

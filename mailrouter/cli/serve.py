@@ -12,8 +12,9 @@ from rich.table import Table
 
 from ..config import Settings, check_serve_secrets
 from ..datalock import DataDirLock
-from ..pipeline import Pipeline, RoundReport
+from ..pipeline.types import RoundReport
 from ..state import State
+from ..wiring import build_pipeline
 from .app import app, console, settings
 
 
@@ -35,7 +36,7 @@ def serve(
             from ..service import run_forever
 
             raise typer.Exit(run_forever(current, dry_run=dry_run) or 0)
-        pipeline = Pipeline(current, dry_run=dry_run)
+        pipeline = build_pipeline(current, dry_run=dry_run)
         try:
             report = pipeline.run_once()
         finally:

@@ -12,7 +12,7 @@ The values must be the raw header text (unfolded or not), never RFC 2047-decoded
 let an encoded word the sender chose for an address, such as
 ``=?us-ascii?q?x=3B_dkim=3Dpass_header.d=3Dexample.com_x.y=3D?=@evil.test``, become a result.
 
-Pure functions: the IMAP side is :meth:`mailrouter.mailbox.Mailbox.newest_headers`.
+Pure functions: the IMAP side is :meth:`mailrouter.mail.imap.Mailbox.newest_headers`.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from email.policy import SMTP
 from email.utils import formatdate, make_msgid
 from urllib.parse import quote
 
-from .config import Settings, fold
+from ..config import Settings, fold
 
 #: ``[MRC-<32 hex digits>]``: 128 bits, distinct from the forwards' ``[MR-…]`` tokens.
 REF_RE = re.compile(r"\[MRC-([0-9A-Fa-f]{32})\]")

@@ -8,7 +8,7 @@ usual. A staff correction is claimed before classification, then, in order:
 1. the command: the subject after the token, else the first line of the reply's own text;
 2. the caps: per sender, per domain and in total per day (a guard against poisoning the data);
 3. trust: when the topmost ``Authentication-Results`` of the trusted server show the mail
-   authentic (:mod:`mailrouter.authresults`) it applies at once; otherwise the claimed author is
+   authentic (:mod:`.authentication`) it applies at once; otherwise the claimed author is
    asked to confirm (:mod:`mailrouter.confirmations`) and it applies when they answer, or, with
    ``confirm_unauthenticated = false``, it is refused. ``From:`` alone never applies anything;
 4. applying: the original (fetched back from the folder it was filed in) is forwarded again to
@@ -23,18 +23,20 @@ between sending and the commit of the outcome neither forwards twice nor asks tw
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
-from email.policy import SMTP
-from email.utils import formatdate, make_msgid
-from typing import TYPE_CHECKING
 
-from .authresults import Verdict, verdict
-from .bounces import BounceHandler
-from .classify.base import ClassifyInput
-from .commands import (
+from ..config import Settings, token_key
+from ..logs import event
+from ..mail.parse import parse_addresses, strip_quoted
+from ..message import Email
+from ..pipeline.types import Context, Incoming, Outcome
+from ..router import screen
+from ..state import ConfirmationRecord, CorrectionRecord, ForwardRecord, MessageState, State
+from .apply import Applier, current_label, filed, help_reply, reply
+from .authentication import Verdict, verdict
+from .confirmations import compose_request, declines, find_refs, make_ref, ref_hash, request_text
+from .replies import (
     Command,
     find_tokens,
     first_command_line,
@@ -42,63 +44,9 @@ from .commands import (
     parse_command,
     subject_command,
 )
-from .config import Settings, token_key
-from .confirmations import compose_request, declines, find_refs, make_ref, ref_hash, request_text
-from .dataset import Dataset
-from .errors import SmtpError
-from .forward import ForwardFacts, Notice, SmtpSender, address_domain, send_with_retry
-from .logs import event
-from .message import Email, parse_addresses, parse_email, strip_quoted
-from .notice import DigestItem, correction_block, spam_digest
-from .pipeline import Context, Incoming, Outcome
-from .router import screen
-from .state import (
-    ConfirmationRecord,
-    CorrectionRecord,
-    CorrectionRow,
-    ForwardRecord,
-    MessageRecord,
-    MessageState,
-    NewForward,
-    State,
-    now_iso,
-)
-from .tokens import check_token, token_maker
-
-if TYPE_CHECKING:
-    from .pipeline import Handler
+from .tokens import check_token
 
 log = logging.getLogger(__name__)
-
-HELP_KEY = "help:"
-ORIGINAL_MISSING = (
-    "mailrouter : l'original est introuvable dans la boîte, rien n'a été changé. / "
-    "The original could not be found in the mailbox; nothing was changed."
-)
-DIGEST_KEY = "last_spam_digest"
-
-
-# --- what the pipeline calls ------------------------------------------------------------------
-
-
-def forward_notice(settings: Settings, facts: ForwardFacts) -> Notice:
-    """The correction block of every forward (the pipeline's ``notice`` seam)."""
-    text, html = correction_block(
-        settings,
-        token=facts.token,
-        department=facts.department,
-        confidence=facts.confidence,
-        model=facts.model or "?",
-    )
-    return Notice(text=text, html=html)
-
-
-def pipeline_handlers(settings: Settings) -> list[Handler]:
-    """The handlers the pipeline tries before classifying a message."""
-    return [BounceHandler(settings), CorrectionHandler(settings)]
-
-
-# --- recognising a correction ---------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -240,13 +188,6 @@ def _refused(email: Email, why: str) -> Outcome:
     return Outcome(MessageState.IGNORED, "triage", f"correction refused: {why}", "correction")
 
 
-def _filed(reason: str) -> Outcome:
-    return Outcome(MessageState.FILED, "routed", reason, "correction")
-
-
-# --- deciding ---------------------------------------------------------------------------------
-
-
 class Corrector:
     """Handles one staff mail: a correction to record, or the answer to a confirmation."""
 
@@ -269,7 +210,7 @@ class Corrector:
             return Applier(self.context, row, self.email).apply()
         if row.status == "awaiting":
             return self._ask(row)
-        return _filed(f"correction already handled ({row.status})")
+        return filed(f"correction already handled ({row.status})")
 
     def _record(self, forward: ForwardRecord, command: Command) -> CorrectionRecord | Outcome:
         sender = self.email.sender
@@ -282,13 +223,13 @@ class Corrector:
         if command.kind == "unknown":
             self._add(forward, command, current, status="unreadable", reason=command.text[:200])
             help_reply(self.context, self.email)
-            return _filed(f"unreadable correction {command.text[:60]!r}")
+            return filed(f"unreadable correction {command.text[:60]!r}")
         new_label = current if command.kind == "confirm" else command.department
         if new_label is None:
             help_reply(self.context, self.email)
-            return _filed("nothing to confirm: the message had no department")
+            return filed("nothing to confirm: the message had no department")
         if command.kind != "confirm" and self.state.last_applied_label(record.id) == new_label:
-            return _filed(f"correction to {new_label} already applied")
+            return filed(f"correction to {new_label} already applied")
         auth = verdict(
             self.email.auth_results,
             self.settings.corrections.trusted_authserv_id,
@@ -345,16 +286,16 @@ class Corrector:
             data = compose_request(
                 self.settings, to=row.by, ref=ref, text=text, subject=record.subject
             )
-            self.context.pipeline.send_plain(data, row.by)  # a temporary error: retried later
+            self.context.outbox.send_plain(data, row.by)  # a temporary error: retried later
             self.state.update_confirmation(confirmation.id, "waiting")
             event(log, "correction_confirmation_requested", id=row.id, to=row.by, auth=row.auth)
-        return _filed(f"correction by {row.by} awaiting confirmation ({row.auth})")
+        return filed(f"correction by {row.by} awaiting confirmation ({row.auth})")
 
     def answer(self, confirmation: ConfirmationRecord) -> Outcome:
         """A reply carrying a confirmation reference: apply, cancel, or say it expired."""
         row = self.state.correction(confirmation.correction)
         if row is None or confirmation.status not in ("new", "waiting"):
-            return _filed(f"confirmation already {confirmation.status}")
+            return filed(f"confirmation already {confirmation.status}")
         if self.email.sender != confirmation.address:
             return _refused(
                 self.email,
@@ -390,265 +331,4 @@ class Corrector:
         self.state.update_correction(row.id, status=status)
         event(log, f"correction_{status}", id=row.id, by=row.by)
         reply(self.context, self.email, line)
-        return _filed(f"correction {status}")
-
-
-# --- applying ---------------------------------------------------------------------------------
-
-
-class Applier:
-    """Applies one accepted correction to the message its forward carried."""
-
-    def __init__(self, context: Context, row: CorrectionRecord, answer_to: Email) -> None:
-        self.context = context
-        self.settings = context.settings
-        self.state = context.state
-        self.row = row
-        self.answer_to = answer_to
-        self.record = context.state.message(row.message or 0)
-
-    def apply(self) -> Outcome:
-        row, record = self.row, self.record
-        new_label, current = row.new_label or "", row.old_label
-        raw = self.context.mailbox.fetch_filed(
-            record.folder or "routed", record.message_id, record.content_hash
-        )
-        if raw is None:
-            event(log, "correction_original_missing", logging.WARNING, id=record.id)
-            self.state.update_correction(row.id, status="failed", reason="original not found")
-            reply(self.context, self.answer_to, ORIGINAL_MISSING)
-            return _filed("original not found in the mailbox")
-        if row.command == "route" and new_label != current and not self._already_sent(new_label):
-            refused = self._resend(raw, new_label)
-            if refused:
-                self.state.update_correction(row.id, status="failed", reason=refused[:500])
-                reply(self.context, self.answer_to, f"mailrouter : {refused}")
-                return _filed(f"correction to {new_label} failed: {refused}")
-        source = "correction" if new_label != current else "confirmation"
-        read = ClassifyInput.from_email(
-            parse_email(raw, max_bytes=self.settings.mailbox.max_message_bytes)
-        )
-        result = Dataset.from_settings(self.settings).upsert_correction(
-            text=read.text, label=new_label, subject=read.subject,
-            sender_domain=read.sender_domain, mail_key=record.content_hash,
-            corrected_from=current if source == "correction" else None, by=row.by, source=source,
-        )  # fmt: skip
-        status = "held" if result.held else "applied"
-        self.state.update_correction(
-            row.id, status=status, example_id=result.example.id, reason=result.reason or None
-        )
-        event(
-            log,
-            "correction_applied",
-            id=record.id,
-            by=row.by,
-            old=current,
-            new=new_label,
-            kind=row.command,
-            example=result.example.id,
-            held=result.held,
-            auth=row.auth,
-        )
-        reply(self.context, self.answer_to, self._line(source, result.held))
-        return _filed(
-            f"correction by {row.by}: {current} -> {new_label}"
-            + (" (example held for review)" if result.held else "")
-        )
-
-    def _resend(self, raw: bytes, department: str) -> str:
-        """Forward the original to ``department``; ``""``, or why its server refused it.
-
-        A temporary failure is raised: the pipeline keeps the mail and tries again next round.
-        """
-        dep = self.settings.department(department)
-        to = dep.address if dep.action == "forward" and dep.address else None
-        destination = to or self.settings.smtp.triage_address
-        try:
-            self.context.pipeline.send_forward(
-                self.record, raw, destination=destination, department=department,
-                reason=f"corrigé par / corrected by {self.row.by}",
-            )  # fmt: skip
-        except SmtpError as exc:
-            event(log, "correction_deferred", logging.WARNING, id=self.row.id, error=str(exc))
-            if not exc.permanent:
-                raise
-            return f"{destination} a refusé le renvoi / refused the forward: {exc}"
-        return ""
-
-    def _already_sent(self, department: str) -> bool:
-        """A correction forward to ``department`` left after this correction was recorded."""
-        return any(
-            f.kind == "correction" and f.department == department and f.status == "sent"
-            and f.created >= self.row.created
-            for f in self.state.forwards_of(self.record.id)
-        )  # fmt: skip
-
-    def _line(self, source: str, held: bool) -> str:
-        subject = self.record.subject[:80] or "(sans objet)"
-        new, was = self.row.new_label, self.row.old_label or "triage"
-        if source == "confirmation":
-            line = f"mailrouter : merci, « {subject} » confirmé {new}. / Confirmed, thanks."
-        elif self.row.command == "spam":
-            line = f"mailrouter : « {subject} » noté comme spam. / Recorded as spam (was {was})."
-        else:
-            line = (
-                f"mailrouter : « {subject} » renvoyé à {new} (était {was}). "
-                f"/ Re-forwarded to {new} (was {was})."
-            )
-        if held:
-            line += (
-                "\nL'exemple contredit un exemple existant : il attend une revue "
-                "(mailrouter corrections review). / The training example contradicts an "
-                "existing one and waits for review."
-            )
-        return line
-
-
-def current_label(state: State, record: MessageRecord) -> str | None:
-    """The department a message is with now: its latest correction, else the route decided."""
-    corrected = state.last_applied_label(record.id)
-    if corrected is not None:
-        return corrected
-    if record.route == "spam":
-        return record.label
-    return record.department if record.route == "department" else None
-
-
-def help_reply(context: Context, email: Email) -> None:
-    """One short help reply per sender per ``help_interval_seconds``."""
-    key = HELP_KEY + email.sender
-    last = float(context.state.get(key, "0") or 0)
-    if time.time() - last < context.settings.corrections.help_interval_seconds:
-        event(log, "correction_help_skipped", sender=email.sender)
-        return
-    names = ", ".join(d.name for d in context.settings.departments)
-    reply(
-        context,
-        email,
-        "mailrouter : je n'ai pas compris. Répondez avec le nom d'un service "
-        f"({names}), « spam » ou « ok ».\n"
-        f"I did not understand. Reply with a department ({names}), 'spam' or 'ok'.",
-    )
-    context.state.set(key, str(time.time()))
-
-
-def reply(context: Context, to: Email, text: str) -> None:
-    """A one-line answer to a staff mail; the correction stands even if the answer is lost."""
-    try:
-        context.pipeline.send_plain(compose_reply(context.settings, to, text), to.sender)
-    except SmtpError as exc:
-        event(log, "correction_reply_failed", logging.WARNING, error=str(exc))
-
-
-def compose_reply(settings: Settings, to: Email, text: str) -> bytes:
-    """A short automatic answer to a staff mail, marked so it is never routed if it returns."""
-    msg = EmailMessage(policy=SMTP)
-    msg["From"] = settings.smtp.from_address
-    msg["To"] = to.sender
-    subject = " ".join(to.subject.split())[:150]
-    msg["Subject"] = subject if subject.lower().startswith("re:") else f"Re: {subject}"
-    msg["Date"] = formatdate(localtime=True)
-    msg["Message-ID"] = make_msgid(domain=address_domain(settings.smtp.from_address) or None)
-    if to.message_id:
-        msg["In-Reply-To"] = to.message_id
-        msg["References"] = to.message_id
-    msg["Auto-Submitted"] = "auto-replied"
-    msg["X-MailRouter-Notice"] = "reply"
-    msg.set_content(text + "\n", charset="utf-8", cte="quoted-printable")
-    return msg.as_bytes(policy=SMTP)
-
-
-# --- the daily spam digest --------------------------------------------------------------------
-
-
-def send_spam_digest(settings: Settings, *, sender: SmtpSender | None = None) -> int:
-    """Mail the triage address the list of mail filed as spam since the last digest.
-
-    Each entry gets a token of its own (a ``digest`` forward row), so "not spam → department"
-    links are corrections like any other. Returns how many messages were listed.
-    """
-    state = State(settings.state_path)
-    try:
-        since = state.get(DIGEST_KEY) or ""
-        rows = state.query(
-            "SELECT id FROM messages WHERE state = 'spam' AND duplicate_of IS NULL "
-            "AND updated > ? ORDER BY id",
-            (since,),
-        )
-        stamp = now_iso()
-        if not rows:
-            state.set(DIGEST_KEY, stamp)
-            return 0
-        maker = token_maker(settings)
-        domain = address_domain(settings.smtp.from_address)
-        forwards = []
-        items = []
-        for row in rows:
-            record = state.message(row["id"])
-            spec = NewForward("digest", settings.smtp.triage_address, None, domain, maker)
-            forward = state.add_forward(record.id, spec, state=None)
-            forwards.append(forward)
-            items.append(DigestItem(forward.token, record.sender, record.subject,
-                                    _parse_iso(record.created)))  # fmt: skip
-        subject, text, html = spam_digest(settings, items)
-        msg = EmailMessage(policy=SMTP)
-        msg["From"] = settings.smtp.from_address
-        msg["To"] = settings.smtp.triage_address
-        msg["Subject"] = subject
-        msg["Date"] = formatdate(localtime=True)
-        msg["Message-ID"] = make_msgid(domain=domain or None)
-        msg["Auto-Submitted"] = "auto-generated"
-        msg["X-MailRouter-Notice"] = "spam-digest"
-        msg.set_content(text, charset="utf-8", cte="quoted-printable")
-        msg.add_alternative(html, subtype="html", charset="utf-8", cte="quoted-printable")
-        own = sender is None
-        smtp = sender or SmtpSender.from_settings(settings)
-        try:
-            send_with_retry(
-                smtp, msg.as_bytes(policy=SMTP), settings.smtp.triage_address,
-                attempts=settings.smtp.max_attempts, backoff=settings.smtp.backoff_seconds,
-            )  # fmt: skip
-        finally:
-            if own:
-                smtp.close()
-        for forward in forwards:
-            state.forward_sent(forward.forward_id)
-        state.set(DIGEST_KEY, stamp)
-        event(log, "spam_digest_sent", count=len(items), to=settings.smtp.triage_address)
-        return len(items)
-    finally:
-        state.close()
-
-
-def _parse_iso(text: str) -> datetime | None:
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        return None
-
-
-# --- the corrections command ------------------------------------------------------------------
-
-
-def list_corrections(state: State, limit: int = 50) -> list[CorrectionRow]:
-    return state.correction_rows(limit)
-
-
-def revert_correction(settings: Settings, state: State, correction_id: int) -> str:
-    """Withdraw the example a correction recorded; returns what was done, for the user.
-
-    Only what this correction wrote goes (its held entry, or an example it created): an example
-    it merely agreed with (an import, a starter or test example) stays.
-    """
-    row = state.correction(correction_id)
-    if row is None:
-        return f"no correction #{correction_id}"
-    if row.status == "reverted":
-        return f"correction #{correction_id} was already reverted"
-    dataset = Dataset.from_settings(settings)
-    removed = bool(row.example_id) and dataset.remove_correction(row.example_id or "")
-    state.update_correction(correction_id, status="reverted")
-    event(log, "correction_reverted", id=correction_id, example=row.example_id)
-    if removed:
-        return f"reverted correction #{correction_id}: example {row.example_id} removed"
-    return f"reverted correction #{correction_id}: it had no example of its own in the dataset"
+        return filed(f"correction {status}")

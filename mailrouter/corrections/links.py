@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import quote
 
-from .config import Settings
+from ..config import Settings
+from ..pipeline.compose import ForwardFacts, Notice
 
 SPAM_WORD = "spam"
 
@@ -137,3 +138,15 @@ def spam_digest(settings: Settings, items: Sequence[DigestItem]) -> tuple[str, s
 
 def _spam_name(settings: Settings) -> str | None:
     return next((d.name for d in settings.departments if d.action == "spam"), None)
+
+
+def forward_notice(settings: Settings, facts: ForwardFacts) -> Notice:
+    """The correction block of every forward (the pipeline's ``notice`` seam)."""
+    text, html = correction_block(
+        settings,
+        token=facts.token,
+        department=facts.department,
+        confidence=facts.confidence,
+        model=facts.model or "?",
+    )
+    return Notice(text=text, html=html)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from .config import Department, fold
+from ..config import Department, fold
 
 #: ``[MR-<token>]`` as written in the subject of the mailto links and in the forward's body.
 TOKEN_RE = re.compile(r"\[MR-([A-Za-z0-9]{6,32})\]")

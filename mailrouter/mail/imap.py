@@ -27,15 +27,15 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .errors import MailboxAuthError, MailboxError
-from .forward import backoff_delay
-from .logs import event
-from .transport import check_plaintext, tls_context
+from ..backoff import backoff_delay
+from ..errors import MailboxAuthError, MailboxError
+from ..logs import event
+from .tls import check_plaintext, tls_context
 
 if TYPE_CHECKING:
     from imapclient import IMAPClient
 
-    from .config import MailboxSettings, Settings
+    from ..config import MailboxSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class Mailbox:
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> Mailbox:
-        from .config import imap_password
+        from ..config import imap_password
 
         return cls(settings.mailbox, imap_password(settings), **kwargs)
 

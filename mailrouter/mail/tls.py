@@ -10,7 +10,7 @@ import ipaddress
 import ssl
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def is_loopback(host: str) -> bool:

@@ -38,16 +38,16 @@ from email.parser import HeaderParser
 from email.policy import compat32
 from typing import TYPE_CHECKING
 
-from .automated import bounce_signal, fold, is_delivery_report
-from .errors import SmtpError
-from .logs import event
-from .message import decode_bytes
-from .pipeline import Context, Incoming, Outcome
-from .state import ForwardRecord, MessageState, State, now_iso
+from ..automated import bounce_signal, fold, is_delivery_report
+from ..errors import SmtpError
+from ..logs import event
+from ..mail.parse import decode_bytes
+from ..state import ForwardRecord, MessageState, State, now_iso
+from .types import Context, Incoming, Outcome
 
 if TYPE_CHECKING:
-    from .config import Settings
-    from .message import Email
+    from ..config import Settings
+    from ..message import Email
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ def _report(context: Context, forward: ForwardRecord, why: str, bounce_raw: byte
         if raw is None:  # the original left the mailbox: the bounce itself shows what it was
             raw, reason = bounce_raw, f"{reason} (original not found: the bounce is attached)"
         try:
-            context.pipeline.send_forward(
+            context.outbox.send_forward(
                 record, raw, destination=triage, department=None, kind="failure", reason=reason
             )
         except SmtpError as exc:

@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .dataset import Example, atomic_write_text
+from ..dataset import Example, atomic_write_text
 
 if TYPE_CHECKING:
-    from .classify.base import Classifier
-    from .config import Department
+    from ..classify.base import Classifier
+    from ..config import Department
 
 UNKNOWN = "unknown"
 

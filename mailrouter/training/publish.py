@@ -39,8 +39,8 @@ from . import registry
 
 if TYPE_CHECKING:
     from ..dataset import Example
-    from ..evaluation import Report
     from ..state import State
+    from .evaluation import Report
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +178,8 @@ def evaluate_on_ollama(
 ) -> tuple[Report, list[str]]:
     """Classify ``examples`` with model ``name`` exactly as the router would; report and answers."""
     from ..classify.ollama import OllamaClassifier
-    from ..evaluation import evaluate
-    from .answers import Recorder
+    from .evaluation import evaluate
+    from .recorder import Recorder
 
     classifier_settings = settings.classifier.model_copy(update={"model": name})
     pinned = settings.model_copy(update={"classifier": classifier_settings})

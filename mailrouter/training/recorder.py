@@ -7,7 +7,8 @@ for every test email, so both evaluations go through a :class:`Recorder`.
 
 from __future__ import annotations
 
-from ..classify.base import Classifier, ClassifyInput, Prediction
+from ..classify.base import Classifier
+from ..prediction import ClassifyInput, Prediction
 
 
 class Recorder:

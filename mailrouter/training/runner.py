@@ -43,16 +43,16 @@ from ..errors import MailRouterError, TrainingError
 from ..files import private_umask, tighten
 from ..logs import event
 from ..prompt import PromptOptions
-from ..testpin import TestPin, check_pin, pin_path
 from . import registry
-from .answers import Recorder, agreement, differences
 from .gate import Decision, GateRules, Scores, decide
 from .lora import Progress
+from .recorder import Recorder, agreement, differences
+from .testpin import TestPin, check_pin, pin_path
 
 if TYPE_CHECKING:
     from ..dataset import Example
-    from ..evaluation import Report
     from ..state import State
+    from .evaluation import Report
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ class _Run:
     ) -> tuple[Report, Report, Scores | None]:
         from ..classify.baseline import BaselineClassifier
         from ..classify.mlx import MlxClassifier
-        from ..evaluation import evaluate
+        from .evaluation import evaluate
 
         settings, state = self.settings, self.state
         options = PromptOptions.from_settings(settings)

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .dataset import Example, atomic_write_text, now_iso
-from .errors import DatasetError
+from ..dataset import Example, atomic_write_text, now_iso
+from ..errors import DatasetError
 
 if TYPE_CHECKING:
-    from .config import Settings
+    from ..config import Settings
 
 PIN_NAME = "test-pin.json"
 PIN_VERSION = 1

@@ -1,0 +1,446 @@
+"""Intake: read a batch, recognise copies, let handlers claim mail, classify and route the rest.
+
+What a new message becomes is decided here and recorded by the round, a batch at a time: a
+route with its first forward, a copy of mail already known (filed like the first, never
+forwarded again), or a handler's outcome (a correction, a bounce). The classifier is called
+once per batch when it can (``classify_many``); a classifier that is down makes the rest of the
+batch wait (``on_error = "wait"``) or go to triage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..classify import make_classifier
+from ..errors import ClassifierError, ConfigError, MailboxError, SmtpError
+from ..logs import event
+from ..mail.imap import Mailbox
+from ..mail.parse import parse_email
+from ..message import Email
+from ..prediction import ClassifyInput, Prediction
+from ..router import Route, decide, limit_rate, screen, triage
+from ..state import MessageRecord, MessageState, NewMessage, State, StateError
+from ..status import record_error
+from .types import (
+    FORWARDING_ROUTES,
+    ROUTE_END,
+    Context,
+    Decision,
+    Handler,
+    HandlerFailed,
+    Incoming,
+    Outcome,
+    RoundReport,
+)
+
+if TYPE_CHECKING:
+    from ..classify.base import Classifier
+    from ..config import Settings
+    from .outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+
+class Intake:
+    """The reading and deciding half of a round (the main thread's work)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        state: State,
+        mailbox: Mailbox,
+        outbox: Outbox,
+        *,
+        handlers: Sequence[Handler] = (),
+        classifier: Classifier | None = None,
+        dry_run: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.state = state
+        self.mailbox = mailbox
+        self.outbox = outbox
+        self.handlers = list(handlers)
+        self.dry_run = dry_run
+        self._model = classifier
+        self._classifier_down = False
+        self._predictions: dict[int, Prediction] = {}
+        self._batch_routed: Counter[str] = Counter()  # forwards decided per sender, unrecorded
+
+    def reset(self) -> None:
+        """A new round: the classifier gets another chance."""
+        self._classifier_down = False
+
+    def prepare_batch(
+        self,
+        uids: Sequence[int],
+        sizes: dict[int, int],
+        resumable: dict[int, MessageRecord],
+        uidvalidity: int,
+        report: RoundReport,
+        stop: threading.Event,
+    ) -> list[tuple[Incoming, MessageRecord]]:
+        """Read, classify and record a batch: what is left to send and file, in order."""
+        incomings = self.read(uids, sizes)
+        self._predictions = self._classify_batch([i for i in incomings if i.uid not in resumable])
+        self._batch_routed.clear()  # routes of this batch not yet in the database
+        records: dict[int, MessageRecord] = {}
+        plans: list[NewMessage] = []
+        planned: set[str] = set()  # content hashes and fingerprints of this batch's new mail
+        for incoming in incomings:
+            if stop.is_set():
+                break
+            report.seen += 1
+            try:
+                looked = self._prepare(
+                    incoming, resumable.get(incoming.uid), uidvalidity, report, planned
+                )
+            except (MailboxError, StateError, ConfigError):
+                raise  # the mailbox, the database or the configuration: not this message
+            except Exception as exc:  # a bug met by odd mail: file it for a human, go on
+                looked = self.quarantine(incoming, uidvalidity, exc)
+            if isinstance(looked, NewMessage):
+                plans.append(looked)
+                planned.update(k for k in (looked.content_hash, looked.fingerprint) if k)
+            elif looked is not None:
+                records[incoming.uid] = looked
+        for record, _ in self.state.add_messages(plans):
+            records[record.uid] = record
+        return [(i, records[i.uid]) for i in incomings if i.uid in records]
+
+    def first_uid(self, uidvalidity: int) -> int:
+        """With ``backlog = "none"``, the first UID to route: what arrived after the very first
+        start (recorded then). Any other case: 1."""
+        marker_key = f"start:{self.mailbox.key}"
+        marker = self.state.get(marker_key)
+        if marker is None:
+            if self.settings.mailbox.backlog == "all" or self.state.query(
+                "SELECT 1 FROM messages WHERE mailbox = ? LIMIT 1", (self.mailbox.key,)
+            ):
+                return 1
+            if self.dry_run:
+                return self.mailbox.uidnext
+            marker = f"{uidvalidity}:{self.mailbox.uidnext}"
+            self.state.set(marker_key, marker)
+            event(log, "backlog_skipped", mailbox=self.mailbox.key, first_uid=self.mailbox.uidnext)
+        started_in, _, first = marker.partition(":")
+        return int(first) if int(started_in) == uidvalidity else 1
+
+    def read(self, uids: Sequence[int], sizes: dict[int, int]) -> list[Incoming]:
+        limit = self.settings.mailbox.max_message_bytes
+        large = [u for u in uids if sizes.get(u, 0) > limit]
+        raws = self.mailbox.fetch([u for u in uids if u in sizes and u not in large])
+        heads = self.mailbox.fetch(large, headers_only=True)
+        out = []
+        for uid in uids:
+            raw = raws.get(uid, heads.get(uid))
+            if raw is None:
+                continue  # gone meanwhile
+            out.append(Incoming(uid, raw, parse_safely(raw, limit), sizes[uid], uid in heads))
+        return out
+
+    def _prepare(
+        self,
+        incoming: Incoming,
+        record: MessageRecord | None,
+        uidvalidity: int,
+        report: RoundReport,
+        planned: set[str],
+    ) -> MessageRecord | NewMessage | None:
+        """A resumed message's record (with its forward created if it lacks one), what to
+        record for a new message, or ``None`` when there is nothing to send or file now."""
+        if record is None:
+            return self._first_look(incoming, uidvalidity, report, planned)
+        if record.state == MessageState.CLASSIFIED and record.route in FORWARDING_ROUTES:
+            spec = self.outbox.first_forward(record.route, record.department, record.destination)
+            self.state.add_forward(record.id, spec)
+            record = self.state.message(record.id)
+        return record
+
+    def _first_look(
+        self, incoming: Incoming, uidvalidity: int, report: RoundReport, planned: set[str]
+    ) -> MessageRecord | NewMessage | None:
+        """Decide a message never seen in this mailbox generation: what to record for it.
+
+        Routed mail is recorded by the caller, a batch at a time, each with its forward; a
+        message a handler claimed is recorded at once, since the handler has already acted.
+        """
+        email, key = incoming.email, self.mailbox.key
+        mail_fingerprint = fingerprint(incoming)
+        if email.content_hash in planned or (mail_fingerprint and mail_fingerprint in planned):
+            report.waiting += 1  # a copy of a message of this batch: next round files it
+            return None
+        identity = {
+            "content_hash": email.content_hash,
+            "fingerprint": mail_fingerprint,
+            "message_id": email.message_id,
+            "sender": email.sender,
+            "subject": email.subject,
+            "size": incoming.size,
+        }
+        copy = self.state.find_copy(key, email.content_hash, mail_fingerprint)
+        if copy is not None:
+            return self._copy_of(copy, incoming, uidvalidity, report, identity)
+        try:
+            outcome = self._handle(incoming)
+        except SmtpError as exc:  # a temporary one: the handler could not send yet
+            report.waiting += 1
+            event(log, "handler_deferred", logging.WARNING, uid=incoming.uid, code=exc.code,
+                  error=str(exc))  # fmt: skip
+            return None
+        except HandlerFailed as exc:  # the mail stays in the folder, tried again next round
+            report.waiting += 1
+            log.error("handler failed on uid %s: %s", incoming.uid, exc, exc_info=exc.__cause__)
+            if not self.dry_run:
+                record_error(self.state, "handler_failed", f"uid {incoming.uid}: {exc}")
+            return None
+        if outcome is not None:
+            self._report(report, incoming, outcome.route, None, None, None, outcome.reason)
+            if self.dry_run:
+                return None
+            state = MessageState.CLASSIFIED if outcome.target else outcome.state
+            return self.state.add_message(
+                key, uidvalidity, incoming.uid, state=state, route=outcome.route,
+                reason=outcome.reason, outcome=str(outcome.state), folder=outcome.target,
+                **identity,
+            )  # fmt: skip
+        decided = self._route(incoming)
+        if decided is None:
+            report.waiting += 1
+            return None
+        route, prediction = decided
+        if incoming.headers_only and route.kind == "department":
+            route = triage(self.settings, f"too large to forward ({incoming.size} bytes)")
+        self._report(report, incoming, route.kind, route.department, route.address, prediction,
+                     route.reason)  # fmt: skip
+        if self.dry_run:
+            return None
+        forward = None
+        if route.kind in FORWARDING_ROUTES:
+            forward = self.outbox.first_forward(route.kind, route.department, route.address)
+        return NewMessage(
+            key,
+            uidvalidity,
+            incoming.uid,
+            state=MessageState.CLASSIFIED,
+            forward=forward,
+            extra={
+                "route": route.kind,
+                "label": prediction.label if prediction else None,
+                "department": route.department,
+                "destination": route.address,
+                "confidence": prediction.confidence if prediction else None,
+                "model": prediction.model if prediction else None,
+                "reason": route.reason,
+                "outcome": str(ROUTE_END[route.kind][0]),
+                "folder": ROUTE_END[route.kind][1],
+            },
+            **identity,
+        )
+
+    def _copy_of(
+        self,
+        copy: MessageRecord,
+        incoming: Incoming,
+        uidvalidity: int,
+        report: RoundReport,
+        identity: dict[str, Any],
+    ) -> MessageRecord | NewMessage | None:
+        """Another copy of mail already known: adopt it, file it like the first, or wait."""
+        if not copy.final and copy.uidvalidity != uidvalidity:
+            # The mailbox was recreated while this message was in flight: same mail, new UID.
+            event(log, "message_adopted", id=copy.id, old_uid=copy.uid, uid=incoming.uid)
+            if self.dry_run:
+                return None
+            return self.state.update(copy.id, uidvalidity=uidvalidity, uid=incoming.uid)
+        if not copy.final:
+            report.waiting += 1  # the first copy is still being processed
+            return None
+        report.duplicates += 1
+        reason = f"copy of message {copy.id} (already {copy.state})"
+        self._report(report, incoming, "duplicate", copy.department, None, None, reason)
+        if self.dry_run:
+            return None
+        return NewMessage(
+            self.mailbox.key, uidvalidity, incoming.uid, state=MessageState.CLASSIFIED, extra={
+                "route": "duplicate", "reason": reason, "department": copy.department,
+                "duplicate_of": copy.id, "outcome": str(MessageState.IGNORED),
+                "folder": copy.folder,
+            }, **identity,
+        )  # fmt: skip
+
+    def _handle(self, incoming: Incoming) -> Outcome | None:
+        if not self.handlers:
+            return None
+        context = Context(self.settings, self.state, self.mailbox, self.outbox, self.dry_run)
+        for handler in self.handlers:
+            try:
+                outcome = handler(context, incoming)
+            except (MailboxError, StateError, ConfigError):
+                raise  # the mailbox, the database or the configuration: not this message
+            except Exception as exc:
+                if isinstance(exc, SmtpError) and not exc.permanent:
+                    raise  # nothing final: the message waits in the folder for a later round
+                # Filing it anyway could swallow a correction or a customer's mail without a
+                # forward: it stays where it is, and ``status`` shows why.
+                raise HandlerFailed(f"{type(exc).__name__}: {exc}") from exc
+            if outcome is not None:
+                return outcome
+        return None
+
+    def _classifier(self) -> Classifier:
+        if self._model is None:
+            self._model = make_classifier(self.settings)
+        return self._model
+
+    def _classify_batch(self, incomings: Sequence[Incoming]) -> dict[int, Prediction]:
+        """Predictions for the new messages of a batch that need one, in one call when the
+        classifier has ``classify_many`` (classifying is pure, so a message later claimed by a
+        handler or found to be a copy only wastes its share). Empty on any error: then each
+        message is classified alone and its error handled as usual."""
+        if self._classifier_down:
+            return {}
+        wanted = [i for i in incomings if screen(i.email, self.settings) is None]
+        if len(wanted) < 2:
+            return {}
+        try:
+            many = getattr(self._classifier(), "classify_many", None)
+            if many is None:
+                return {}
+            predictions = many([ClassifyInput.from_email(i.email) for i in wanted])
+        except Exception as exc:  # each message meets it again alone, and is handled then
+            event(log, "batch_classify_failed", logging.WARNING, error=str(exc))
+            return {}
+        return {i.uid: p for i, p in zip(wanted, predictions, strict=True)}
+
+    def _route(self, incoming: Incoming) -> tuple[Route, Prediction | None] | None:
+        """The route, or ``None`` when the classifier is down and ``on_error = "wait"``; a
+        forward over the sender's hourly limit (``limit_rate``) is filed instead."""
+        decided = self._classified_route(incoming)
+        limit = self.settings.mailbox.max_forwards_per_sender_per_hour
+        if decided is None or not decided[0].forwards or limit == 0:
+            return decided
+        sender = incoming.email.sender
+        recent = self.state.routed_from(sender, 3600) + self._batch_routed[sender]
+        route = limit_rate(decided[0], sender, recent, self.settings)
+        if route.forwards:
+            self._batch_routed[sender] += 1
+        else:
+            event(log, "forward_rate_limited", logging.WARNING, uid=incoming.uid, sender=sender,
+                  recent=recent, limit=limit)  # fmt: skip
+        return route, decided[1]
+
+    def _classified_route(self, incoming: Incoming) -> tuple[Route, Prediction | None] | None:
+        email = incoming.email
+        screened = screen(email, self.settings)
+        if screened is not None:
+            return screened, None
+        prediction = self._predictions.pop(incoming.uid, None)
+        if prediction is not None:
+            return decide(prediction, email, self.settings), prediction
+        if self._classifier_down:
+            return None
+        try:
+            prediction = self._classifier().classify(ClassifyInput.from_email(email))
+        except ClassifierError as exc:
+            if self.settings.classifier.on_error == "triage":
+                return decide(None, email, self.settings, error=str(exc)), None
+            self._classifier_down = True
+            event(log, "classifier_unavailable", logging.WARNING, error=str(exc))
+            return None
+        except Exception as exc:  # a backend bug: this message goes to a human
+            log.exception("classifier failed on uid %s", incoming.uid)
+            return decide(None, email, self.settings, error=f"{type(exc).__name__}: {exc}"), None
+        return decide(prediction, email, self.settings), prediction
+
+    def _report(
+        self,
+        report: RoundReport,
+        incoming: Incoming,
+        route: str,
+        department: str | None,
+        address: str | None,
+        prediction: Prediction | None,
+        reason: str,
+    ) -> None:
+        email = incoming.email
+        decision = Decision(
+            uid=incoming.uid,
+            message_id=email.message_id,
+            sender=email.sender,
+            subject=email.subject,
+            route=route,
+            department=department,
+            address=address,
+            confidence=prediction.confidence if prediction else None,
+            model=prediction.model if prediction else None,
+            reason=reason,
+        )
+        report.decisions.append(decision)
+        event(
+            log,
+            "decision",
+            mailbox=self.mailbox.key,
+            uid=incoming.uid,
+            message_id=email.message_id,
+            sender=email.sender,
+            route=route,
+            department=department,
+            address=address,
+            confidence=round(decision.confidence, 3) if decision.confidence is not None else None,
+            model=decision.model,
+            reason=reason,
+            dry_run=self.dry_run,
+        )
+
+    def quarantine(
+        self, incoming: Incoming, uidvalidity: int, exc: Exception
+    ) -> MessageRecord | None:
+        """Record a message that met a bug as failed, to be filed in triage."""
+        log.exception("processing uid %s failed", incoming.uid)
+        if self.dry_run:
+            return None
+        key, email = self.mailbox.key, incoming.email
+        reason = f"internal error: {type(exc).__name__}: {exc}"[:500]
+        record = self.state.find(key, uidvalidity, incoming.uid)
+        values = {"route": "error", "reason": reason, "outcome": "failed", "folder": "triage"}
+        if record is None:
+            return self.state.add_message(
+                key, uidvalidity, incoming.uid, state=MessageState.CLASSIFIED,
+                content_hash=email.content_hash, message_id=email.message_id,
+                sender=email.sender, subject=email.subject, size=incoming.size, **values,
+            )  # fmt: skip
+        return self.state.update(record.id, MessageState.CLASSIFIED, **values)
+
+
+def fingerprint(incoming: Incoming) -> str:
+    """The same mail with other transport headers: same Message-ID and same body bytes.
+
+    Empty without a Message-ID: then only identical bytes make a copy. (A Message-ID alone is
+    not enough: some web forms send every message with the same one.)
+    """
+    email = incoming.email
+    if not email.message_id:
+        return ""
+    if incoming.headers_only:
+        body = f"size:{incoming.size}".encode()
+    else:
+        match = re.search(rb"\r?\n\r?\n", incoming.raw)
+        body = incoming.raw[match.end() :] if match else b""
+    digest = hashlib.sha256(email.message_id.encode("utf-8", "surrogatepass") + b"\0" + body)
+    return digest.hexdigest()
+
+
+def parse_safely(raw: bytes, limit: int) -> Email:
+    """:func:`parse_email`, with a last line of defence: never an exception out of parsing."""
+    try:
+        return parse_email(raw, max_bytes=limit)
+    except Exception:  # parse_email never raises; if it ever does, the mail goes to triage
+        log.exception("parse_email raised")
+        return Email(raw_size=len(raw), content_hash=hashlib.sha256(raw).hexdigest(),
+                     defects=("unparseable",))  # fmt: skip
