@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from pathlib import Path
 
+import pytest
 from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
+from mailrouter.errors import TrainingError
 from mailrouter.training import tinymodel as generator
 from tests.conftest import require
 from tests.fixtures.models import starter_test_prompts
@@ -77,3 +80,12 @@ def test_mlx_lm_lora_trains(tiny_adapter: Path) -> None:
     config = json.loads((tiny_adapter / "adapter_config.json").read_text())
     assert config["fine_tune_type"] == "lora" and config["num_layers"] == 2
     assert (tiny_adapter / "adapters.safetensors").stat().st_size > 0
+
+
+def test_without_mistral_common_the_error_names_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An installed mailrouter may lack the dev extra: the demo shows this and goes on."""
+    monkeypatch.setitem(sys.modules, "mistral_common", None)  # as if it were not installed
+    with pytest.raises(TrainingError, match="pipx inject mailrouter mistral-common"):
+        generator.build(tmp_path / "tiny")
