@@ -302,3 +302,27 @@ def test_a_signed_staff_answer_replayed_by_the_customer_does_not_apply(
     with State(settings.state_path) as state:
         (row,) = list_corrections(state)
         assert row.status == "awaiting" and "not addressed to the router" in (row.auth or "")
+
+
+def test_a_correction_of_a_test_split_text_leaves_the_test_split_alone(
+    settings: Settings, imap_account: ImapAccount, smtp_sink: SmtpSink, dataset: Dataset
+) -> None:
+    """The starter data is public: a mail repeating a test example's text, then an authentic
+    correction of it, must not move the gate's yardstick. The re-forward still happens."""
+    test_before = {e.id: e.label for e in dataset.split("test")}
+    target = next(e for e in dataset.split("test") if e.label not in ("Support", "SPAM"))
+    other = next(d.name for d in settings.departments if d.name not in (target.label, "Support",
+                                                                         "SPAM"))  # fmt: skip
+    imap_account.append([make_email(target.subject, target.text, sender="eve@evil.test")])
+    run(settings, Forced("Support"))
+    (forward,) = forwards(smtp_sink)
+    imap_account.append([staff_reply(forward, other)])
+    run(settings)
+
+    assert len(to(smtp_sink, settings.department(other).address or "")) == 1
+    assert {e.id: e.label for e in dataset.split("test")} == test_before
+    assert corrections_of(dataset) == []
+    (held,) = dataset.held()
+    assert (held.example.label, held.target.id, held.target.split) == (other, target.id, "test")
+    with State(settings.state_path) as state:
+        assert [r.status for r in list_corrections(state)] == ["held"]
