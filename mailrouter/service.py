@@ -28,12 +28,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
+from apscheduler.schedulers.background import BackgroundScheduler
+
 from .config import Settings
 from .corrections.digest import send_spam_digest
 from .errors import ConfigError, MailRouterError
 from .logs import event, setup_logging
-from .state import State, now_iso
-from .status import KEYS, record_error
+from .scheduling import build_scheduler
+from .state import KEYS, State, now_iso
 from .wiring import build_pipeline
 
 log = logging.getLogger(__name__)
@@ -213,7 +215,7 @@ class Service:
 
     def _record_error(self, name: str, error: str) -> None:
         if self.state is not None:
-            record_error(self.state, name, error)
+            self.state.record_error(name, error)
 
     def _close_router(self) -> None:
         router, self.router = self.router, None
@@ -238,8 +240,15 @@ class Service:
 
     def run(self) -> int:
         """Serve until stopped; returns the exit status (0 after a signal)."""
-        from .scheduling import build_scheduler
+        scheduler = self._start()
+        try:
+            self._serve()
+        finally:
+            self._stop(scheduler)
+        return 0
 
+    def _start(self) -> BackgroundScheduler:
+        """Open the state, write the heartbeat's first lines and start the scheduler."""
         self.state = State(self.settings.state_path)
         for key, value in (
             (KEYS.PID, str(os.getpid())),
@@ -268,42 +277,46 @@ class Service:
             dry_run=self.dry_run,
             jobs=",".join(job.id for job in scheduler.get_jobs()),
         )
+        return scheduler
+
+    def _serve(self) -> None:
+        """Rounds and waits until stopped; a failed round is logged and retried with backoff."""
         backoff = min(1.0, MAX_BACKOFF_SECONDS)
-        try:
-            while not self.stopping.is_set():
-                self.wake.clear()
-                try:
-                    self._round()
-                    if self.stopping.is_set():
-                        break
-                    self._wait()
-                    backoff = min(1.0, MAX_BACKOFF_SECONDS)
-                except ConfigError:
-                    raise
-                except Exception as exc:  # mailbox, SMTP, Ollama, or a bug: log, wait, retry
-                    self._close_router()
-                    expected = isinstance(exc, MailRouterError)
-                    name = "round_failed" if expected else "round_crashed"
-                    fields = {
-                        "error": f"{type(exc).__name__}: {exc}",
-                        "retry_in": round(backoff, 1),
-                    }
-                    # a bug gets its traceback; a known failure is one line
-                    log.error(name, exc_info=not expected, extra={"fields": fields})
-                    self._record_error(name, f"{type(exc).__name__}: {exc}")
-                    self.stopping.wait(backoff)
-                    backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
-        finally:
-            scheduler.shutdown(wait=False)
-            self._kill_child()
-            self._close_router()
-            self.state.set(KEYS.STOPPED, now_iso())
-            event(log, "service_stopped", pid=os.getpid())
-            self.state.close()
-            self.state = None
-            if self._deadline is not None:
-                self._deadline.cancel()
-        return 0
+        while not self.stopping.is_set():
+            self.wake.clear()
+            try:
+                self._round()
+                if self.stopping.is_set():
+                    break
+                self._wait()
+                backoff = min(1.0, MAX_BACKOFF_SECONDS)
+            except ConfigError:
+                raise
+            except Exception as exc:  # mailbox, SMTP, Ollama, or a bug: log, wait, retry
+                self._round_failed(exc, backoff)
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+
+    def _round_failed(self, exc: Exception, retry_in: float) -> None:
+        self._close_router()
+        expected = isinstance(exc, MailRouterError)
+        name = "round_failed" if expected else "round_crashed"
+        fields = {"error": f"{type(exc).__name__}: {exc}", "retry_in": round(retry_in, 1)}
+        # a bug gets its traceback; a known failure is one line
+        log.error(name, exc_info=not expected, extra={"fields": fields})
+        self._record_error(name, f"{type(exc).__name__}: {exc}")
+
+    def _stop(self, scheduler: BackgroundScheduler) -> None:
+        scheduler.shutdown(wait=False)
+        self._kill_child()
+        self._close_router()
+        assert self.state is not None
+        self.state.set(KEYS.STOPPED, now_iso())
+        event(log, "service_stopped", pid=os.getpid())
+        self.state.close()
+        self.state = None
+        if self._deadline is not None:
+            self._deadline.cancel()
 
 
 def run_forever(settings: Settings, dry_run: bool = False) -> int:

@@ -24,8 +24,10 @@ small helpers.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import json
 import sqlite3
 import threading
 import time
@@ -405,6 +407,19 @@ def _row(cls: type[_T], row: sqlite3.Row) -> _T:
     return cls(**data)
 
 
+class KEYS:
+    """The service's heartbeat in the ``kv`` table: written by ``serve`` (the last poll by the
+    pipeline), read by ``status``."""
+
+    PID = "service.pid"
+    STARTED = "service.started"
+    HEARTBEAT = "service.heartbeat"  # unix time, every HEARTBEAT_SECONDS while running
+    LAST_POLL = "last_poll"  # unix time of the last look at the mailbox (written by the pipeline)
+    STOPPED = "service.stopped"  # ISO time of the last clean exit
+    LAST_ERROR = "service.last_error"  # JSON {"at", "event", "error"}
+    DRY_RUN = "service.dry_run"
+
+
 def forward_id_for(mailbox: str, content_hash: str, kind: str, n: int) -> str:
     """The id of the ``n``-th forward of this ``kind`` of a message: derived, not random, so a
     forward re-created after a lost commit gets the same id and the same Message-ID."""
@@ -709,6 +724,28 @@ class State:
         rows = self.query("SELECT state, COUNT(*) AS n FROM messages GROUP BY state")
         return {r["state"]: int(r["n"]) for r in rows}
 
+    def has_messages(self, mailbox: str) -> bool:
+        """Was anything ever recorded from ``mailbox`` (is this its very first start)?"""
+        return bool(self.query("SELECT 1 FROM messages WHERE mailbox = ? LIMIT 1", (mailbox,)))
+
+    def outcomes_since(self, since: str) -> list[tuple[str, str | None, int]]:
+        """``(state, department, count)`` of the messages last updated since ``since`` (ISO
+        time), copies not counted: what ``status`` reports for the day."""
+        rows = self.query(
+            "SELECT state, department, COUNT(*) AS n FROM messages WHERE updated >= ? "
+            "AND duplicate_of IS NULL GROUP BY state, department",
+            (since,),
+        )
+        return [(r["state"], r["department"], int(r["n"])) for r in rows]
+
+    def last_message_error(self) -> tuple[str, int, str] | None:
+        """``(updated, id, last_error)`` of the message whose error is the newest, if any."""
+        rows = self.query(
+            "SELECT id, updated, last_error FROM messages WHERE last_error IS NOT NULL "
+            "AND last_error != '' ORDER BY updated DESC LIMIT 1"
+        )
+        return (rows[0]["updated"], int(rows[0]["id"]), rows[0]["last_error"]) if rows else None
+
     def routed_from(self, sender: str, within_seconds: float) -> int:
         """How many of ``sender``'s messages recorded in the last ``within_seconds`` were routed
         to be forwarded (to a department or triage; copies not counted): what a per-sender rate
@@ -896,10 +933,18 @@ class State:
         )
 
     def corrections_count(
-        self, since: str, *, by: str | None = None, domain: str | None = None
+        self,
+        since: str,
+        *,
+        by: str | None = None,
+        domain: str | None = None,
+        refused: bool = False,
     ) -> int:
-        """Corrections recorded since ``since`` (ISO time), refused ones aside: what caps count."""
-        sql = "SELECT COUNT(*) AS n FROM corrections WHERE created >= ? AND status != 'refused'"
+        """Corrections recorded since ``since`` (ISO time), refused ones aside unless asked
+        (caps count without them; ``status`` counts them all)."""
+        sql = "SELECT COUNT(*) AS n FROM corrections WHERE created >= ?"
+        if not refused:
+            sql += " AND status != 'refused'"
         params: list[Any] = [since]
         if by is not None:
             sql += " AND by = ?"
@@ -979,6 +1024,13 @@ class State:
             "ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated = excluded.updated",
             (key, value, now_iso()),
         )
+
+    def record_error(self, name: str, error: str) -> None:
+        """Keep the latest error for ``status`` (best effort: recording must not fail the
+        caller)."""
+        data = {"at": now_iso(), "event": name, "error": error[:500]}
+        with contextlib.suppress(MailRouterError):
+            self.set(KEYS.LAST_ERROR, json.dumps(data, ensure_ascii=False))
 
     def close_held_corrections(
         self, held_id: str, status: str, example_id: str | None = None

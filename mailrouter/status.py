@@ -7,7 +7,6 @@ contacts or changes anything, so ``status`` is safe while the service runs.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -16,21 +15,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .config import Settings
-from .errors import MailRouterError
-from .state import State, now_iso
-
-
-class KEYS:
-    """The service's heartbeat in the state database's ``kv`` table."""
-
-    PID = "service.pid"
-    STARTED = "service.started"
-    HEARTBEAT = "service.heartbeat"  # unix time, every HEARTBEAT_SECONDS while running
-    LAST_POLL = "last_poll"  # unix time of the last look at the mailbox (written by the pipeline)
-    STOPPED = "service.stopped"  # ISO time of the last clean exit
-    LAST_ERROR = "service.last_error"  # JSON {"at", "event", "error"}
-    DRY_RUN = "service.dry_run"
-
+from .scheduling import next_training
+from .state import KEYS, State
+from .training import registry
 
 # A heartbeat older than this means the process is gone or hung.
 STALE_SECONDS = 120
@@ -156,8 +143,6 @@ def _accuracy(metrics: dict[str, Any]) -> float | None:
 
 def collect(settings: Settings, state: State | None, now: datetime | None = None) -> Status:
     """Everything ``status`` shows, as data; ``state`` is ``None`` before the first run."""
-    from .scheduling import next_training
-
     now = now or datetime.now(UTC)
     upcoming = next_training(settings, now.astimezone())
     next_at = upcoming.isoformat(timespec="minutes") if upcoming else None
@@ -168,51 +153,28 @@ def collect(settings: Settings, state: State | None, now: datetime | None = None
     status = Status(service=health(state, now.timestamp()), next_training=next_at)
 
     status.backlog = len(state.pending())
-    rows = state.query(
-        "SELECT state, department, COUNT(*) AS n FROM messages WHERE updated >= ? "
-        "AND duplicate_of IS NULL GROUP BY state, department",
-        (today,),
-    )
-    for row in rows:
-        if row["state"] in ROUTED:
-            dep = row["department"] or "?"
-            status.routed_today[dep] = status.routed_today.get(dep, 0) + int(row["n"])
-        elif row["state"] == "triaged":
-            status.triaged_today += int(row["n"])
-        elif row["state"] == "spam":
-            status.spam_today += int(row["n"])
-        elif row["state"] == "failed":
-            status.failed_today += int(row["n"])
-    status.corrections_7d = int(
-        state.query("SELECT COUNT(*) AS n FROM corrections WHERE created >= ?", (week,))[0]["n"]
-    )
+    for kind, department, n in state.outcomes_since(today):
+        if kind in ROUTED:
+            dep = department or "?"
+            status.routed_today[dep] = status.routed_today.get(dep, 0) + n
+        elif kind == "triaged":
+            status.triaged_today += n
+        elif kind == "spam":
+            status.spam_today += n
+        elif kind == "failed":
+            status.failed_today += n
+    status.corrections_7d = state.corrections_count(week, refused=True)
 
-    model = state.query(
-        "SELECT * FROM models WHERE status = 'in_service' ORDER BY created DESC LIMIT 1"
-    )
+    model = registry.in_service(state)
     if model:
-        row = model[0]
-        try:
-            metrics = json.loads(row["metrics"] or "{}")
-        except ValueError:
-            metrics = {}
-        status.model = ModelInfo(row["version"], row["name"], row["created"], _accuracy(metrics))
+        status.model = ModelInfo(model.version, model.name, model.created, _accuracy(model.metrics))
 
-    run = state.query("SELECT * FROM training_runs ORDER BY id DESC LIMIT 1")
-    if run:
-        r = run[0]
-        status.last_training = TrainingInfo(
-            r["started"], r["ended"], r["decision"], r["reason"], r["error"]
-        )
+    runs = registry.runs(state, limit=1)
+    if runs:
+        r = runs[0]
+        status.last_training = TrainingInfo(r.started, r.ended, r.decision, r.reason, r.error)
     status.last_error = _last_error(state)
     return status
-
-
-def record_error(state: State, name: str, error: str) -> None:
-    """Keep the latest error for ``status`` (best effort: recording must not fail the caller)."""
-    data = {"at": now_iso(), "event": name, "error": error[:500]}
-    with contextlib.suppress(MailRouterError):
-        state.set(KEYS.LAST_ERROR, json.dumps(data, ensure_ascii=False))
 
 
 def _last_error(state: State) -> str | None:
@@ -225,13 +187,10 @@ def _last_error(state: State) -> str | None:
             found.append((data["at"], f"{data['at']} {data['event']}: {data['error']}"))
         except (ValueError, KeyError, TypeError):
             pass
-    rows = state.query(
-        "SELECT id, updated, last_error FROM messages WHERE last_error IS NOT NULL "
-        "AND last_error != '' ORDER BY updated DESC LIMIT 1"
-    )
-    if rows:
-        r = rows[0]
-        found.append((r["updated"], f"{r['updated']} message {r['id']}: {r['last_error']}"))
+    newest = state.last_message_error()
+    if newest:
+        updated, message, error = newest
+        found.append((updated, f"{updated} message {message}: {error}"))
     return max(found)[1] if found else None
 
 

@@ -19,8 +19,8 @@ from mailrouter.config import load_settings
 from mailrouter.dataset import Dataset, Example
 from mailrouter.localservers import ImapAccount, SmtpSink
 from mailrouter.service import Service, log_file
-from mailrouter.state import State
-from mailrouter.status import KEYS, collect
+from mailrouter.state import KEYS, State
+from mailrouter.status import collect
 from tests.fixtures.mail import attached
 
 # Runs the CLI and reports, at a normal exit, whether anything imported MLX.

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from mailrouter.cli import app
 from mailrouter.config import load_settings
-from mailrouter.state import MessageState, State, now_iso
-from mailrouter.status import KEYS, collect, format_lines
+from mailrouter.state import KEYS, MessageState, State, now_iso
+from mailrouter.status import collect, format_lines
 
 
 def _message(state: State, uid: int, final: MessageState, department: str | None = None) -> None:

@@ -31,21 +31,17 @@ def send_spam_digest(settings: Settings, *, sender: SmtpSender | None = None) ->
     state = State(settings.state_path)
     try:
         since = state.get(DIGEST_KEY) or ""
-        rows = state.query(
-            "SELECT id FROM messages WHERE state = 'spam' AND duplicate_of IS NULL "
-            "AND updated > ? ORDER BY id",
-            (since,),
-        )
+        spam = state.spam_since(since)
         stamp = now_iso()
-        if not rows:
+        if not spam:
             state.set(DIGEST_KEY, stamp)
             return 0
         maker = token_maker(settings)
         domain = address_domain(settings.smtp.from_address)
         forwards = []
         items = []
-        for row in rows:
-            record = state.message(row["id"])
+        for message in spam:
+            record = state.message(message)
             spec = NewForward("digest", settings.smtp.triage_address, None, domain, maker)
             forward = state.add_forward(record.id, spec, state=None)
             forwards.append(forward)

@@ -26,7 +26,6 @@ from ..message import Email
 from ..prediction import ClassifyInput, Prediction
 from ..router import Route, decide, limit_rate, screen, triage
 from ..state import MessageRecord, MessageState, NewMessage, State, StateError
-from ..status import record_error
 from .types import (
     FORWARDING_ROUTES,
     ROUTE_END,
@@ -119,9 +118,7 @@ class Intake:
         marker_key = f"start:{self.mailbox.key}"
         marker = self.state.get(marker_key)
         if marker is None:
-            if self.settings.mailbox.backlog == "all" or self.state.query(
-                "SELECT 1 FROM messages WHERE mailbox = ? LIMIT 1", (self.mailbox.key,)
-            ):
+            if self.settings.mailbox.backlog == "all" or self.state.has_messages(self.mailbox.key):
                 return 1
             if self.dry_run:
                 return self.mailbox.uidnext
@@ -197,7 +194,7 @@ class Intake:
             report.waiting += 1
             log.error("handler failed on uid %s: %s", incoming.uid, exc, exc_info=exc.__cause__)
             if not self.dry_run:
-                record_error(self.state, "handler_failed", f"uid {incoming.uid}: {exc}")
+                self.state.record_error("handler_failed", f"uid {incoming.uid}: {exc}")
             return None
         if outcome is not None:
             self._report(report, incoming, outcome.route, None, None, None, outcome.reason)

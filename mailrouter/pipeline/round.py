@@ -49,7 +49,7 @@ from ..errors import ConfigError
 from ..logs import event
 from ..mail.imap import Mailbox, UidValidityChanged
 from ..mail.smtp import SmtpSender
-from ..state import MessageRecord, MessageState, State, StateError
+from ..state import KEYS, MessageRecord, MessageState, State, StateError
 from .intake import Intake
 from .outbox import Outbox, no_token
 from .types import FORWARDING_ROUTES, Delivered, Filing, Handler, Incoming, NoticeMaker, RoundReport
@@ -128,7 +128,7 @@ class Pipeline:
             self.outbox.close()
             report.seconds = time.monotonic() - started
         if not self.dry_run:
-            self.state.set("last_poll", str(time.time()))
+            self.state.set(KEYS.LAST_POLL, str(time.time()))
         event(
             log,
             "round",
