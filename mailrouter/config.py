@@ -34,6 +34,7 @@ from pydantic_settings import (
 
 from .errors import ConfigError, SecretMissingError
 from .keychain import keychain_get
+from .rules import Rule
 
 DEFAULT_CONFIG = Path("config/mailrouter.toml")
 ENV_CONFIG = "MAILROUTER_CONFIG"
@@ -234,6 +235,12 @@ class CorrectionsSettings(_Section):
     digest_schedule: str = "0 8 * * *"
 
 
+class RoutingSettings(_Section):
+    """``follow_threads``: a follow-up of a routed conversation goes where the conversation is."""
+
+    follow_threads: bool = True
+
+
 class LogSettings(_Section):
     format: Literal["text", "json"] = "text"
     level: str = "INFO"
@@ -272,7 +279,9 @@ class Settings(BaseSettings):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     corrections: CorrectionsSettings = Field(default_factory=CorrectionsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
     departments: list[Department] = Field(default_factory=default_departments)
+    rules: list[Rule] = Field(default_factory=list)
 
     # Where the values came from; not a setting.
     _source: Path | None = None
@@ -286,6 +295,13 @@ class Settings(BaseSettings):
     def _check_departments(self) -> Settings:
         if not self.departments:
             raise ValueError("at least one department is required")
+        names = {d.name for d in self.departments}
+        for rule in self.rules:
+            if rule.department is not None and rule.department not in names:
+                raise ValueError(
+                    f"rule {rule.name!r}: department {rule.department!r} is not configured "
+                    f"(one of {', '.join(sorted(names))})"
+                )
         seen: dict[str, str] = {}
         for dep in self.departments:
             for word in [dep.name, *dep.aliases]:

@@ -9,8 +9,8 @@ sends it to triage, never a guess).
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from .config import Department, fold
@@ -43,10 +43,18 @@ class Prediction:
     confidence: float
     model: str
     raw: str = ""
+    #: Each department's probability, when the backend can tell (what a reason, the triage
+    #: links and ``history --explain`` show); empty otherwise.
+    probabilities: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.confidence <= 1.0:
             raise ValueError(f"confidence {self.confidence} is outside [0, 1]")
+
+    def likeliest(self, n: int = 3) -> list[tuple[str, float]]:
+        """The ``n`` likeliest departments, most probable first."""
+        ranked = sorted(self.probabilities.items(), key=lambda kv: (-kv[1], kv[0]))
+        return ranked[:n]
 
 
 @dataclass(frozen=True)

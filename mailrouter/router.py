@@ -13,6 +13,7 @@ Two steps, both without I/O:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -20,8 +21,9 @@ from .automated import automated_reason
 from .prediction import Prediction
 
 if TYPE_CHECKING:
-    from .config import Settings
+    from .config import Department, Settings
     from .message import Email
+    from .rules import Rule
 
 RouteKind = Literal["department", "triage", "spam", "ignore"]
 
@@ -121,12 +123,80 @@ def decide(
     if prediction.confidence < threshold:
         return triage(
             settings,
-            f"low confidence {prediction.confidence:.2f} < {threshold:.2f} for {department.name}",
+            f"low confidence {prediction.confidence:.2f} ({department.name} < {threshold:.2f})",
             department=department.name,
         )
-    reason = f"{department.name} with confidence {prediction.confidence:.2f}"
+    return department_route(department, model_reason(prediction), settings)
+
+
+def model_reason(prediction: Prediction) -> str:
+    """``model 0.93 (next: Support 0.05)``: the confidence, and the runner-up when known."""
+    reason = f"model {prediction.confidence:.2f}"
+    runners = [(n, p) for n, p in prediction.likeliest(2) if n != prediction.label]
+    if runners:
+        reason += f" (next: {runners[0][0]} {runners[0][1]:.2f})"
+    return reason
+
+
+def department_route(department: Department, reason: str, settings: Settings) -> Route:
+    """Where mail decided for ``department`` goes: forwarded, filed as spam, or to triage."""
     if department.action == "spam":
         return Route("spam", department.name, None, reason)
     if department.action == "triage":
         return triage(settings, f"{reason} (department sends to triage)", department.name)
     return Route("department", department.name, department.address, reason)
+
+
+def rule_route(rule: Rule, settings: Settings) -> Route:
+    """The route a matching ``[[rules]]`` entry decides, before any model."""
+    reason = f'rule "{rule.name}"'
+    if rule.department is not None:
+        return department_route(settings.department(rule.department), reason, settings)
+    if rule.action == "spam":
+        spam = next((d.name for d in settings.departments if d.action == "spam"), None)
+        return Route("spam", spam, None, reason)
+    if rule.action == "ignore":
+        return Route("ignore", None, None, reason)
+    return triage(settings, reason)
+
+
+def thread_route(
+    email: Email,
+    conversation: Sequence[Conversation],
+    corrected: str | None,
+    settings: Settings,
+) -> Route | None:
+    """Where a follow-up goes when it answers a conversation the router routed.
+
+    ``conversation`` is what the follow-up's ``In-Reply-To``/``References`` name, newest first;
+    ``corrected`` the label of the newest correction of any of it (a correction moves the
+    conversation). Those headers are the sender's to write, so they are followed only for the
+    conversation's own correspondent (the same address or the same domain): anyone else's mail
+    is classified.
+    """
+    mine = [c for c in conversation if same_correspondent(email.sender, c.sender)]
+    if not mine or not settings.routing.follow_threads:
+        return None
+    label = corrected or mine[0].label
+    if label is None:
+        return None
+    try:
+        department = settings.department(label)
+    except KeyError:
+        return None  # a department since removed from the config: the model decides
+    return department_route(department, f"thread #{mine[-1].id}", settings)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A routed message a follow-up names: who wrote it and where it was routed."""
+
+    id: int
+    sender: str
+    label: str | None
+
+
+def same_correspondent(a: str, b: str) -> bool:
+    """The same address, or two addresses of the same domain."""
+    a, b = a.strip().lower(), b.strip().lower()
+    return bool(a and b) and (a == b or (a.rpartition("@")[2] == b.rpartition("@")[2] != ""))

@@ -218,6 +218,14 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        6,
+        "messages: what the classifier read and answered; conversations by Message-ID",
+        """
+        ALTER TABLE messages ADD COLUMN explain TEXT;
+        CREATE INDEX messages_message_id ON messages(message_id);
+        """,
+    ),
 )
 
 
@@ -255,6 +263,8 @@ class MessageRecord:
     last_error: str | None
     created: str
     updated: str
+    #: JSON: the email text the prompt held, the model's answer and each label's probability.
+    explain: str | None = None
 
     @property
     def final(self) -> bool:
@@ -549,6 +559,35 @@ class State:
             (mailbox, uidvalidity, uid),
         )
         return _row(MessageRecord, rows[0]) if rows else None
+
+    def conversation(self, mailbox: str, message_ids: Sequence[str]) -> list[MessageRecord]:
+        """The messages a follow-up answers, newest first: those routed to a department or to
+        spam whose original Message-ID, or one of whose forwards' Message-ID, is in
+        ``message_ids``."""
+        wanted = [m for m in dict.fromkeys(message_ids) if m][:100]
+        if not wanted:
+            return []
+        marks = ", ".join("?" for _ in wanted)
+        rows = self.query(
+            f"SELECT m.* FROM messages m WHERE m.mailbox = ? AND m.duplicate_of IS NULL "
+            f"AND m.route IN ('department', 'spam') AND (m.message_id IN ({marks}) "
+            f"OR m.id IN (SELECT f.message FROM forwards f WHERE f.message_id IN ({marks}))) "
+            "ORDER BY m.id DESC LIMIT 20",
+            (mailbox, *wanted, *wanted),
+        )
+        return [_row(MessageRecord, r) for r in rows]
+
+    def latest_correction_of(self, messages: Sequence[int]) -> str | None:
+        """The label of the newest applied (or held) correction of any of ``messages``."""
+        if not messages:
+            return None
+        marks = ", ".join("?" for _ in messages)
+        rows = self.query(
+            f"SELECT new_label FROM corrections WHERE message IN ({marks}) "
+            "AND status IN ('applied', 'held') ORDER BY id DESC LIMIT 1",
+            tuple(messages),
+        )
+        return rows[0]["new_label"] if rows else None
 
     def first_with_message_id(self, message_id: str) -> MessageRecord | None:
         """The first message recorded with this Message-ID (for displays, never for trust)."""

@@ -46,7 +46,7 @@ def test_confident_prediction_goes_to_the_department() -> None:
 @pytest.mark.parametrize(
     ("prediction", "why"),
     [
-        (Prediction("RH", 0.4, "m1"), "low confidence 0.40 < 0.60 for RH"),
+        (Prediction("RH", 0.4, "m1"), "low confidence 0.40 (RH < 0.60)"),
         (Prediction(None, 0.9, "m1", raw="Je ne sais pas"), "unknown answer 'Je ne sais pas'"),
         (Prediction("Compta", 0.9, "m1"), "label 'Compta' is not a configured department"),
         (None, "classifier error: timeout"),

@@ -118,7 +118,11 @@ class MlxClassifier:
         if label is None:
             return Prediction(label=None, confidence=0.0, model=self.name, raw=answer.strip())
         return Prediction(
-            label=label, confidence=label_probs[label], model=self.name, raw=answer.strip()
+            label=label,
+            confidence=label_probs[label],
+            model=self.name,
+            raw=answer.strip(),
+            probabilities=label_probs,
         )
 
     def answer(self, prompt_ids: list[int]) -> tuple[list[int], str, dict[str, float]]:

@@ -314,8 +314,13 @@ class OllamaClassifier:
             self._no_logprobs_warning("the server sent no logprobs")
             if self.settings.classifier.no_logprobs == "triage":
                 return Prediction(label=None, confidence=0.0, model=self.name, raw=answer)
-            confidence = 1.0
-        return Prediction(label=label, confidence=confidence, model=self.name, raw=answer)
+            return Prediction(label=label, confidence=1.0, model=self.name, raw=answer)
+        probabilities = {
+            d.name: label_confidence(steps, d.name, self.departments) or 0.0
+            for d in self.departments
+        }
+        return Prediction(label=label, confidence=confidence, model=self.name, raw=answer,
+                          probabilities=probabilities)  # fmt: skip
 
     # --- errors -----------------------------------------------------------------------------
 

@@ -56,42 +56,76 @@ def correction_block(
     department: str | None,
     confidence: float | None,
     model: str,
+    reason: str = "",
+    likeliest: Sequence[tuple[str, float]] = (),
 ) -> tuple[str, str]:
-    """The block appended to a forward: (plain text, HTML fragment)."""
+    """The block appended to a forward: (plain text, HTML fragment).
+
+    It says why the mail went where it went (``reason``). A mail sent to triage lists the
+    likeliest departments first, with their probabilities, so the triage person routes it — and
+    teaches the model — with one click.
+    """
     where = department or "tri / triage"
     choices = links(settings, token, department)
-    text = [
-        "",
-        "-- ",
+    top = [] if department else _top_links(choices, likeliest)
+    head = (
         f"mailrouter : classé « {where} » (confiance {_percent(confidence)}, modèle {model})",
         f"mailrouter: routed to {where} (confidence {_percent(confidence)}, model {model})",
+        f"Raison / Reason : {reason}" if reason else "",
+    )
+    return _block_text(head, top, choices, token), _block_html(head, top, choices, token)
+
+
+def _top_links(choices: Sequence[Link], likeliest: Sequence[tuple[str, float]]) -> list[Link]:
+    by_label = {link.command: link for link in choices}
+    return [
+        Link(f"{name} {_percent(p)}", name, by_label[name].url)
+        for name, p in likeliest[:3]
+        if name in by_label
+    ]
+
+
+def _block_text(
+    head: Sequence[str], top: Sequence[Link], choices: Sequence[Link], token: str
+) -> str:
+    text = ["", "-- ", *(line for line in head if line)]
+    if top:
+        text += ["Les plus probables / Likeliest:"]
+        text += [f"  {link.label} : {link.url}" for link in top]
+    text += [
         "Mauvais service ? Répondez avec le bon service, ou cliquez :",
         "Wrong department? Reply with the right one, or click:",
     ]
     text += [f"  {link.label} : {link.url}" for link in choices]
     text += [f"Réf. / Ref. [MR-{token}]", ""]
+    return "\n".join(text)
 
-    buttons = " ".join(
+
+def _buttons(choices: Sequence[Link]) -> str:
+    return " ".join(
         f'<a href="{html.escape(link.url)}" style="display:inline-block;padding:4px 10px;'
         f"margin:2px;border:1px solid #8a8a8a;border-radius:4px;color:#1a1a1a;"
         f'text-decoration:none;font-family:Arial,sans-serif;font-size:13px">'
         f"{html.escape(link.label)}</a>"
         for link in choices
     )
-    block = (
+
+
+def _block_html(
+    head: Sequence[str], top: Sequence[Link], choices: Sequence[Link], token: str
+) -> str:
+    lines = "".join(f"{html.escape(line)}<br>" for line in head if line)
+    likeliest = f"<b>Les plus probables / Likeliest:</b> {_buttons(top)}<br>" if top else ""
+    return (
         '<table role="presentation" cellpadding="8" cellspacing="0" border="0" '
         'style="margin-top:16px;border-top:1px solid #cccccc;font-family:Arial,sans-serif;'
-        'font-size:13px;color:#444444"><tr><td>'
-        f"<b>mailrouter</b> : classé « {html.escape(where)} » — confiance "
-        f"{_percent(confidence)} — modèle {html.escape(model)}<br>"
-        f"<i>Routed to {html.escape(where)}, confidence {_percent(confidence)}.</i><br>"
+        f'font-size:13px;color:#444444"><tr><td>{lines}{likeliest}'
         "Mauvais service ? Répondez avec le bon service, ou cliquez : / "
         "Wrong department? Reply with the right one, or click:<br>"
-        f"{buttons}<br>"
+        f"{_buttons(choices)}<br>"
         f'<span style="color:#888888;font-size:11px">Réf. [MR-{html.escape(token)}]</span>'
         "</td></tr></table>"
     )
-    return "\n".join(text), block
 
 
 @dataclass(frozen=True)
@@ -148,5 +182,7 @@ def forward_notice(settings: Settings, facts: ForwardFacts) -> Notice:
         department=facts.department,
         confidence=facts.confidence,
         model=facts.model or "?",
+        reason=facts.reason,
+        likeliest=facts.likeliest,
     )
     return Notice(text=text, html=html)

@@ -59,6 +59,8 @@ class ForwardFacts:
     confidence: float | None
     model: str | None
     reason: str = ""
+    #: The likeliest departments with their probabilities, most probable first (triage links).
+    likeliest: tuple[tuple[str, float], ...] = ()
 
 
 def clean_header_text(text: str, limit: int = SUBJECT_MAX) -> str:
@@ -189,6 +191,8 @@ def compose_forward(
         head.append(_header("X-MailRouter-Model", facts.model))
     if facts.department:
         head.append(_header("X-MailRouter-Department", facts.department))
+    if facts.reason:
+        head.append(_header("X-MailRouter-Reason", clean_header_text(facts.reason, 300)))
 
     rows = _body_lines(email, facts, size if headers_only else 0)
     text = _part("plain", _text_body(rows, not headers_only, notice))

@@ -10,6 +10,7 @@ batch wait (``on_error = "wait"``) or go to triage.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import threading
@@ -24,7 +25,18 @@ from ..mail.imap import Mailbox
 from ..mail.parse import parse_email
 from ..message import Email
 from ..prediction import ClassifyInput, Prediction
-from ..router import Route, decide, limit_rate, screen, triage
+from ..prompt import PromptOptions, prefix
+from ..router import (
+    Conversation,
+    Route,
+    decide,
+    limit_rate,
+    rule_route,
+    screen,
+    thread_route,
+    triage,
+)
+from ..rules import first_match
 from ..state import MessageRecord, MessageState, NewMessage, State, StateError
 from .types import (
     FORWARDING_ROUTES,
@@ -70,6 +82,7 @@ class Intake:
         self._classifier_down = False
         self._predictions: dict[int, Prediction] = {}
         self._batch_routed: Counter[str] = Counter()  # forwards decided per sender, unrecorded
+        self._early: dict[int, Route | None] = {}  # decided before the model, by uid
 
     def reset(self) -> None:
         """A new round: the classifier gets another chance."""
@@ -234,6 +247,7 @@ class Intake:
                 "confidence": prediction.confidence if prediction else None,
                 "model": prediction.model if prediction else None,
                 "reason": route.reason,
+                "explain": explain(email, prediction, self.settings) if prediction else None,
                 "outcome": str(ROUTE_END[route.kind][0]),
                 "folder": ROUTE_END[route.kind][1],
             },
@@ -300,9 +314,10 @@ class Intake:
         classifier has ``classify_many`` (classifying is pure, so a message later claimed by a
         handler or found to be a copy only wastes its share). Empty on any error: then each
         message is classified alone and its error handled as usual."""
+        self._early = {i.uid: self._before_model(i.email) for i in incomings}
         if self._classifier_down:
             return {}
-        wanted = [i for i in incomings if screen(i.email, self.settings) is None]
+        wanted = [i for i in incomings if self._early[i.uid] is None]
         if len(wanted) < 2:
             return {}
         try:
@@ -332,11 +347,33 @@ class Intake:
                   recent=recent, limit=limit)  # fmt: skip
         return route, decided[1]
 
-    def _classified_route(self, incoming: Incoming) -> tuple[Route, Prediction | None] | None:
-        email = incoming.email
+    def _before_model(self, email: Email) -> Route | None:
+        """What is decided without a model: our own and machine mail (``screen``), then the
+        first matching ``[[rules]]`` entry, then the conversation a follow-up belongs to."""
         screened = screen(email, self.settings)
         if screened is not None:
-            return screened, None
+            return screened
+        rule = first_match(self.settings.rules, email)
+        if rule is not None:
+            return rule_route(rule, self.settings)
+        if not self.settings.routing.follow_threads:
+            return None
+        named = [email.in_reply_to, *reversed(email.references)]
+        records = self.state.conversation(self.mailbox.key, named)
+        if not records:
+            return None
+        conversation = [Conversation(r.id, r.sender, r.department or r.label) for r in records]
+        corrected = self.state.latest_correction_of([r.id for r in records])
+        return thread_route(email, conversation, corrected, self.settings)
+
+    def _classified_route(self, incoming: Incoming) -> tuple[Route, Prediction | None] | None:
+        email = incoming.email
+        if incoming.uid in self._early:
+            early = self._early.pop(incoming.uid)
+        else:
+            early = self._before_model(email)
+        if early is not None:
+            return early, None
         prediction = self._predictions.pop(incoming.uid, None)
         if prediction is not None:
             return decide(prediction, email, self.settings), prediction
@@ -413,6 +450,21 @@ class Intake:
                 sender=email.sender, subject=email.subject, size=incoming.size, **values,
             )  # fmt: skip
         return self.state.update(record.id, MessageState.CLASSIFIED, **values)
+
+
+def explain(email: Email, prediction: Prediction, settings: Settings) -> str:
+    """What ``history --explain`` shows: the email as the prompt held it, the model's answer and
+    each label's probability (JSON, kept with the message in the private state database)."""
+    options = PromptOptions.from_settings(settings)
+    prompt = ClassifyInput.from_email(email).prompt(settings.departments, options)
+    text = prompt.removeprefix(prefix(settings.departments, strip_accents=options.strip_accents))
+    data = {
+        "text": text,
+        "answer": prediction.raw,
+        "model": prediction.model,
+        "probabilities": dict(prediction.likeliest(len(prediction.probabilities))),
+    }
+    return json.dumps(data, ensure_ascii=False)
 
 
 def fingerprint(incoming: Incoming) -> str:

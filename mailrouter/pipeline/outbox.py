@@ -9,6 +9,7 @@ the narrow :class:`~.types.Outgoing` protocol, never the pipeline itself.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -33,6 +34,16 @@ log = logging.getLogger(__name__)
 
 #: A sent forward ends the message's retries: what is written, and what its record then holds.
 RETRY_CLEARED: dict[str, Any] = {"attempts": 0, "next_attempt_at": None, "last_error": None}
+
+
+def likeliest(record: MessageRecord, n: int = 3) -> tuple[tuple[str, float], ...]:
+    """The ``n`` likeliest departments the classifier saw for this message, if it told."""
+    try:
+        probabilities = json.loads(record.explain or "{}").get("probabilities") or {}
+    except (ValueError, AttributeError):
+        return ()
+    ranked = sorted(probabilities.items(), key=lambda kv: (-float(kv[1]), kv[0]))
+    return tuple((str(name), float(p)) for name, p in ranked[:n])
 
 
 def no_token(_forward_id: str) -> str:
@@ -92,6 +103,7 @@ class Outbox:
             confidence=record.confidence,
             model=record.model,
             reason=reason,
+            likeliest=likeliest(record),
         )
 
     def forward_pending(
@@ -105,7 +117,7 @@ class Outbox:
         if self.smtp_down or self.sender is None:
             report.waiting += 1
             return None
-        reason = "" if forward.kind == "route" else (record.reason or "")
+        reason = record.reason or ""
         if forward.kind == "failure":
             failed = [f for f in self.state.forwards_of(record.id) if f.status == "failed"]
             last = failed[-1] if failed else None
