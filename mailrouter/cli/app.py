@@ -1,18 +1,21 @@
-"""The ``mailrouter`` Typer application and what every command shares: settings and errors.
+"""The ``mailrouter`` Typer application and what its commands share: settings, consoles, options.
 
-Command bodies stay short: they parse arguments, call into the modules and print. Each group of
-commands lives in its own module of this package and registers itself on :data:`app`.
+Command bodies stay short: they parse arguments, call into the modules and print. Each top-level
+command or group lives in the module of this package named after it; ``cli/__init__.py`` adds them
+to :data:`app` in the order ``--help`` lists them.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
 from ..config import Settings, load_settings
+from ..errors import ClassifierError
 from ..logs import setup_logging
 
 app = typer.Typer(
@@ -24,6 +27,11 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+
+BACKENDS = ("ollama", "mlx", "baseline")
+BackendOption = Annotated[
+    str | None, typer.Option("--backend", "-b", help="ollama|mlx|baseline (default: config).")
+]
 
 
 class _State:
@@ -61,3 +69,43 @@ def settings() -> Settings:
             level="DEBUG" if state.verbose else state._settings.log.level,
         )
     return state._settings
+
+
+def check_backend(name: str | None) -> str | None:
+    """``--backend`` as given, refused with the allowed values when it names no backend."""
+    if name is not None and name not in BACKENDS:
+        raise ClassifierError(f"--backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps("" if value is None else str(value), ensure_ascii=False)
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Settings data as TOML (top-level scalars, tables, then arrays of tables): what ``config
+    check`` prints and ``init`` writes."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
+    arrays: list[tuple[str, list[dict[str, Any]]]] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            arrays.append((key, value))
+        elif value is not None:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for name, table in tables:
+        lines += ["", f"[{name}]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]
+    for name, items in arrays:
+        for item in items:
+            lines += ["", f"[[{name}]]"]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in item.items() if v is not None]
+    return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""Commands: ``classify`` (emails given on the command line) and ``evaluate`` (a dataset split)."""
+"""Command: ``classify`` — the department of emails given on the command line."""
 
 from __future__ import annotations
 
@@ -12,36 +12,21 @@ import typer
 from ..classify import make_classifier
 from ..classify.base import Classifier
 from ..config import Settings
-from ..dataset import SPLITS, Dataset
-from ..errors import ClassifierError, DatasetError, MailRouterError
-from ..files import NO_DATASET_FIX
+from ..errors import ClassifierError, MailRouterError
 from ..mail.parse import parse_email
 from ..prediction import ClassifyInput
-from ..training.evaluation import evaluate as run_evaluation
-from ..training.evaluation import format_report, write_html
-from .app import app, err_console, settings
-
-BACKENDS = ("ollama", "mlx", "baseline")
+from .app import BackendOption, check_backend, err_console, settings
 
 
-def _backend(name: str | None) -> str | None:
-    if name is not None and name not in BACKENDS:
-        raise ClassifierError(f"--backend {name!r}: expected one of {', '.join(BACKENDS)}")
-    return name
-
-
-@app.command()
 def classify(
     files: Annotated[list[str], typer.Argument(help="Email files (.eml); - reads one from stdin.")],
-    backend: Annotated[
-        str | None, typer.Option("--backend", "-b", help="ollama|mlx|baseline (default: config).")
-    ] = None,
+    backend: BackendOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """Print the department of each email: file, department, confidence, backend."""
     current = settings()
     classifier = (
-        make_classifier(current, _backend(backend)) if backend else _usable_classifier(current)
+        make_classifier(current, check_backend(backend)) if backend else _usable_classifier(current)
     )
     failed = 0
     for name in files:
@@ -96,50 +81,3 @@ def _classify_one(classifier: Classifier, name: str, max_bytes: int) -> dict[str
         "confidence": round(prediction.confidence, 4),
         "backend": prediction.model,
     }
-
-
-@app.command()
-def evaluate(
-    backend: Annotated[
-        str | None, typer.Option("--backend", "-b", help="ollama|mlx|baseline (default: config).")
-    ] = None,
-    split: Annotated[str, typer.Option(help="train|valid|test.")] = "test",
-    report: Annotated[
-        Path | None, typer.Option("--report", help="Also write an HTML report here.")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
-) -> None:
-    """Accuracy, macro-F1, per-department scores, confusion matrix and triage rate on a split."""
-    if split not in SPLITS:
-        raise DatasetError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
-    current = settings()
-    examples = Dataset.from_settings(current).split(split)
-    if not examples:
-        raise DatasetError(
-            f"the {split} split of {current.examples_path} is empty"
-            + ("" if current.examples_path.exists() else f": {NO_DATASET_FIX}")
-        )
-    classifier = make_classifier(current, _backend(backend))
-    threshold = current.classifier.threshold_for(classifier.name)
-    if backend == "baseline" or (backend is None and current.classifier.backend == "baseline"):
-        result = run_evaluation(classifier, examples, current.departments, threshold)
-    else:
-        from rich.progress import Progress
-
-        with Progress(console=err_console, transient=True) as bar:
-            task = bar.add_task(f"{classifier.name} on {split}", total=len(examples))
-            result = run_evaluation(
-                classifier,
-                examples,
-                current.departments,
-                threshold,
-                progress=lambda done, _total: bar.update(task, completed=done),
-            )
-    if as_json:
-        typer.echo(json.dumps({"split": split, **result.to_dict()}, ensure_ascii=False))
-    else:
-        typer.echo(f"split {split}")
-        typer.echo(format_report(result))
-    if report is not None:
-        write_html(result, report)
-        err_console.print(f"wrote {report}", highlight=False)

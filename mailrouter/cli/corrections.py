@@ -1,4 +1,4 @@
-"""Commands: ``corrections list | revert ID | review [accept|reject ID] | digest``.
+"""Command group: ``corrections list | revert ID | review [accept|reject ID] | digest``.
 
 ``review`` settles the corrections held because they contradict an existing example (see
 :mod:`mailrouter.dataset`): accepting one relabels that example, rejecting it leaves the dataset
@@ -18,19 +18,18 @@ from ..corrections.digest import send_spam_digest
 from ..corrections.review import list_corrections, revert_correction
 from ..dataset import Dataset
 from ..state import State
-from .app import app, console, settings
+from .app import console, settings
 
-corrections_app = typer.Typer(help="Review staff corrections and the spam digest.")
-app.add_typer(corrections_app, name="corrections")
-review_app = typer.Typer(
+group = typer.Typer(help="Review staff corrections and the spam digest.", no_args_is_help=True)
+review_group = typer.Typer(
     help="Corrections held because they contradict an existing example: list, accept, reject.",
     invoke_without_command=True,
 )
-corrections_app.add_typer(review_app, name="review")
+group.add_typer(review_group, name="review")
 EXCERPT = 60
 
 
-@corrections_app.command("list")
+@group.command("list")
 def list_(
     limit: Annotated[int, typer.Option("-n", help="How many, newest first.")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
@@ -49,7 +48,7 @@ def list_(
     console.print(table)
 
 
-@corrections_app.command("revert")
+@group.command("revert")
 def revert(correction_id: Annotated[int, typer.Argument(help="The id shown by `list`.")]) -> None:
     """Remove the training example a correction recorded (the mail itself stays where it is)."""
     current = settings()
@@ -57,7 +56,7 @@ def revert(correction_id: Annotated[int, typer.Argument(help="The id shown by `l
         console.print(revert_correction(current, state, correction_id), highlight=False)
 
 
-@review_app.callback()
+@review_group.callback()
 def review(
     context: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
@@ -91,7 +90,7 @@ def review(
     )
 
 
-@review_app.command("accept")
+@review_group.command("accept")
 def accept(held_id: Annotated[str, typer.Argument(help="The id shown by `review`.")]) -> None:
     """Apply a held correction: the example takes the proposed label."""
     current = settings()
@@ -103,7 +102,7 @@ def accept(held_id: Annotated[str, typer.Argument(help="The id shown by `review`
     )
 
 
-@review_app.command("reject")
+@review_group.command("reject")
 def reject(held_id: Annotated[str, typer.Argument(help="The id shown by `review`.")]) -> None:
     """Drop a held correction; the dataset stays as it is."""
     current = settings()
@@ -113,7 +112,7 @@ def reject(held_id: Annotated[str, typer.Argument(help="The id shown by `review`
     console.print(f"rejected: {entry.label} for {entry.id} was not applied", highlight=False)
 
 
-@corrections_app.command("digest")
+@group.command("digest")
 def digest() -> None:
     """Send the spam digest to the triage address now (the service sends it daily)."""
     count = send_spam_digest(settings())

@@ -1,4 +1,4 @@
-"""Commands: ``dataset stats|import|export|add|relabel|pin-test``."""
+"""Command group: ``dataset stats|import|export|add|relabel|pin-test``."""
 
 from __future__ import annotations
 
@@ -15,13 +15,12 @@ from ..files import NO_DATASET_FIX
 from ..importers import FORMATS, check_label, read_examples
 from ..prompt import PromptOptions
 from ..training.testpin import pin_path, repin
-from .app import app, console, err_console, settings
+from .app import console, err_console, settings
 
-dataset_app = typer.Typer(help="Inspect and grow the labelled examples.", no_args_is_help=True)
-app.add_typer(dataset_app, name="dataset")
+group = typer.Typer(help="Inspect and grow the labelled examples.", no_args_is_help=True)
 
 
-@dataset_app.command("stats")
+@group.command("stats")
 def stats(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Label × split table, with warnings about what would make training fail."""
     current = settings()
@@ -57,7 +56,7 @@ def stats(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
         err_console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
 
 
-@dataset_app.command("import")
+@group.command("import")
 def import_(
     source: Annotated[Path, typer.Argument(help="A file or folder to import.")],
     fmt: Annotated[
@@ -90,7 +89,7 @@ def import_(
         )
 
 
-@dataset_app.command("export")
+@group.command("export")
 def export(
     out_dir: Annotated[Path, typer.Argument(help="Folder for train/valid/test.jsonl.")],
 ) -> None:
@@ -109,7 +108,7 @@ def export(
         )
 
 
-@dataset_app.command("add")
+@group.command("add")
 def add(
     email: Annotated[str, typer.Argument(help="An .eml file, or the email text itself.")],
     label: Annotated[str, typer.Option("--label", "-l", help="Its department.")],
@@ -144,7 +143,7 @@ def add(
             )
 
 
-@dataset_app.command("relabel")
+@group.command("relabel")
 def relabel(
     example_id: Annotated[str, typer.Argument(help="The example's id (see the dataset file).")],
     label: Annotated[str, typer.Argument(help="Its department.")],
@@ -166,7 +165,7 @@ def relabel(
         )
 
 
-@dataset_app.command("pin-test")
+@group.command("pin-test")
 def pin_test(
     force: Annotated[
         bool,

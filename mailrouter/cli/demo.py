@@ -6,10 +6,10 @@ from typing import Annotated
 
 import typer
 
-from .app import app, console
+from ..demo import Demo
+from .app import console
 
 
-@app.command()
 def demo(
     emails: Annotated[int, typer.Option(help="How many emails to drop into the inbox.")] = 20,
     with_mlx: Annotated[
@@ -21,8 +21,6 @@ def demo(
     ] = None,
 ) -> None:
     """Run the router on a local IMAP server and SMTP sink with the bundled data; no network."""
-    from ..demo import Demo
-
     if backend not in (None, "ollama", "baseline"):
         raise typer.BadParameter("expected ollama or baseline", param_hint="--backend")
     Demo(console, emails=emails, with_mlx=with_mlx, backend=backend).run()

@@ -1,10 +1,8 @@
-"""Commands: ``serve`` (route the mailbox) and ``history`` (the latest decisions)."""
+"""Command: ``serve`` — route the mailbox, forever or once."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-from dataclasses import asdict
 from typing import Annotated
 
 import typer
@@ -13,12 +11,11 @@ from rich.table import Table
 from ..config import Settings, check_serve_secrets
 from ..datalock import DataDirLock
 from ..pipeline.types import RoundReport
-from ..state import State
+from ..service import run_forever
 from ..wiring import build_pipeline
-from .app import app, console, settings
+from .app import console, settings
 
 
-@app.command()
 def serve(
     once: Annotated[
         bool, typer.Option("--once", help="Process the mailbox once and exit.")
@@ -33,8 +30,6 @@ def serve(
     check_serve_secrets(current, dry_run=dry_run)
     with _one_process(current, once=once, dry_run=dry_run):
         if not once:
-            from ..service import run_forever
-
             raise typer.Exit(run_forever(current, dry_run=dry_run) or 0)
         pipeline = build_pipeline(current, dry_run=dry_run)
         try:
@@ -73,26 +68,3 @@ def _print_round(report: RoundReport, dry_run: bool) -> None:
         f"({report.seconds:.1f} s)",
         highlight=False,
     )
-
-
-@app.command()
-def history(
-    n: Annotated[int, typer.Option("-n", help="How many decisions.")] = 20,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
-) -> None:
-    """The latest decisions recorded in the state database, newest first."""
-    current = settings()
-    with State(current.state_path) as state:
-        entries = state.history(n)
-    if as_json:
-        for entry in entries:
-            typer.echo(json.dumps(asdict(entry), ensure_ascii=False))
-        return
-    table = Table("at", "state", "from", "subject", "route", "to", "conf.", "reason")
-    for e in entries:
-        conf = f"{e.confidence:.2f}" if e.confidence is not None else ""
-        table.add_row(
-            e.at, e.state, e.sender, e.subject[:40], e.route or "", e.destination or "", conf,
-            e.reason or "",
-        )  # fmt: skip
-    console.print(table)

@@ -1,8 +1,7 @@
-"""Commands: ``service install | uninstall | restart | status | logs`` (launchd or systemd)."""
+"""Command group: ``service install | uninstall | restart | status | logs`` (launchd or systemd)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Annotated
@@ -11,13 +10,12 @@ import typer
 
 from .. import deploy
 from ..config import resolve_config_path
-from .app import app, console, settings, state
+from .app import console, state
 
-service_app = typer.Typer(
+group = typer.Typer(
     help="Run `mailrouter serve` as a launchd agent (macOS) or a systemd user unit (Linux).",
     no_args_is_help=True,
 )
-app.add_typer(service_app, name="service")
 
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the steps; change nothing.")]
 Instance = Annotated[
@@ -56,7 +54,7 @@ def _run(
         raise typer.Exit(code)
 
 
-@service_app.command()
+@group.command()
 def install(
     dry_run: DryRun = False,
     workdir: Annotated[
@@ -72,25 +70,25 @@ def install(
         console.print(f"installed {target.unit_file}; check it with `mailrouter service status`")
 
 
-@service_app.command()
+@group.command()
 def uninstall(dry_run: DryRun = False, instance: Instance = "") -> None:
     """Stop the service and remove the agent/unit (data and logs are kept)."""
     _run("uninstall", dry_run, _target(instance))
 
 
-@service_app.command()
+@group.command()
 def restart(dry_run: DryRun = False, instance: Instance = "") -> None:
     """Restart the running service (after a config change or an upgrade)."""
     _run("restart", dry_run, _target(instance))
 
 
-@service_app.command("status")
+@group.command("status")
 def service_status(dry_run: DryRun = False, instance: Instance = "") -> None:
     """What launchd/systemd says about the service (see also `mailrouter status`)."""
     _run("status", dry_run, _target(instance))
 
 
-@service_app.command()
+@group.command()
 def logs(
     lines: Annotated[int, typer.Option("--lines", "-n", help="Lines to show.")] = 100,
     follow: Annotated[
@@ -101,45 +99,3 @@ def logs(
 ) -> None:
     """The service's log lines (launchd: ~/Library/Logs/mailrouter/; systemd: the journal)."""
     _run("logs", dry_run, _target(instance), lines=lines, follow=follow)
-
-
-@app.command()
-def doctor(
-    send_test: Annotated[
-        bool,
-        typer.Option("--send-test", help="Also send a real test message to the triage address."),
-    ] = False,
-) -> None:
-    """Check the config, mailbox, SMTP, Ollama, training prerequisites and the dataset."""
-    from .. import doctor as checks
-
-    results = checks.run(
-        state.config,
-        send_test=send_test,
-        emit=lambda check: console.print(
-            check.line(), highlight=False, markup=False, soft_wrap=True
-        ),
-    )
-    if checks.failed(results):
-        raise typer.Exit(1)
-
-
-@app.command()
-def status(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-) -> None:
-    """Whether the service runs, what it routed today, the model in service, the last error."""
-    from .. import status as report
-    from ..state import State
-
-    current = settings()
-    if not current.state_path.exists():  # reading must not create the database
-        result = report.collect(current, None)
-    else:
-        with State(current.state_path) as db:
-            result = report.collect(current, db)
-    if as_json:
-        console.print_json(json.dumps(result.to_dict()))
-        return
-    for line in report.format_lines(result):
-        console.print(line, highlight=False, markup=False)

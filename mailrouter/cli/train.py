@@ -1,23 +1,23 @@
-"""Commands: ``train [--now|--scheduled] [--force] [--iters N]`` and ``models …``."""
+"""Command: ``train [--now|--scheduled] [--force] [--iters N]``."""
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, TaskID, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
-from rich.table import Table
 
-from ..errors import TrainingError
-from .app import app, console, err_console, settings
+from ..dataset import Dataset
+from ..scheduling import next_training
+from ..state import open_state
+from ..training import registry
+from ..training.job import run_job
+from ..training.lora import Progress
+from ..training.runner import Hooks, run_training
+from .app import console, settings
 
-models_app = typer.Typer(help="Published model versions: list, promote, roll back.")
-app.add_typer(models_app, name="models")
 
-
-@app.command("train")
 def train(
     now: Annotated[bool, typer.Option("--now", help="Train now, in the foreground.")] = False,
     scheduled: Annotated[
@@ -41,8 +41,6 @@ def train(
     """
     current = settings()
     if scheduled:
-        from ..training.job import run_job
-
         result = run_job(current, force=force, iters=iters)
         console.print(f"training: {result.decision} — {result.reason}", highlight=False)
         if not result.ok:
@@ -55,11 +53,6 @@ def train(
 
 
 def _plan() -> None:
-    from ..dataset import Dataset
-    from ..scheduling import next_training
-    from ..state import open_state
-    from ..training import registry
-
     current = settings()
     with open_state(current) as state:
         last = registry.last_trained_hash(state)
@@ -86,9 +79,6 @@ def _plan() -> None:
 
 
 def _train_now(*, force: bool, iters: int | None) -> None:
-    from ..training.lora import Progress
-    from ..training.runner import Hooks, run_training
-
     current = settings()
     columns = (
         TextColumn("{task.description}"),
@@ -147,78 +137,3 @@ def _train_now(*, force: bool, iters: int | None) -> None:
         console.print(f"  files: {outcome.run_dir}", highlight=False)
     if outcome.decision in ("failed", "busy"):
         raise typer.Exit(1)
-
-
-@models_app.command("list")
-def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """Published versions (newest first) and the last training runs."""
-    from ..state import open_state
-    from ..training import registry
-
-    with open_state(settings()) as state:
-        versions = registry.versions(state)
-        runs = registry.runs(state, limit=10)
-    if as_json:
-        data = {
-            "versions": [v.__dict__ for v in versions],
-            "runs": [{**r.__dict__, "rule": r.rule} for r in runs],
-        }
-        typer.echo(json.dumps(data, ensure_ascii=False, default=str))
-        return
-    table = Table(title="model versions")
-    for col in ("version", "name", "created", "status", "accuracy (Ollama)", "macro-F1", "run"):
-        table.add_column(col)
-    for v in versions:
-        o = v.metrics.get("ollama") or {}
-        table.add_row(
-            v.version,
-            v.name,
-            v.created,
-            v.status,
-            _fmt(o.get("accuracy")),
-            _fmt(o.get("macro_f1")),
-            str(v.metrics.get("run", "")),
-        )
-    console.print(table)
-    runs_table = Table(title="training runs")
-    for col in ("run", "started", "decision", "gate rule", "reason"):
-        runs_table.add_column(col)
-    for r in runs:
-        runs_table.add_row(
-            str(r.id), r.started, r.decision or "", r.rule or "", (r.reason or "")[:100]
-        )
-    console.print(runs_table)
-
-
-@models_app.command("promote")
-def promote(version: Annotated[str, typer.Argument(help="A version, e.g. v3.")]) -> None:
-    """Put a kept version in service (copies it to the router's model name)."""
-    from ..state import open_state
-    from ..training.publish import latest_name
-    from ..training.publish import promote as do_promote
-
-    current = settings()
-    with open_state(current) as state:
-        model = do_promote(current, state, version if version.startswith("v") else f"v{version}")
-    console.print(f"{model.name} is in service as {latest_name(current)}", highlight=False)
-
-
-@models_app.command("rollback")
-def rollback() -> None:
-    """Put back the version that was in service before the current one."""
-    from ..state import open_state
-    from ..training.publish import latest_name
-    from ..training.publish import rollback as do_rollback
-
-    current = settings()
-    with open_state(current) as state:
-        try:
-            model = do_rollback(current, state)
-        except TrainingError as exc:
-            err_console.print(f"[red]error:[/red] {exc}", highlight=False)
-            raise typer.Exit(1) from exc
-    console.print(f"rolled back: {model.name} is in service as {latest_name(current)}")
-
-
-def _fmt(value: object) -> str:
-    return f"{value:.3f}" if isinstance(value, int | float) else "-"
