@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import logging
 import re
 import warnings
 from collections.abc import Iterable
@@ -25,6 +26,8 @@ from email.utils import getaddresses, parsedate_to_datetime
 from html import unescape
 
 from ..message import Email
+
+log = logging.getLogger(__name__)
 
 #: Body text kept for the classifier and the forward; longer text is cut and ``truncated`` is set.
 MAX_BODY_CHARS = 100_000
@@ -120,6 +123,17 @@ def parse_email(raw: bytes, *, max_bytes: int = 25 * 1024 * 1024) -> Email:
         truncated=truncated,
         **fields,  # type: ignore[arg-type]
     )
+
+
+def parse_safely(raw: bytes, limit: int) -> Email:
+    """:func:`parse_email`, with a last line of defence for the loop that reads the mailbox:
+    never an exception out of parsing."""
+    try:
+        return parse_email(raw, max_bytes=limit)
+    except Exception:  # parse_email never raises; if it ever does, the mail goes to triage
+        log.exception("parse_email raised")
+        return Email(raw_size=len(raw), content_hash=hashlib.sha256(raw).hexdigest(),
+                     defects=("unparseable",))  # fmt: skip
 
 
 def _parse(data: bytes, defects: _Defects) -> tuple[Message, bool]:

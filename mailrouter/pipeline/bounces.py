@@ -36,18 +36,15 @@ from dataclasses import dataclass, field
 from email.message import Message
 from email.parser import HeaderParser
 from email.policy import compat32
-from typing import TYPE_CHECKING
 
 from ..automated import bounce_signal, fold, is_delivery_report
+from ..config import Settings
 from ..errors import SmtpError
 from ..logs import event
 from ..mail.parse import decode_bytes
+from ..message import Email
 from ..state import ForwardRecord, MessageState, State, now_iso
 from .types import Context, Incoming, Outcome
-
-if TYPE_CHECKING:
-    from ..config import Settings
-    from ..message import Email
 
 log = logging.getLogger(__name__)
 

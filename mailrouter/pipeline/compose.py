@@ -26,13 +26,10 @@ import re
 import secrets
 from dataclasses import dataclass
 from email.utils import format_datetime, formataddr, formatdate
-from typing import TYPE_CHECKING
 
 from .. import __version__
-
-if TYPE_CHECKING:
-    from ..config import Settings
-    from ..message import Email
+from ..config import Settings
+from ..message import Email
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]+")
 _ADDRESS = re.compile(r"^[^\s<>()\[\]\\,;:@\"]+@[A-Za-z0-9.-]+\.[A-Za-z0-9-]+$")

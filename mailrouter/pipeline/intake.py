@@ -16,13 +16,15 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..classify import make_classifier
+from ..classify.base import Classifier
+from ..config import Settings
 from ..errors import ClassifierError, ConfigError, MailboxError, SmtpError
 from ..logs import event
 from ..mail.imap import Mailbox
-from ..mail.parse import parse_email
+from ..mail.parse import parse_safely
 from ..message import Email
 from ..prediction import ClassifyInput, Prediction
 from ..prompt import PromptOptions, prefix
@@ -38,6 +40,7 @@ from ..router import (
 )
 from ..rules import first_match
 from ..state import MessageRecord, MessageState, NewMessage, State, StateError
+from .outbox import Outbox
 from .types import (
     FORWARDING_ROUTES,
     ROUTE_END,
@@ -49,11 +52,6 @@ from .types import (
     Outcome,
     RoundReport,
 )
-
-if TYPE_CHECKING:
-    from ..classify.base import Classifier
-    from ..config import Settings
-    from .outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -483,13 +481,3 @@ def fingerprint(incoming: Incoming) -> str:
         body = incoming.raw[match.end() :] if match else b""
     digest = hashlib.sha256(email.message_id.encode("utf-8", "surrogatepass") + b"\0" + body)
     return digest.hexdigest()
-
-
-def parse_safely(raw: bytes, limit: int) -> Email:
-    """:func:`parse_email`, with a last line of defence: never an exception out of parsing."""
-    try:
-        return parse_email(raw, max_bytes=limit)
-    except Exception:  # parse_email never raises; if it ever does, the mail goes to triage
-        log.exception("parse_email raised")
-        return Email(raw_size=len(raw), content_hash=hashlib.sha256(raw).hexdigest(),
-                     defects=("unparseable",))  # fmt: skip

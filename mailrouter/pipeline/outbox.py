@@ -15,20 +15,18 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..backoff import backoff_delay
+from ..config import Settings
 from ..errors import SmtpError
 from ..logs import event
+from ..mail.parse import parse_safely
 from ..mail.smtp import SmtpSender, send_with_retry
 from ..message import address_domain
 from ..state import ForwardRecord, MessageRecord, MessageState, NewForward, State
 from .compose import ForwardFacts, Notice, compose_forward
-from .intake import parse_safely
 from .types import Incoming, NoticeMaker, RoundReport
-
-if TYPE_CHECKING:
-    from ..config import Settings
 
 log = logging.getLogger(__name__)
 

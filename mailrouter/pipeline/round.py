@@ -43,8 +43,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING
 
+from ..classify.base import Classifier
+from ..config import Settings
 from ..errors import ConfigError
 from ..logs import event
 from ..mail.imap import Mailbox, UidValidityChanged
@@ -53,10 +54,6 @@ from ..state import KEYS, MessageRecord, MessageState, State, StateError
 from .intake import Intake
 from .outbox import Outbox, no_token
 from .types import FORWARDING_ROUTES, Delivered, Filing, Handler, Incoming, NoticeMaker, RoundReport
-
-if TYPE_CHECKING:
-    from ..classify.base import Classifier
-    from ..config import Settings
 
 log = logging.getLogger(__name__)
 

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from ..state import ForwardRecord, MessageRecord, MessageState
-
-if TYPE_CHECKING:
-    from ..config import Settings
-    from ..mail.imap import Mailbox
-    from ..message import Email
-    from ..state import State
-    from .compose import ForwardFacts, Notice
+from ..config import Settings
+from ..mail.imap import Mailbox
+from ..message import Email
+from ..state import ForwardRecord, MessageRecord, MessageState, State
+from .compose import ForwardFacts, Notice
 
 #: For each route: the final state once filed, and the filing target.
 ROUTE_END = {
