@@ -91,3 +91,51 @@ def _body(email: Email) -> str:
 def _header_matches(header: str, email: Email) -> bool:
     name, _, pattern = header.partition(":")
     return any(re.search(pattern.strip(), v) for v in email.header_all(name.strip()))
+
+
+def suggest(corrected: Sequence[tuple[str, str]], *, at_least: int = 3) -> list[Rule]:
+    """Rules the corrections history argues for: a domain, else a sender, corrected to the same
+    department at least ``at_least`` times and never to another.
+
+    ``corrected`` holds (sender of the corrected mail, department it was corrected to). A
+    domain's rule covers its senders, so they get none of their own. Suggestions only: a person
+    reads them and pastes what they agree with.
+    """
+    by_domain: dict[str, list[str]] = {}
+    by_sender: dict[str, list[str]] = {}
+    for sender, label in corrected:
+        sender = sender.strip().lower()
+        if "@" not in sender:
+            continue
+        by_sender.setdefault(sender, []).append(label)
+        by_domain.setdefault(sender.rpartition("@")[2], []).append(label)
+    out = [
+        Rule(name=f"{domain} → {labels[0]}", from_=f"*@{domain}", department=labels[0])
+        for domain, labels in sorted(by_domain.items())
+        if len(labels) >= at_least and len(set(labels)) == 1
+        and len({s for s in by_sender if s.endswith("@" + domain)}) > 1
+    ]  # fmt: skip
+    covered = {rule.from_[2:] for rule in out if rule.from_}
+    out += [
+        Rule(name=f"{sender} → {labels[0]}", from_=sender, department=labels[0])
+        for sender, labels in sorted(by_sender.items())
+        if len(labels) >= at_least and len(set(labels)) == 1
+        and sender.rpartition("@")[2] not in covered
+    ]  # fmt: skip
+    return out
+
+
+def as_toml(rules: Sequence[Rule]) -> str:
+    """``[[rules]]`` tables to paste into the config."""
+    blocks = []
+    for rule in rules:
+        lines = ["[[rules]]", f"name = {_quote(rule.name)}"]
+        for key, value in rule.model_dump(by_alias=True, exclude_none=True).items():
+            if key != "name":
+                lines.append(f"{key} = {_quote(str(value))}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + ("\n" if blocks else "")
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -23,6 +23,7 @@ from . import (
     history,
     init,
     models,
+    rules,
     serve,
     service,
     status,
@@ -48,6 +49,7 @@ for name, group in (
     ("dataset", dataset.group),
     ("service", service.group),
     ("models", models.group),
+    ("rules", rules.group),
 ):
     app.add_typer(group, name=name)
 

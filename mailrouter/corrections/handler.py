@@ -149,7 +149,9 @@ class CorrectionHandler:
         if screened is not None and screened.kind == "ignore" and automated(screened.reason):
             return None  # an auto-reply or our own mail: it corrects nothing
         corr = self.settings.corrections
-        if not is_staff(email.sender, corr.staff_domains, corr.staff_addresses):
+        # The triage person routes what the model could not: staff, wherever their address is.
+        staff = [*corr.staff_addresses, self.settings.smtp.triage_address]
+        if not is_staff(email.sender, corr.staff_domains, staff):
             return None  # customer mail, even quoting a token: classified as usual
         refs = (
             find_refs(email.subject, own_text(email))
