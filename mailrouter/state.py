@@ -37,9 +37,12 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import MailRouterError
+
+if TYPE_CHECKING:  # a typeshed-only name: "any dataclass"
+    from _typeshed import DataclassInstance
 from .files import private_dir, private_new_file, tighten
 
 
@@ -401,11 +404,11 @@ class NewMessage:
     forward: NewForward | None = None
 
 
-_T = TypeVar("_T")
+_T = TypeVar("_T", bound="DataclassInstance")
 
 
 @functools.cache
-def _names(cls: type) -> frozenset[str]:
+def _names(cls: type[DataclassInstance]) -> frozenset[str]:
     return frozenset(f.name for f in fields(cls))
 
 
@@ -576,6 +579,15 @@ class State:
             (mailbox, *wanted, *wanted),
         )
         return [_row(MessageRecord, r) for r in rows]
+
+    def corrected_senders(self) -> list[tuple[str, str]]:
+        """(sender of the corrected mail, department it was corrected to), for each correction
+        applied or held, oldest first (what ``rules suggest`` reads)."""
+        rows = self.query(
+            "SELECT m.sender, c.new_label FROM corrections c JOIN messages m ON m.id = c.message "
+            "WHERE c.status IN ('applied', 'held') AND c.command = 'route' ORDER BY c.id"
+        )
+        return [(str(r["sender"]), str(r["new_label"])) for r in rows if r["new_label"]]
 
     def latest_correction_of(self, messages: Sequence[int]) -> str | None:
         """The label of the newest applied (or held) correction of any of ``messages``."""
