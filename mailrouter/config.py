@@ -397,13 +397,11 @@ def load_settings(config: Path | str | None = None, **overrides: Any) -> Setting
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
         _refuse_exposed_secrets(path, data)
 
-    cls = type(
-        "_FileSettings",
-        (Settings,),
-        {"model_config": {**Settings.model_config, "toml_file": path}},
-    )
+    class _FileSettings(Settings):
+        model_config = {**Settings.model_config, "toml_file": path}
+
     try:
-        settings = cls(**overrides)
+        settings = _FileSettings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, where)) from exc
     settings._source = path

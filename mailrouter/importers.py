@@ -15,9 +15,10 @@ import json
 import mailbox
 import re
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .dataset import SPLITS, Example, normalise_split
 from .errors import DatasetError
@@ -97,7 +98,9 @@ def _read_tutorial(path: Path, split: str | None, source: str) -> Iterator[tuple
         if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
             raise DatasetError(f"{where}: expected {{'prompt': …, 'completion': …}}")
         text = extract_tutorial_email(row["prompt"])
-        yield where, _new(where, text, row["completion"].strip(), split=split, source=source)
+        with _located(where):
+            example = Example.new(text, row["completion"].strip(), split=split, source=source)
+        yield where, example
 
 
 def _read_jsonl(path: Path, split: str | None, source: str) -> Iterator[tuple[str, Example]]:
@@ -105,10 +108,8 @@ def _read_jsonl(path: Path, split: str | None, source: str) -> Iterator[tuple[st
     for where, row in _json_rows(path):
         if "prompt" in row:
             raise DatasetError(f"{where}: this is the tutorial's format; pass --format tutorial")
-        try:
+        with _located(where):
             example = Example.from_dict({"source": source, **row})
-        except DatasetError as exc:
-            raise DatasetError(f"{where}: {exc}") from exc
         if example.split is None and split:
             example = replace(example, split=split)
         yield where, example
@@ -131,18 +132,16 @@ def _read_csv(path: Path, split: str | None, source: str) -> Iterator[tuple[str,
                     key = columns.get(name)
                     return (row.get(key) or "") if key else ""
 
-                yield (
-                    where,
-                    _new(
-                        where,
+                with _located(where):
+                    example = Example.new(
                         col("text"),
                         col("label").strip(),
                         subject=col("subject"),
                         sender_domain=col("sender_domain"),
                         split=col("split") or split,
                         source=source,
-                    ),
-                )
+                    )
+                yield where, example
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DatasetError(f"{path}: cannot read: {exc}") from exc
 
@@ -187,7 +186,7 @@ def _raw_messages(path: Path, fmt: str) -> Iterator[tuple[str, bytes]]:
 # --- helpers -------------------------------------------------------------------------------
 
 
-def _json_rows(path: Path) -> Iterator[tuple[str, dict]]:
+def _json_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -205,9 +204,11 @@ def _json_rows(path: Path) -> Iterator[tuple[str, dict]]:
         yield where, row
 
 
-def _new(where: str, text: str, label: str, **kwargs: str | None) -> Example:
+@contextmanager
+def _located(where: str) -> Iterator[None]:
+    """A row's ``DatasetError`` says where the row is, so the import names the line to fix."""
     try:
-        return Example.new(text, label, **kwargs)  # type: ignore[arg-type]
+        yield
     except DatasetError as exc:
         raise DatasetError(f"{where}: {exc}") from exc
 
