@@ -164,6 +164,8 @@ class ClassifierSettings(_Section):
     zero_shot_model: str = "mistral"
     confidence_threshold: float = Field(default=0.6, ge=0, le=1)
     baseline_threshold: float = Field(default=0.4, ge=0, le=1)
+    #: The precision each department's calibrated threshold aims at (see calibration.py).
+    target_precision: float = Field(default=0.95, gt=0, le=1)
     strip_accents: bool = True
     max_chars: int = Field(default=2000, ge=100)
     on_error: Literal["wait", "triage"] = "wait"
@@ -173,8 +175,12 @@ class ClassifierSettings(_Section):
     num_predict: int = Field(default=8, ge=1)
     retry_seconds: float = Field(default=30, ge=0)
 
-    def threshold_for(self, model: str) -> float:
-        """The confidence below which an answer of ``model`` goes to triage."""
+    def threshold_for(self, model: str, calibrated: float | None = None) -> float:
+        """The confidence below which an answer of ``model`` goes to triage: the threshold its
+        model version calibrated for the department it names (``calibrated``, carried by the
+        prediction), else the global one for that kind of model."""
+        if calibrated is not None:
+            return calibrated
         return (
             self.baseline_threshold
             if model.startswith(BASELINE_MODEL_PREFIX)
