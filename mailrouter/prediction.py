@@ -46,6 +46,9 @@ class Prediction:
     #: Each department's probability, when the backend can tell (what a reason, the triage
     #: links and ``history --explain`` show); empty otherwise.
     probabilities: Mapping[str, float] = field(default_factory=dict)
+    #: The threshold this model version calibrated for ``label`` (see
+    #: :mod:`mailrouter.calibration`); ``None``: the configured global threshold applies.
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.confidence <= 1.0:

@@ -119,7 +119,7 @@ def decide(
         department = settings.department(prediction.label)
     except KeyError:
         return triage(settings, f"label {prediction.label!r} is not a configured department")
-    threshold = settings.classifier.threshold_for(prediction.model)
+    threshold = settings.classifier.threshold_for(prediction.model, prediction.threshold)
     if prediction.confidence < threshold:
         return triage(
             settings,

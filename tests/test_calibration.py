@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,10 @@ from mailrouter.calibration import (
     ollama_path,
     save,
 )
+from mailrouter.config import Settings
+from mailrouter.message import Email
+from mailrouter.prediction import Prediction
+from mailrouter.router import decide
 
 
 def _answers(*pairs: tuple[float, bool]) -> list[tuple[float, bool]]:
@@ -104,3 +109,16 @@ def test_the_ollama_path_is_keyed_by_the_digest_alone(tmp_path: Path) -> None:
     digest = "sha256:" + "ab" * 32
     assert ollama_path(tmp_path, digest) == ollama_path(tmp_path, "AB" * 32)
     assert ollama_path(tmp_path, "../../etc/passwd").parent == tmp_path / "calibration"
+
+
+def test_the_router_takes_the_threshold_the_prediction_carries() -> None:
+    settings = Settings()
+    email = Email(raw_size=40, content_hash="0" * 64, sender="client@example.org", body="Bonjour")
+    llm = Prediction("Support", 0.5, "mailrouter:latest@0123456789ab")
+    assert decide(llm, email, settings).kind == "triage"  # global confidence_threshold 0.6
+    assert decide(replace(llm, threshold=0.45), email, settings).kind == "department"
+    sure = Prediction("Support", 0.9, "baseline@01234567", threshold=0.95)
+    route = decide(sure, email, settings)
+    assert route.kind == "triage"
+    assert "0.90 (Support < 0.95)" in route.reason
+    assert decide(replace(sure, threshold=None), email, settings).kind == "department"
