@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .message import Email
+from .message import Email
 
 #: ``Precedence`` / ``X-Precedence`` values of machine mail.
 AUTOMATED_PRECEDENCE = frozenset({"bulk", "list", "junk", "auto_reply", "auto-reply"})

@@ -34,17 +34,15 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from filelock import FileLock, Timeout
 
+from .config import Department, Settings
 from .errors import DatasetError
 from .files import make_dirs
 from .prediction import ClassifyInput
 from .prompt import PromptOptions
-
-if TYPE_CHECKING:
-    from .config import Department, Settings
 
 SPLITS = ("train", "valid", "test")
 DEFAULT_RATIOS = (0.8, 0.1, 0.1)

@@ -18,14 +18,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from .config import Department
 from .dataset import SPLITS, Example, normalise_split
 from .errors import DatasetError
+from .mail.parse import parse_email
 from .prediction import map_label
-
-if TYPE_CHECKING:
-    from .config import Department
 
 Format = Literal["tutorial", "jsonl", "csv", "eml", "mbox"]
 FORMATS: tuple[str, ...] = ("tutorial", "jsonl", "csv", "eml", "mbox")
@@ -147,8 +146,6 @@ def _read_csv(path: Path, split: str | None, source: str) -> Iterator[tuple[str,
 
 
 def _read_mail(path: Path, fmt: str, label: str, source: str) -> Iterator[Example]:
-    from .mail.parse import parse_email
-
     for where, raw in _raw_messages(path, fmt):
         email = parse_email(raw)
         text = email.body.strip() or email.full_text.strip()

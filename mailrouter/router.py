@@ -15,15 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from .automated import automated_reason
+from .config import Department, Settings
+from .message import Email
 from .prediction import Prediction
-
-if TYPE_CHECKING:
-    from .config import Department, Settings
-    from .message import Email
-    from .rules import Rule
+from .rules import Rule
 
 RouteKind = Literal["department", "triage", "spam", "ignore"]
 

@@ -1,14 +1,13 @@
-"""Classifier backends behind one protocol; heavy ones are imported only when asked for."""
+"""Classifier backends behind one protocol; the baseline (array code) is imported only when
+asked for, and the MLX backend loads MLX only when built."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from ..config import Settings
 from ..prediction import ClassifyInput, Prediction, map_label
 from .base import Classifier
-
-if TYPE_CHECKING:
-    from ..config import Settings
+from .mlx import MlxClassifier
+from .ollama import OllamaClassifier
 
 __all__ = ["Classifier", "ClassifyInput", "Prediction", "make_classifier", "map_label"]
 
@@ -17,15 +16,11 @@ def make_classifier(settings: Settings, backend: str | None = None) -> Classifie
     """Build the configured backend (``ollama``, ``baseline`` or ``mlx``)."""
     name = backend or settings.classifier.backend
     if name == "baseline":
-        from .baseline import BaselineClassifier
+        from .baseline import BaselineClassifier  # numpy: heavy for a service that never uses it
 
         return BaselineClassifier.from_settings(settings)
     if name == "ollama":
-        from .ollama import OllamaClassifier
-
         return OllamaClassifier.from_settings(settings)
     if name == "mlx":
-        from .mlx import MlxClassifier
-
         return MlxClassifier.from_settings(settings)
     raise ValueError(f"unknown backend {name!r}: expected ollama, baseline or mlx")

@@ -10,10 +10,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from ..config import Settings
+from ..config import Settings, token_key
 
 TOKEN_LENGTH = 12  # hex digits: 48 bits
 
@@ -31,7 +29,5 @@ def check_token(key: bytes, forward_id: str, token: str) -> bool:
 
 def token_maker(settings: Settings) -> Callable[[str], str]:
     """``forward_id -> token`` with the configured key (read once)."""
-    from ..config import token_key
-
     key = token_key(settings)
     return lambda forward_id: make_token(key, forward_id)

@@ -25,17 +25,16 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
+
+from imapclient import IMAPClient
+from imapclient import exceptions as imap_exc
 
 from ..backoff import backoff_delay
+from ..config import MailboxSettings, Settings, imap_password
 from ..errors import MailboxAuthError, MailboxError
 from ..logs import event
 from .tls import check_plaintext, tls_context
-
-if TYPE_CHECKING:
-    from imapclient import IMAPClient
-
-    from ..config import MailboxSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +58,6 @@ class UidValidityChanged(MailboxError):
 
 
 def _map_error(exc: BaseException, what: str) -> MailboxError:
-    from imapclient import exceptions as imap_exc
-
     if isinstance(exc, MailboxError):
         return exc
     if isinstance(exc, imap_exc.LoginError):
@@ -83,8 +80,6 @@ def _map_error(exc: BaseException, what: str) -> MailboxError:
 
 def connect_imap(settings: MailboxSettings, password: str) -> IMAPClient:
     """Open and log in: the default connection factory."""
-    from imapclient import IMAPClient
-
     check_plaintext(settings.host, settings.security, settings.allow_insecure, "mailbox")
     where = f"{settings.host}:{settings.port}"
     try:
@@ -142,8 +137,6 @@ class Mailbox:
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> Mailbox:
-        from ..config import imap_password
-
         return cls(settings.mailbox, imap_password(settings), **kwargs)
 
     @property
@@ -329,7 +322,7 @@ class Mailbox:
                     self._drop()
             found = [bytes(d[b"BODY[]"]) for _, d in sorted(data.items()) if b"BODY[]" in d]
             exact = [r for r in found if hashlib.sha256(r).hexdigest() == content_hash]
-            return (exact or found or [None])[0]
+            return (exact or found)[0] if found else None
 
         return self._call(f"searching {folder}", find)
 

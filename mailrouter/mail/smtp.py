@@ -14,17 +14,13 @@ import smtplib
 import socket
 import ssl
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from ..backoff import backoff_delay
+from ..config import Settings, SmtpSettings, smtp_password
 from ..errors import SmtpError
 from ..logs import event
 from .tls import check_plaintext, tls_context
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from ..config import Settings, SmtpSettings
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +85,6 @@ class SmtpSender:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SmtpSender:
-        from ..config import smtp_password
-
         return cls(settings.smtp, smtp_password(settings))
 
     def _connect(self, s: SmtpSettings) -> smtplib.SMTP:
@@ -102,8 +96,9 @@ class SmtpSender:
             client = smtplib.SMTP(s.host, s.port, timeout=s.timeout_seconds)
             if s.security == "starttls":
                 client.starttls(context=tls_context(s.ca_file))
-        with contextlib.suppress(OSError, AttributeError):
-            client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if client.sock is not None:
+            with contextlib.suppress(OSError):
+                client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return client
 
     def connect(self) -> None:

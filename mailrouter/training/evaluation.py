@@ -18,13 +18,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ..classify.base import Classifier
+from ..config import Department
 from ..dataset import Example, atomic_write_text
-
-if TYPE_CHECKING:
-    from ..classify.base import Classifier
-    from ..config import Department
 
 UNKNOWN = "unknown"
 

@@ -21,13 +21,10 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from ..config import Settings
 from ..dataset import Example, atomic_write_text, now_iso
 from ..errors import DatasetError
-
-if TYPE_CHECKING:
-    from ..config import Settings
 
 PIN_NAME = "test-pin.json"
 PIN_VERSION = 1
