@@ -26,17 +26,27 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/mailrouter demo $(DEMO_ARGS)
 
-# Dovecot from Debian's packages when apt-get exists (the IMAP tests need a real server).
+# Dovecot from Debian's packages when apt-get exists (the IMAP tests need a real server), and
+# OpenBLAS, which MLX uses when preloaded (training about 2× faster on Linux CPUs).
 test-servers:
-	@if command -v dovecot >/dev/null 2>&1; then :; \
+	@missing=""; \
+	command -v dovecot >/dev/null 2>&1 || missing="dovecot-imapd"; \
+	if [ "$$(uname -s)" = Linux ] && ! ls /usr/lib/*/openblas-pthread/libblas.so.3 >/dev/null 2>&1; \
+	then missing="$$missing libopenblas0-pthread"; fi; \
+	if [ -z "$$missing" ]; then :; \
 	elif command -v apt-get >/dev/null 2>&1; then \
-		echo "installing dovecot-imapd from Debian's packages"; \
+		echo "installing $$missing from Debian's packages"; \
 		$(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends dovecot-imapd >/dev/null; \
-	else echo "no apt-get: IMAP tests will use an installed dovecot or be skipped"; fi
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else echo "no apt-get: IMAP tests will use an installed dovecot or be skipped, MLX its own BLAS"; fi
+
+# LD_PRELOAD with OpenBLAS added when it is installed: mailrouter/training/blas.py decides, and
+# says on stderr which BLAS MLX will use.
+PRELOAD_BLAS = preload="$$($(BIN)/python -m mailrouter.training.blas)"; \
+	if [ -n "$$preload" ]; then export LD_PRELOAD="$$preload"; fi;
 
 test: $(VENV)/.installed-dev test-servers
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+	@$(PRELOAD_BLAS) HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check .
@@ -47,7 +57,7 @@ format: $(VENV)/.installed-dev
 	$(BIN)/ruff check --fix .
 
 bench: $(VENV)/.installed-dev test-servers
-	for b in bench/[!_]*.py; do HF_HUB_OFFLINE=1 $(BIN)/python $$b || exit 1; done
+	@$(PRELOAD_BLAS) for b in bench/[!_]*.py; do HF_HUB_OFFLINE=1 $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info

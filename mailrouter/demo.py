@@ -311,7 +311,8 @@ class Demo:
         s = self.summary
         s.emails = len(report.decisions)
         s.routes = Counter(
-            d.department if d.route == "department" else d.route for d in report.decisions
+            d.department if d.route == "department" and d.department else d.route
+            for d in report.decisions
         )
         s.as_labelled = sum(
             1 for d in report.decisions if _landed(d) == self.expected.get(d.message_id)

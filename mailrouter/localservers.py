@@ -13,6 +13,7 @@ Every server is a context manager and stops its processes and threads in ``stop(
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import pwd
@@ -27,9 +28,12 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .files import write_private
+
+if TYPE_CHECKING:
+    from aiosmtpd.smtp import SMTP, Envelope, Session
 
 DOVECOT_CANDIDATES = ("/usr/sbin/dovecot", "/usr/local/sbin/dovecot", "/opt/homebrew/sbin/dovecot")
 LOOPBACK = "127.0.0.1"
@@ -524,19 +528,28 @@ class SmtpSink:
             self.faults = _Faults()
 
     # the aiosmtpd handler
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
         with self._lock:
             if address.lower() in self.faults.reject_rcpt:
                 return "550 5.1.1 No such user here"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(self, server, session, envelope):
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         with self._lock:
             self.attempts += 1
             if self.faults.drop > 0:
                 self.faults.drop -= 1
-                server.transport.abort()
+                transport = server.transport  # during DATA, the connection's socket transport
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.abort()
                 return "421 4.4.2 Connection dropped"
             if self.faults.temporary > 0:
                 self.faults.temporary -= 1
@@ -544,7 +557,7 @@ class SmtpSink:
             if self.faults.permanent > 0:
                 self.faults.permanent -= 1
                 return self.faults.permanent_code
-            data = envelope.original_content or envelope.content
+            data = envelope.original_content or envelope.content or b""
             if isinstance(data, str):
                 data = data.encode("utf-8", "surrogateescape")
             self.messages.append(

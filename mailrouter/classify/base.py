@@ -14,8 +14,11 @@ from ..prediction import ClassifyInput, Prediction
 
 @runtime_checkable
 class Classifier(Protocol):
-    """A backend. ``name`` is the model version recorded with every decision."""
+    """A backend: a plain attribute or a property may give its ``name``."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The model version recorded with every decision."""
+        ...
 
     def classify(self, item: ClassifyInput) -> Prediction: ...

@@ -47,9 +47,10 @@ class MlxClassifier:
                 "the mlx backend needs mlx-lm (`pip install mlx-lm`, and `mlx[cpu]` on Linux)"
             ) from exc
         try:
-            self.model, self.tokenizer = mlx_lm.load(
+            loaded = mlx_lm.load(  # (model, tokenizer): the config only with return_config
                 str(model), adapter_path=str(adapter_path) if adapter_path else None
             )
+            self.model, self.tokenizer = loaded[0], loaded[1]
         except Exception as exc:  # mlx-lm raises OSError, ValueError, HF errors...
             raise ClassifierError(
                 f"cannot load model {model}"
@@ -139,7 +140,7 @@ class MlxClassifier:
         tokens: list[int] = []
         step = first
         for _ in range(self.max_tokens):
-            token = int(mx.argmax(step).item())
+            token = int(mx.argmax(step))
             if token in self.tokenizer.eos_token_ids:
                 break
             tokens.append(token)

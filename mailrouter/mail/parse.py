@@ -24,6 +24,7 @@ from email.message import Message
 from email.parser import BytesParser
 from email.utils import getaddresses, parsedate_to_datetime
 from html import unescape
+from typing import TypedDict
 
 from ..message import Email
 
@@ -90,7 +91,7 @@ def parse_email(raw: bytes, *, max_bytes: int = 25 * 1024 * 1024) -> Email:
         defects.add(f"message of {size} bytes over the {max_bytes}-byte limit: body cut")
         data = _head_and_start(data, max_bytes)
     msg, complete = _parse(data, defects)
-    fields: dict[str, object] = {}
+    fields: _HeaderFields = {}
     try:
         fields = _header_fields(msg, defects)
     except Exception as exc:
@@ -121,7 +122,7 @@ def parse_email(raw: bytes, *, max_bytes: int = 25 * 1024 * 1024) -> Email:
         full_text=full_text,
         defects=defects.items(),
         truncated=truncated,
-        **fields,  # type: ignore[arg-type]
+        **fields,
     )
 
 
@@ -321,7 +322,22 @@ def _decode_run(run: list[tuple[str, bytes]], defects: _Defects) -> str:
     return "".join(parts)
 
 
-def _header_fields(msg: Message, defects: _Defects) -> dict[str, object]:
+class _HeaderFields(TypedDict, total=False):
+    """The fields of :class:`Email` read from the headers (none when they cannot be decoded)."""
+
+    headers: tuple[tuple[str, str], ...]
+    message_id: str
+    sender: str
+    sender_name: str
+    to: tuple[str, ...]
+    subject: str
+    date: datetime | None
+    in_reply_to: str
+    references: tuple[str, ...]
+    auth_results: tuple[str, ...]
+
+
+def _header_fields(msg: Message, defects: _Defects) -> _HeaderFields:
     """Every header decoded once; the fields the router reads are taken from that list."""
     headers: list[tuple[str, str]] = []
     for name, value in msg.raw_items():
@@ -480,9 +496,10 @@ def _text_of(part: Message, depth: int, walk: _Walk) -> str:
         return ""
     if ctype.startswith("text/"):
         return _text_part(part, ctype, walk)
-    children = part.get_payload()
-    if not part.is_multipart() or not isinstance(children, list):
+    payload = part.get_payload()
+    if not part.is_multipart() or not isinstance(payload, list):
         return _text_of_broken_multipart(part, depth, walk)
+    children = [c for c in payload if isinstance(c, Message)]  # all of them, from the parser
     if ctype == "multipart/alternative":
         # The first non-empty text/plain; else the first other rendering that yields text.
         plain = [c for c in children if c.get_content_type() == "text/plain"]
@@ -546,7 +563,7 @@ def _filename(part: Message) -> str:
 def _decoded_payload(part: Message, max_chars: int, walk: _Walk) -> str:
     """At most ``max_chars`` of text, transfer-decoding only the start of a huge payload."""
     payload = part.get_payload()
-    if isinstance(payload, list):
+    if not isinstance(payload, str):  # a list of parts: not a text payload
         return ""
     charset, ctype = _declared_charset(part), part.get_content_type()
     if len(payload) > 3 * max_chars:  # quoted-printable takes at most 3 characters per byte

@@ -277,7 +277,8 @@ def sentencepiece_vocab(path: Path) -> Vocab:
     """
     from sentencepiece import sentencepiece_model_pb2
 
-    proto = sentencepiece_model_pb2.ModelProto()
+    # protobuf generates ModelProto when the module loads; sentencepiece ships no stub for it
+    proto = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]
     try:
         proto.ParseFromString(path.read_bytes())
     except Exception as exc:  # protobuf's DecodeError, OSError
