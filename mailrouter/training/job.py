@@ -35,7 +35,7 @@ from ..errors import MailRouterError
 from ..files import private_dir, private_file
 from ..logs import event
 from ..state import open_state
-from . import registry
+from . import blas, registry
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +122,17 @@ def run_job(
         "iters": iters,
     }
     event(log, "training.job.start", run=run_id, timeout_s=limit, log=job_log)
+    mlx_blas = blas.for_this_machine()  # OpenBLAS preloaded on Linux: training ~2× faster
+    event(log, "training.blas", uses=mlx_blas.describe())
     with job_log.open("ab") as out:
+        out.write(f"BLAS for MLX: {mlx_blas.describe()}\n".encode())
+        out.flush()
         proc = subprocess.Popen(
             runner_command(),
             stdin=subprocess.PIPE,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=child_environment(os.environ),
+            env=mlx_blas.apply(child_environment(os.environ)),
             start_new_session=True,
         )
         assert proc.stdin is not None

@@ -21,9 +21,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from ..errors import TrainingError
 from ..logs import event
+from . import blas
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +85,9 @@ def command(config_path: Path) -> list[str]:
 
 
 def child_env() -> dict[str, str]:
-    """Plain, unbuffered output: lines arrive as they are printed and carry no colour codes."""
-    env = dict(os.environ)
+    """Plain, unbuffered output: lines arrive as they are printed and carry no colour codes;
+    OpenBLAS preloaded where installed (:mod:`.blas`), also under ``mailrouter train --now``."""
+    env = blas.for_this_machine().apply(os.environ)
     env.update(PYTHONUNBUFFERED="1", NO_COLOR="1", TERM="dumb", COLUMNS="120")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
@@ -104,22 +107,11 @@ def run_lora(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     tail: deque[str] = deque(maxlen=20)
-    iteration, train_loss, val_loss = 0, None, None
     event(log, "training.lora.start", config=config_path, iters=total_iters, log=log_path)
     with log_path.open("a", encoding="utf-8") as log_file:
         log_file.write("$ " + " ".join(command(config_path)) + "\n")
         log_file.flush()
-        proc = subprocess.Popen(
-            command(config_path),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-            env=child_env(),
-            preexec_fn=(lambda: os.nice(nice)) if nice else None,
-        )
+        proc = _start(config_path, nice)
         timed_out = threading.Event()
 
         def expire() -> None:
@@ -130,22 +122,9 @@ def run_lora(
         timer.daemon = True
         timer.start()
         try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log_file.write(line)
-                log_file.flush()
-                if line.strip():
-                    tail.append(_ANSI.sub("", line.rstrip()))
-                parsed = parse_line(line)
-                if parsed is None:
-                    continue
-                kind, iteration, loss, tokens = parsed
-                if kind == "train":
-                    train_loss = loss
-                else:
-                    val_loss = loss
-                if on_progress is not None:
-                    on_progress(Progress(iteration, total_iters, train_loss, val_loss, tokens))
+            iteration, train_loss, val_loss = _follow(
+                proc, log_file, tail, total_iters, on_progress
+            )
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
         finally:
@@ -156,19 +135,7 @@ def run_lora(
     seconds = time.monotonic() - started
     # ru_maxrss is in kilobytes on Linux, in bytes on macOS.
     peak = usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
-    code = proc.returncode
-    if timed_out.is_set():
-        raise TrainingError(
-            f"training timed out after {timeout:.0f} s (training.timeout_seconds); log: {log_path}"
-        )
-    if code != 0:
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-        if code == -9:
-            how += " (out of memory? lower training.batch_size or num_layers)"
-        last = "\n".join(list(tail)[-8:])
-        raise TrainingError(f"mlx_lm lora {how}; log: {log_path}\n{last}")
-    if not (adapter_dir / "adapters.safetensors").is_file():
-        raise TrainingError(f"mlx_lm lora wrote no adapters.safetensors in {adapter_dir}")
+    _check_exit(proc.returncode, timed_out.is_set(), timeout, log_path, tail, adapter_dir)
     event(
         log,
         "training.lora.done",
@@ -180,3 +147,72 @@ def run_lora(
     if on_progress is not None:
         on_progress(Progress(total_iters, total_iters, train_loss, val_loss))
     return LoraResult(adapter_dir, iteration, train_loss, val_loss, seconds, peak, log_path)
+
+
+def _start(config_path: Path, nice: int) -> subprocess.Popen[str]:
+    """``mlx_lm lora`` with its output on one text pipe, at a lower priority when ``nice``."""
+    return subprocess.Popen(
+        command(config_path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        env=child_env(),
+        preexec_fn=(lambda: os.nice(nice)) if nice else None,
+    )
+
+
+def _follow(
+    proc: subprocess.Popen[str],
+    log_file: TextIO,
+    tail: deque[str],
+    total_iters: int,
+    on_progress: Callable[[Progress], None] | None,
+) -> tuple[int, float | None, float | None]:
+    """Copy the child's output to the log as it comes, keep its last lines in ``tail`` and
+    report progress; returns the last iteration and the last train and validation losses."""
+    iteration, train_loss, val_loss = 0, None, None
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        log_file.write(line)
+        log_file.flush()
+        if line.strip():
+            tail.append(_ANSI.sub("", line.rstrip()))
+        parsed = parse_line(line)
+        if parsed is None:
+            continue
+        kind, iteration, loss, tokens = parsed
+        if kind == "train":
+            train_loss = loss
+        else:
+            val_loss = loss
+        if on_progress is not None:
+            on_progress(Progress(iteration, total_iters, train_loss, val_loss, tokens))
+    return iteration, train_loss, val_loss
+
+
+def _check_exit(
+    code: int | None,
+    timed_out: bool,
+    timeout: float,
+    log_path: Path,
+    tail: deque[str],
+    adapter_dir: Path,
+) -> None:
+    """Raise :class:`TrainingError` naming the cause (and the log's last lines) unless the run
+    ended well and wrote its adapter."""
+    if timed_out:
+        raise TrainingError(
+            f"training timed out after {timeout:.0f} s (training.timeout_seconds); log: {log_path}"
+        )
+    if code != 0:
+        assert code is not None
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        if code == -9:
+            how += " (out of memory? lower training.batch_size or num_layers)"
+        last = "\n".join(list(tail)[-8:])
+        raise TrainingError(f"mlx_lm lora {how}; log: {log_path}\n{last}")
+    if not (adapter_dir / "adapters.safetensors").is_file():
+        raise TrainingError(f"mlx_lm lora wrote no adapters.safetensors in {adapter_dir}")
