@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
+from mailrouter.calibration import Calibration, Status, Threshold
 from mailrouter.classify.baseline import BaselineClassifier
 from mailrouter.config import default_departments
 from mailrouter.dataset import Example
@@ -113,7 +114,7 @@ def test_html_report_is_self_contained_and_escaped(tmp_path: Path) -> None:
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")  # nothing fetched
     svgs = re.findall(r"<svg.*?</svg>", page, re.S)
-    assert len(svgs) == 2
+    assert len(svgs) == 3
     for svg in svgs:
         ET.fromstring(svg)  # well-formed
     heat = ET.fromstring(svgs[0])
@@ -122,7 +123,71 @@ def test_html_report_is_self_contained_and_escaped(tmp_path: Path) -> None:
     curve = ET.fromstring(svgs[1])
     lines = list(curve.iter("{http://www.w3.org/2000/svg}polyline"))
     assert len(lines) == 2 and len(lines[0].get("points").split()) == 101
+    reliability = ET.fromstring(svgs[2])
+    bars = [r for r in reliability.iter(f"{SVG}rect") if r.get("fill") == "#1f77b4"]
+    assert len(bars) == 2  # one answer at 0.7, one at 0.4: two bins
     assert page == render_html(report)
+
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+@dataclass
+class Calibrated(Scripted):
+    """Scripted answers from a model version with calibrated thresholds, as a backend gives."""
+
+    calibration: Calibration | None = None
+
+    def classify(self, item: ClassifyInput) -> Prediction:
+        answer = super().classify(item)
+        assert self.calibration is not None
+        return replace(answer, threshold=self.calibration.threshold(answer.label))
+
+
+def _threshold(status: Status, value: float | None) -> Threshold:
+    return Threshold(status, value, n=10, routed=5, precision=0.96)
+
+
+def test_calibrated_thresholds_decide_the_triage_rate_and_are_reported(tmp_path: Path) -> None:
+    calibration = Calibration(
+        0.95,
+        "valid",
+        {
+            "RH": _threshold("calibrated", 0.95),
+            "Support": _threshold("calibrated", 0.25),
+            "Finance": _threshold("unreachable", 1.0),
+            "SPAM": _threshold("few", None),
+        },
+    )
+    report = evaluate(Calibrated(ANSWERS, calibration=calibration), EXAMPLES, DEPS, 0.5)
+    # a: RH 0.9 < 0.95; b, c: Support ≥ 0.25 (b wrong); d: no answer; e: Finance < 1.0
+    assert [i.predicted for i in report.routed()] == ["Support", "Support"]
+    assert report.triage_rate == pytest.approx(3 / 5)
+    assert report.global_triage_rate == pytest.approx(2 / 5)  # c and d at 0.5
+    rows = {r.department: r for r in report.thresholds}
+    assert (rows["Support"].threshold, rows["Support"].routed, rows["Support"].precision) == (
+        0.25,
+        2,
+        0.5,
+    )
+    assert (rows["RH"].routed, rows["RH"].triaged) == (0, 1)
+    assert (rows["SPAM"].threshold, rows["SPAM"].source) == (0.5, "few")
+    assert (rows["Commercial"].threshold, rows["Commercial"].source) == (0.5, "global")
+    text = format_report(report)
+    assert "calibrated on the valid split for precision 0.95" in text
+    assert "triage rate  0.600 with these thresholds (0.400 at the global one)" in text
+    assert re.search(r"^Support\s+0\.25\s+2\s+0\.500\s+0\s", text, re.M)
+    data = report.to_dict()
+    assert data["calibration"]["departments"]["Support"]["threshold"] == 0.25
+    assert data["triage_rate"] == pytest.approx(0.6)
+    page = render_html(report)
+    assert "<td>Finance</td><td>1.00</td><td>unreachable</td>" in page
+
+
+def test_without_calibration_the_global_threshold_is_reported(report) -> None:
+    assert report.calibration is None
+    assert report.triage_rate == report.global_triage_rate
+    assert "global (this model version has no calibration)" in format_report(report)
 
 
 def test_baseline_beats_chance_on_held_out_sample() -> None:

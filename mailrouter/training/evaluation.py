@@ -20,9 +20,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..calibration import Calibration
 from ..classify.base import Classifier
 from ..config import Department
 from ..dataset import Example, atomic_write_text
+from .reliability import (
+    DepartmentRow,
+    applied,
+    calibration_html,
+    calibration_lines,
+    department_rows,
+    reliability_svg,
+)
 
 UNKNOWN = "unknown"
 
@@ -45,6 +54,7 @@ class Item:
     expected: str
     predicted: str | None
     confidence: float
+    threshold: float | None = None  # its model version's calibrated one; None: the report's
 
     @property
     def correct(self) -> bool:
@@ -65,6 +75,7 @@ class Report:
     seconds: float = 0.0
     skipped: dict[str, int] = field(default_factory=dict)  # unconfigured label -> n
     spam_labels: tuple[str, ...] = ()  # departments whose action is spam
+    calibration: Calibration | None = None  # the thresholds of the model version evaluated
 
     @property
     def recall(self) -> dict[str, float]:
@@ -119,13 +130,29 @@ class Report:
         return matrix
 
     def routed(self, threshold: float | None = None) -> list[Item]:
-        """Items the router would send to a department: a label and confidence ≥ threshold."""
-        t = self.threshold if threshold is None else threshold
-        return [i for i in self.items if i.predicted is not None and i.confidence >= t]
+        """Items the router would send to a department: a label and a confidence at or above
+        ``threshold`` when given, else at or above the threshold the router applies to each
+        (its model version's calibrated one for that department, else the report's)."""
+        return [
+            i
+            for i in self.items
+            if i.predicted is not None
+            and i.confidence >= (applied(i, self.threshold) if threshold is None else threshold)
+        ]
 
     @property
     def triage_rate(self) -> float:
         return 1 - len(self.routed()) / self.n if self.items else 0.0
+
+    @property
+    def global_triage_rate(self) -> float:
+        """The triage rate at the report's single threshold, calibration ignored."""
+        return 1 - len(self.routed(self.threshold)) / self.n if self.items else 0.0
+
+    @property
+    def thresholds(self) -> list[DepartmentRow]:
+        """Each department's threshold and what it does on this split."""
+        return department_rows(self.items, self.labels, self.calibration, self.threshold)
 
     @property
     def routed_accuracy(self) -> float | None:
@@ -165,6 +192,12 @@ class Report:
             "false_spam": self.false_spam,
             "threshold": self.threshold,
             "triage_rate": self.triage_rate,
+            "global_triage_rate": self.global_triage_rate,
+            "calibration": self.calibration.to_dict() if self.calibration else None,
+            "thresholds": [
+                {**asdict(r), "precision": r.precision, "triaged": r.triaged}
+                for r in self.thresholds
+            ],
             "routed_accuracy": self.routed_accuracy,
             "seconds": self.seconds,
             "per_department": {k: asdict(v) for k, v in self.per_department.items()},
@@ -212,6 +245,7 @@ def evaluate(
                 expected=example.label,
                 predicted=predicted,
                 confidence=prediction.confidence,
+                threshold=prediction.threshold if predicted is not None else None,
             )
         )
         if progress:
@@ -224,6 +258,7 @@ def evaluate(
         seconds=time.monotonic() - started,
         skipped=skipped,
         spam_labels=tuple(d.name for d in departments if d.action == "spam"),
+        calibration=getattr(classifier, "calibration", None),
     )
 
 
@@ -244,6 +279,8 @@ def format_report(report: Report) -> str:
         lines.append(f"false spam   {report.false_spam} real email(s) answered as spam")
     if report.n:
         lines.append(f"time         {report.seconds / report.n * 1000:.1f} ms per email")
+    lines += ["", *calibration_lines(report.thresholds, report.calibration,
+                                     report.triage_rate, report.global_triage_rate)]  # fmt: skip
     if report.skipped:
         left = ", ".join(f"{k}: {v}" for k, v in sorted(report.skipped.items()))
         lines.append(f"left out (not configured departments): {left}")
@@ -282,7 +319,8 @@ def render_html(report: Report) -> str:
         ("emails", str(report.n)),
         ("accuracy", f"{report.accuracy:.3f}"),
         ("macro-F1", f"{report.macro_f1:.3f}"),
-        (f"triage at {report.threshold:.2f}", f"{report.triage_rate:.1%}"),
+        ("triage", f"{report.triage_rate:.1%}"),
+        (f"triage at the global {report.threshold:.2f}", f"{report.global_triage_rate:.1%}"),
         ("accuracy when routed", "-" if routed is None else f"{routed:.3f}"),
     ]
     scores = "".join(
@@ -316,8 +354,15 @@ figure {{ margin: 1.5em 0; }}
 Colour: share of the row.</figcaption></figure>
 <h2>Threshold and coverage</h2>
 <figure>{curve_svg(report)}<figcaption>For each confidence threshold: the share of emails routed
-(coverage) and the accuracy on those. The dashed line is the configured threshold.
+(coverage) and the accuracy on those. The dashed line is the global threshold; the calibrated
+ones, per department, follow.
 </figcaption></figure>
+<h2>Thresholds</h2>
+{calibration_html(report.thresholds, report.calibration)}
+<h2>Reliability</h2>
+<figure>{reliability_svg(report.items)}<figcaption>Answers binned by confidence: the share of each
+bin that was right (bar; the number of answers above it). A model whose confidence means what it
+says follows the dashed diagonal.</figcaption></figure>
 <h2>Mistakes ({sum(not i.correct for i in report.items)})</h2>
 <table><tr><th>email</th><th>expected</th><th>predicted</th><th>confidence</th></tr>
 {errors}</table>
