@@ -16,7 +16,7 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import TypedDict
 
 from ..classify import make_classifier
 from ..classify.base import Classifier
@@ -54,6 +54,17 @@ from .types import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class _Identity(TypedDict):
+    """What identifies a mail, recorded with it whatever becomes of it (copy detection reads it)."""
+
+    content_hash: str
+    fingerprint: str
+    message_id: str
+    sender: str
+    subject: str
+    size: int
 
 
 class Intake:
@@ -183,7 +194,7 @@ class Intake:
         if email.content_hash in planned or (mail_fingerprint and mail_fingerprint in planned):
             report.waiting += 1  # a copy of a message of this batch: next round files it
             return None
-        identity = {
+        identity: _Identity = {
             "content_hash": email.content_hash,
             "fingerprint": mail_fingerprint,
             "message_id": email.message_id,
@@ -258,7 +269,7 @@ class Intake:
         incoming: Incoming,
         uidvalidity: int,
         report: RoundReport,
-        identity: dict[str, Any],
+        identity: _Identity,
     ) -> MessageRecord | NewMessage | None:
         """Another copy of mail already known: adopt it, file it like the first, or wait."""
         if not copy.final and copy.uidvalidity != uidvalidity:
