@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..calibration import Calibration
 from ..config import BASELINE_MODEL_PREFIX
 from ..dataset import Dataset, Example
 from ..errors import ClassifierError
@@ -33,6 +34,7 @@ from ..prediction import ClassifyInput, Prediction
 from ..prompt import PromptOptions, prefix
 from . import compact
 from .compact import CompactModel, Vectorizer
+from .thresholds import baseline_calibration
 
 if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline
@@ -104,7 +106,7 @@ def _export_vectorizer(vectorizer: Any) -> Vectorizer:
     idf = getattr(vectorizer, "idf_", None) if vectorizer.use_idf else None
     return Vectorizer(
         analyzer=vectorizer.analyzer,
-        ngram_range=tuple(vectorizer.ngram_range),
+        ngram_range=(int(vectorizer.ngram_range[0]), int(vectorizer.ngram_range[1])),
         lowercase=bool(vectorizer.lowercase),
         strip_accents=vectorizer.strip_accents or None,
         token_pattern=vectorizer.token_pattern,
@@ -118,13 +120,15 @@ def _export_vectorizer(vectorizer: Any) -> Vectorizer:
 
 @dataclass
 class BaselineClassifier:
-    """A fitted TF-IDF + logistic regression; built by :meth:`fit` or :meth:`from_settings`."""
+    """A fitted TF-IDF + logistic regression, answering from its compact export; built by
+    :meth:`fit` or :meth:`from_settings`."""
 
-    pipeline: Any
+    model: CompactModel
     departments: list[Department]
     options: PromptOptions
     name: str
     fit_seconds: float | None = None  # set when this instance was trained rather than loaded
+    calibration: Calibration | None = None  # its thresholds per department (see .thresholds)
 
     @classmethod
     def fit(
@@ -149,28 +153,28 @@ class BaselineClassifier:
                 "add some with `mailrouter dataset import`"
             )
         texts = [email_text(e.to_input(), deps, options) for e in rows]
-        pipeline = _pipeline()
-        _one_thread()
-        pipeline.fit(texts, [e.label for e in rows])
+        model = export(train_pipeline(texts, [e.label for e in rows]))
         if name is None:
             name = _model_name(_rows_hash(rows))
-        return cls(pipeline=pipeline, departments=deps, options=options, name=name)
+        return cls(model=model, departments=deps, options=options, name=name)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BaselineClassifier:
-        """The model for the current dataset: loaded from the cache, or trained and cached."""
+        """The model for the current dataset: loaded from its compact file, or trained (with
+        scikit-learn) and exported there when no file matches the data and settings."""
         dataset = Dataset.from_settings(settings)
         options = PromptOptions.from_settings(settings)
         data_hash = dataset.content_hash()
         key = _cache_key(data_hash, settings.departments, options)
-        cache = settings.models_dir / "baseline" / f"{key}.pkl"
+        cache = settings.models_dir / "baseline" / f"{key}.npz"
         cached = _load(cache)
         if cached is not None:
             return cls(
-                pipeline=cached,
+                model=cached,
                 departments=list(settings.departments),
                 options=options,
                 name=_model_name(data_hash),
+                calibration=_calibration(cache, settings, dataset, options),
             )
         examples = [e for e in dataset.load() if e.split in TRAIN_SPLITS]
         if not examples:
@@ -178,29 +182,41 @@ class BaselineClassifier:
         started = time.monotonic()
         model = cls.fit(examples, settings.departments, options, name=_model_name(data_hash))
         model.fit_seconds = time.monotonic() - started
-        _store(cache, model.pipeline)
+        _store(cache, model.model)
+        model.calibration = _calibration(cache, settings, dataset, options)
         return model
 
     def classify(self, item: ClassifyInput) -> Prediction:
         return self.classify_many([item])[0]
 
     def classify_many(self, items: Sequence[ClassifyInput]) -> list[Prediction]:
-        """One prediction per item, in order: one vectorisation and one ``predict_proba`` for
-        the whole batch, several times cheaper per email than one call each."""
+        """One prediction per item, in order (the pipeline batches when a backend offers it)."""
         if not items:
             return []
         texts = [email_text(item, self.departments, self.options) for item in items]
-        _one_thread()
         out = []
-        classes = [str(c) for c in self.pipeline.classes_]
-        for probabilities in self.pipeline.predict_proba(texts):
+        classes = list(self.model.classes)
+        for probabilities in self.model.predict_proba(texts):
             best = int(probabilities.argmax())
             label = classes[best]
             confidence = min(1.0, max(0.0, float(probabilities[best])))
             every = {c: float(p) for c, p in zip(classes, probabilities, strict=True)}
+            threshold = self.calibration.threshold(label) if self.calibration else None
             out.append(Prediction(label=label, confidence=confidence, model=self.name, raw=label,
-                                  probabilities=every))  # fmt: skip
+                                  probabilities=every, threshold=threshold))  # fmt: skip
         return out
+
+
+def _calibration(
+    cache: Path, settings: Settings, dataset: Dataset, options: PromptOptions
+) -> Calibration:
+    """The thresholds of the model stored at ``cache``, calibrated when it was trained."""
+    return baseline_calibration(
+        cache,
+        settings,
+        dataset.load,
+        lambda rows: BaselineClassifier.fit(rows, settings.departments, options),
+    )
 
 
 def _model_name(digest: str) -> str:
@@ -226,13 +242,13 @@ def _rows_hash(rows: Sequence[Example]) -> str:
 
 
 def _cache_key(data_hash: str, departments: Sequence[Department], options: PromptOptions) -> str:
-    """Anything that changes the fitted model changes the key: data, departments, prompt knobs."""
-    import sklearn
-
+    """Anything that changes the fitted model changes the key: data, departments, prompt knobs,
+    the features and the file's format (not scikit-learn's version: the file does not need it,
+    and reading the version would load scikit-learn)."""
     spec = json.dumps(
         [
             MODEL_VERSION,
-            sklearn.__version__,
+            compact.FORMAT,
             data_hash,
             [d.model_dump(include={"name", "description"}) for d in departments],
             [options.max_chars, options.strip_accents],
@@ -242,18 +258,21 @@ def _cache_key(data_hash: str, departments: Sequence[Department], options: Promp
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
-def _load(path: Path) -> Any | None:
-    """The cached pipeline, or ``None`` when missing or unreadable (then it is retrained)."""
+def _load(path: Path) -> CompactModel | None:
+    """The exported model, or ``None`` when missing or unreadable (then it is retrained)."""
+    if not path.exists():
+        return None
     try:
-        with path.open("rb") as handle:
-            return pickle.load(handle)
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError):
+        return CompactModel.load(path)
+    except ClassifierError as exc:
+        event(log, "baseline.model.unreadable", logging.WARNING, path=path, error=str(exc))
         return None
 
 
-def _store(path: Path, pipeline: Any) -> None:
-    """Write the cache atomically and drop older entries: one model per data version is enough."""
-    atomic_write_bytes(path, pickle.dumps(pipeline, protocol=pickle.HIGHEST_PROTOCOL))
-    for old in path.parent.glob("*.pkl"):
-        if old != path:
+def _store(path: Path, model: CompactModel) -> None:
+    """Write the file atomically and drop older ones (and the pickles of earlier versions): one
+    model per data version is enough."""
+    model.save(path)
+    for old in path.parent.iterdir():
+        if old != path and old.suffix in (".npz", ".pkl"):
             old.unlink(missing_ok=True)
