@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from mailrouter.calibration import (
     MIN_EXAMPLES,
@@ -18,7 +20,10 @@ from mailrouter.calibration import (
     ollama_path,
     save,
 )
-from mailrouter.config import Settings
+from mailrouter.classify.baseline import BaselineClassifier
+from mailrouter.cli import app
+from mailrouter.config import Settings, load_settings
+from mailrouter.dataset import Dataset
 from mailrouter.message import Email
 from mailrouter.prediction import Prediction
 from mailrouter.router import decide
@@ -122,3 +127,61 @@ def test_the_router_takes_the_threshold_the_prediction_carries() -> None:
     assert route.kind == "triage"
     assert "0.90 (Support < 0.95)" in route.reason
     assert decide(replace(sure, threshold=None), email, settings).kind == "department"
+
+
+def test_calibrated_thresholds_change_the_starter_triage_rate_as_evaluate_says(
+    starter_data: Path,
+) -> None:
+    """The baseline calibrates its thresholds when it is trained; ``evaluate`` reports the
+    triage rate they give on the test split, and routing that split through ``router.decide``
+    gives exactly that rate, not the one of the global threshold."""
+    result = CliRunner().invoke(
+        app, ["evaluate", "--backend", "baseline", "--json"], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    settings = load_settings()
+    calibrated = {
+        name: t["threshold"]
+        for name, t in report["calibration"]["departments"].items()
+        if t["status"] == "calibrated"
+    }
+    assert calibrated, "the starter data calibrates at least one department"
+    assert report["triage_rate"] != report["global_triage_rate"]
+
+    classifier = BaselineClassifier.from_settings(settings)  # the cached model and calibration
+    assert classifier.calibration is not None
+    assert classifier.calibration.to_dict() == report["calibration"]
+    test = Dataset.from_settings(settings).split("test")
+    routes = []
+    for example, prediction in zip(
+        test, classifier.classify_many([e.to_input() for e in test]), strict=True
+    ):
+        email = Email(raw_size=1, content_hash="0" * 64, sender="client@example.org",
+                      subject=example.subject, body=example.text)  # fmt: skip
+        routes.append(decide(prediction, email, settings))
+    measured = sum(r.kind == "triage" for r in routes) / len(routes)
+    assert measured == pytest.approx(report["triage_rate"])
+    rows = {r["department"]: r for r in report["thresholds"]}
+    for name, threshold in calibrated.items():
+        assert rows[name]["threshold"] == threshold
+        low = [r for r in routes if r.kind == "triage" and r.department == name]
+        assert len(low) == rows[name]["triaged"]
+
+
+def test_the_baseline_recalibrates_when_the_target_changes(
+    starter_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = BaselineClassifier.from_settings(load_settings())
+    monkeypatch.setenv("MAILROUTER_CLASSIFIER__TARGET_PRECISION", "0.5")
+    second = BaselineClassifier.from_settings(load_settings())
+    assert first.calibration is not None and second.calibration is not None
+    assert (first.calibration.target, second.calibration.target) == (0.95, 0.5)
+    lower = [
+        name
+        for name in first.calibration.departments
+        if (second.calibration.threshold(name) or 0) < (first.calibration.threshold(name) or 0)
+    ]
+    assert lower, "a lower target lowers some threshold"
+    files = list((load_settings().models_dir / "baseline").glob("*.calibration.json"))
+    assert len(files) == 1

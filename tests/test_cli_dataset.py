@@ -135,7 +135,7 @@ def test_evaluate_baseline(sample: Dataset, tmp_path: Path) -> None:
     assert result.exit_code == 0
     assert "accuracy" in result.stdout and "macro-F1" in result.stdout
     assert "unknown" in result.stdout  # the confusion matrix
-    assert page.read_text(encoding="utf-8").count("<svg") == 2
+    assert page.read_text(encoding="utf-8").count("<svg") == 3  # confusion, curve, reliability
     data = json.loads(run("evaluate", "--backend", "baseline", "--json").stdout)
     assert data["split"] == "test" and data["n"] == 5
     assert 0 <= data["accuracy"] <= 1 and set(data["per_department"]) >= {"RH", "SPAM"}

@@ -175,7 +175,7 @@ def test_calibrated_thresholds_decide_the_triage_rate_and_are_reported(tmp_path:
     assert (rows["Commercial"].threshold, rows["Commercial"].source) == (0.5, "global")
     text = format_report(report)
     assert "calibrated on the valid split for precision 0.95" in text
-    assert "triage rate  0.600 with these thresholds (0.400 at the global one)" in text
+    assert "triage rate  0.600 with the calibrated thresholds (0.400 at the global 0.50)" in text
     assert re.search(r"^Support\s+0\.25\s+2\s+0\.500\s+0\s", text, re.M)
     data = report.to_dict()
     assert data["calibration"]["departments"]["Support"]["threshold"] == 0.25

@@ -271,7 +271,13 @@ def format_report(report: Report) -> str:
         f"model {report.model}: {report.n} emails",
         f"accuracy     {report.accuracy:.3f}",
         f"macro-F1     {report.macro_f1:.3f}",
-        f"triage rate  {report.triage_rate:.3f} at threshold {report.threshold:.2f}",
+        f"triage rate  {report.triage_rate:.3f} "
+        + (
+            f"with the calibrated thresholds ({report.global_triage_rate:.3f} at the global "
+            f"{report.threshold:.2f})"
+            if report.calibration
+            else f"at threshold {report.threshold:.2f}"
+        ),
     ]
     routed = report.routed_accuracy
     lines.append(f"routed acc.  {'-' if routed is None else f'{routed:.3f}'}")
@@ -279,8 +285,7 @@ def format_report(report: Report) -> str:
         lines.append(f"false spam   {report.false_spam} real email(s) answered as spam")
     if report.n:
         lines.append(f"time         {report.seconds / report.n * 1000:.1f} ms per email")
-    lines += ["", *calibration_lines(report.thresholds, report.calibration,
-                                     report.triage_rate, report.global_triage_rate)]  # fmt: skip
+    lines += ["", *calibration_lines(report.thresholds, report.calibration)]
     if report.skipped:
         left = ", ".join(f"{k}: {v}" for k, v in sorted(report.skipped.items()))
         lines.append(f"left out (not configured departments): {left}")

@@ -96,7 +96,9 @@ def department_rows(
                 predicted=len(mine),
                 routed=len(routed),
                 correct=sum(a.expected == label for a in routed),
-                note=found.note if found is not None else "no calibration: global threshold",
+                note=f"{calibration.split}: {found.note}"
+                if calibration is not None and found is not None
+                else "no calibration: global threshold",
             )
         )
     return rows
@@ -120,10 +122,8 @@ def bins(answers: Sequence[Answer], count: int = BINS) -> list[Bin]:
 # --- text ----------------------------------------------------------------------------------------
 
 
-def calibration_lines(
-    rows: Sequence[DepartmentRow], calibration: Calibration | None, triage: float, flat: float
-) -> list[str]:
-    """The calibration section of ``evaluate``'s text report."""
+def calibration_lines(rows: Sequence[DepartmentRow], calibration: Calibration | None) -> list[str]:
+    """The thresholds section of ``evaluate``'s text report."""
     if calibration is None:
         head = "thresholds   global (this model version has no calibration)"
     else:
@@ -131,13 +131,10 @@ def calibration_lines(
             f"thresholds   calibrated on the {calibration.split} split for precision "
             f"{calibration.target:.2f}"
         )
-    lines = [
-        head,
-        f"triage rate  {triage:.3f} with these thresholds ({flat:.3f} at the global one)",
-    ]
+    lines = [head]
     width = max(len(r.department) for r in rows) + 2 if rows else 12
     lines.append(
-        f"{'department':<{width}}{'threshold':>10}{'routed':>8}{'precision':>10}{'triage':>8}  why"
+        f"{'department':<{width}}{'threshold':>10}{'routed':>8}{'precision':>10}{'triaged':>8}  why"
     )
     for r in rows:
         precision = "-" if r.precision is None else f"{r.precision:.3f}"
