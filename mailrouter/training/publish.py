@@ -25,22 +25,21 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 import ollama
 
-from ..classify.ollama import full_name, normalize_host
+from ..classify.ollama import OllamaClassifier, full_name, normalize_host
 from ..config import Settings
+from ..dataset import Example
 from ..errors import MailRouterError, TrainingError
 from ..logs import event
 from ..prompt import OLLAMA_TEMPLATE, STOP
+from ..state import State
 from . import registry
-
-if TYPE_CHECKING:
-    from ..dataset import Example
-    from ..state import State
-    from .evaluation import Report
+from .evaluation import Report, evaluate
+from .recorder import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +176,6 @@ def evaluate_on_ollama(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Report, list[str]]:
     """Classify ``examples`` with model ``name`` exactly as the router would; report and answers."""
-    from ..classify.ollama import OllamaClassifier
-    from .evaluation import evaluate
-    from .recorder import Recorder
-
     classifier_settings = settings.classifier.model_copy(update={"model": name})
     pinned = settings.model_copy(update={"classifier": classifier_settings})
     recorder = Recorder(OllamaClassifier(pinned))
@@ -211,7 +206,7 @@ def publish(
     progress: Callable[[int, int], None] | None = None,
 ) -> Published:
     """Create ``vN``, check it through Ollama, put it in service, prune old versions."""
-    from .gguf import export_gguf
+    from .gguf import export_gguf  # numpy and the GGUF writer: heavy, for this step only
 
     api = client(settings)
     version = registry.next_version(state)

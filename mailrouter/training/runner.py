@@ -34,25 +34,27 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from filelock import FileLock, Timeout
 
+from ..classify.mlx import MlxClassifier
 from ..config import Settings
+from ..dataset import SPLITS, Dataset, Example
 from ..errors import MailRouterError, TrainingError
 from ..files import private_umask, tighten
-from ..logs import event
+from ..logs import event, setup_logging
 from ..prompt import PromptOptions
+from ..state import State, open_state
 from . import registry
+from .basemodel import resolve_base_model
+from .config import build_run
+from .evaluation import Report, evaluate
 from .gate import Decision, GateRules, Scores, decide
-from .lora import Progress
+from .lora import LoraResult, Progress, run_lora
+from .publish import client, evaluate_on_ollama, latest_name, model_names, publish, server_version
 from .recorder import Recorder, agreement, differences
 from .testpin import TestPin, check_pin, pin_path
-
-if TYPE_CHECKING:
-    from ..dataset import Example
-    from ..state import State
-    from .evaluation import Report
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +120,6 @@ def run_training(
     hooks: Hooks | None = None,
 ) -> Outcome:
     """One run under the training lock; ``busy`` at once when another run holds it."""
-    from ..state import open_state
-
     settings.models_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(lock_path(settings)), timeout=0)
     try:
@@ -170,9 +170,26 @@ class _Run:
         return Outcome(self.id, "failed", message, metrics=self.metrics, run_dir=self.dir)
 
     def _execute(self, *, force: bool, iters: int | None) -> Outcome:
-        from ..dataset import SPLITS, Dataset
+        dataset, data_hash, examples, test = self._snapshot()
+        if not force and data_hash == registry.last_trained_hash(self.state):
+            return self._skipped("no example added or changed since the last training")
+        self.hooks.stage("checking Ollama")
+        self.metrics["ollama_version"] = server_version(self.settings)
+        if not test:
+            raise TrainingError("the pinned test set is empty (`mailrouter dataset pin-test`)")
+        base_dir, adapter_dir = self._train(dataset, iters)
+        candidate, baseline, current = self._evaluate(base_dir, adapter_dir, examples, test)
+        decision = self._gate(candidate, baseline, current)
+        if not decision.publish:
+            registry.finish_run(self.state, self.id, "rejected", decision.reason)
+            return self._judged("rejected", decision.reason, decision)
+        return self._publish(base_dir, adapter_dir, test, candidate, decision)
 
-        settings, state = self.settings, self.state
+    def _snapshot(self) -> tuple[Dataset, str, list[Example], list[Example]]:
+        """Copy the dataset into the run folder (writers may add examples meanwhile: the run
+        trains and evaluates on one consistent file), hash it and hold its test split to the
+        pin; returns the copy, its hash, the usable examples and the pinned test examples."""
+        settings = self.settings
         self.dir.mkdir(parents=True, exist_ok=True)
         snapshot = self.dir / "examples.jsonl"
         source = settings.examples_path
@@ -186,35 +203,28 @@ class _Run:
         examples = [e for e in loaded if e.label in settings.labels]
         test = self._pinned_test(loaded, examples)
         counts = {s: sum(e.split == s for e in examples) for s in SPLITS}
-        registry.update_run(state, self.id, dataset_hash=data_hash, counts=counts)
+        registry.update_run(self.state, self.id, dataset_hash=data_hash, counts=counts)
+        return dataset, data_hash, examples, test
 
-        if not force and data_hash == registry.last_trained_hash(state):
-            reason = "no example added or changed since the last training"
-            registry.finish_run(state, self.id, "skipped", reason)
-            shutil.rmtree(self.dir, ignore_errors=True)
-            event(log, "training.skipped", run=self.id, reason=reason)
-            return Outcome(self.id, "skipped", reason)
+    def _skipped(self, reason: str) -> Outcome:
+        registry.finish_run(self.state, self.id, "skipped", reason)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        event(log, "training.skipped", run=self.id, reason=reason)
+        return Outcome(self.id, "skipped", reason)
 
-        from .publish import server_version
-
-        self.hooks.stage("checking Ollama")
-        self.metrics["ollama_version"] = server_version(settings)
-
-        if not test:
-            raise TrainingError("the pinned test set is empty (`mailrouter dataset pin-test`)")
+    def _train(self, dataset: Dataset, iters: int | None) -> tuple[Path, Path]:
+        """Export the splits, fetch the base model, write ``run.yaml`` and run LoRA; returns
+        the base model's folder and the adapter's."""
+        settings = self.settings
         self.hooks.stage("exporting the dataset")
         data_dir = self.dir / "data"
         exported = dataset.export(
             data_dir, settings.departments, PromptOptions.from_settings(settings)
         )
-        from .basemodel import resolve_base_model
-
         self.hooks.stage("fetching the base model")
         started = time.monotonic()
         base_dir = resolve_base_model(settings)
         self._timed("base_model", started)
-
-        from .config import build_run
 
         adapter_dir = self.dir / "adapters"
         lora_run = build_run(
@@ -228,9 +238,9 @@ class _Run:
         )
         config_path = lora_run.write(self.dir / "run.yaml")
         params = {k: v for k, v in asdict(lora_run).items() if k != "model"}
-        registry.update_run(state, self.id, base_model=settings.training.base_model, params=params)
-
-        from .lora import run_lora
+        registry.update_run(
+            self.state, self.id, base_model=settings.training.base_model, params=params
+        )
 
         self.hooks.stage(f"training ({lora_run.iters} iterations)")
         trained = run_lora(
@@ -242,6 +252,10 @@ class _Run:
             nice=settings.training.nice,
             on_progress=self.hooks.progress,
         )
+        self._trained(trained)
+        return base_dir, adapter_dir
+
+    def _trained(self, trained: LoraResult) -> None:
         self.durations["train"] = round(trained.seconds, 2)
         self.metrics["lora"] = {
             "train_loss": trained.train_loss,
@@ -249,22 +263,23 @@ class _Run:
             "peak_rss_mb": round(trained.peak_rss_mb, 1),
         }
         registry.update_run(
-            state, self.id, metrics={"durations": self.durations, "lora": self.metrics["lora"]}
+            self.state, self.id, metrics={"durations": self.durations, "lora": self.metrics["lora"]}
         )
 
-        candidate, baseline, current = self._evaluate(base_dir, adapter_dir, examples, test)
-        decision = self._gate(candidate, baseline, current)
-        if not decision.publish:
-            registry.finish_run(state, self.id, "rejected", decision.reason)
-            return self._judged("rejected", decision.reason, decision)
-
-        from .publish import publish
-
+    def _publish(
+        self,
+        base_dir: Path,
+        adapter_dir: Path,
+        test: list[Example],
+        candidate: Report,
+        decision: Decision,
+    ) -> Outcome:
+        """Publish the candidate the gate accepted, check it through Ollama, record it."""
         self.hooks.stage("publishing to Ollama")
         started = time.monotonic()
         published = publish(
-            settings,
-            state,
+            self.settings,
+            self.state,
             run_id=self.id,
             base_dir=base_dir,
             adapter_dir=adapter_dir,
@@ -285,7 +300,7 @@ class _Run:
         self.metrics["ollama_differences"] = differences(self.answers, published.answers)
         reason = f"{decision.reason}; in service as {published.name}"
         registry.finish_run(
-            state,
+            self.state,
             self.id,
             "published",
             reason,
@@ -343,9 +358,7 @@ class _Run:
     def _evaluate(
         self, base_dir: Path, adapter_dir: Path, examples: list[Example], test: list[Example]
     ) -> tuple[Report, Report, Scores | None]:
-        from ..classify.baseline import BaselineClassifier
-        from ..classify.mlx import MlxClassifier
-        from .evaluation import evaluate
+        from ..classify.baseline import BaselineClassifier  # numpy: heavy for `mailrouter`
 
         settings, state = self.settings, self.state
         options = PromptOptions.from_settings(settings)
@@ -395,8 +408,6 @@ class _Run:
     def _current(self, test: list[Example]) -> Scores | None:
         """The model in service on the pinned test set: through Ollama, else as recorded when
         recorded on the same pin (figures from another test set judge nothing)."""
-        from .publish import client, evaluate_on_ollama, latest_name, model_names
-
         name = latest_name(self.settings)
         if name in model_names(client(self.settings)):
             self.hooks.stage(f"evaluating the model in service ({name}) through Ollama")
@@ -439,8 +450,6 @@ def request_settings(request: dict[str, Any]) -> Settings:
 def main() -> int:
     """Run one training from ``{"settings": …, "hf_token": …, "run_id": …, "force": …,
     "iters": …}`` on stdin."""
-    from ..logs import setup_logging
-
     private_umask()
     request = json.loads(sys.stdin.read())
     settings = request_settings(request)
