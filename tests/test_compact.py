@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 
 from mailrouter.classify.baseline import BaselineClassifier, email_text, export, train_pipeline
 from mailrouter.classify.compact import CompactModel
-from mailrouter.config import default_departments
+from mailrouter.config import default_departments, load_settings
 from mailrouter.dataset import Dataset
 from mailrouter.errors import ClassifierError
+from mailrouter.prediction import ClassifyInput
 
 REPO = Path(__file__).resolve().parent.parent
 STARTER = REPO / "data" / "examples.jsonl"
@@ -180,19 +181,17 @@ print(json.dumps({
 def test_classifying_with_the_baseline_never_imports_scikit_learn(data_dir: Path) -> None:
     """Once the compact file exists, a fresh process loads it and answers with NumPy alone."""
     (data_dir / "examples.jsonl").write_bytes(STARTER.read_bytes())
-
-    def classify(text: str, subject: str) -> dict[str, object]:
-        out = subprocess.run(
-            [sys.executable, "-c", CLASSIFY_AND_LIST_MODULES, text, subject],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=120,
-        ).stdout
-        return json.loads(out.splitlines()[-1])
-
-    first = classify("Bonjour, je postule au poste de comptable, CV joint.", "Candidature")
-    assert first["fit_seconds"] is not None and first["heavy"]  # trained: scikit-learn ran
+    trained = BaselineClassifier.from_settings(load_settings())  # writes the compact file
+    assert trained.fit_seconds is not None
     assert list((data_dir / "models" / "baseline").glob("*.npz"))
-    again = classify("La facture 42 reste impayee, merci de regulariser.", "Relance")
-    assert again == {"label": "Finance", "fit_seconds": None, "heavy": []}
+    text, subject = "La facture 42 reste impayee, merci de regulariser.", "Relance"
+    out = subprocess.run(
+        [sys.executable, "-c", CLASSIFY_AND_LIST_MODULES, text, subject],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    answer = json.loads(out.splitlines()[-1])
+    assert answer == {"label": "Finance", "fit_seconds": None, "heavy": []}
+    assert trained.classify(ClassifyInput(text, subject)).label == "Finance"
