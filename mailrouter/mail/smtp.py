@@ -61,7 +61,7 @@ def _smtp_error(exc: BaseException, what: str) -> SmtpError:
             "server name or set smtp.ca_file",
         )
     if isinstance(exc, smtplib.SMTPServerDisconnected | smtplib.SMTPException):
-        return SmtpError(f"{what}: {exc or type(exc).__name__}")
+        return SmtpError(f"{what}: {str(exc) or type(exc).__name__}")
     if isinstance(exc, socket.timeout | TimeoutError):
         return SmtpError(f"{what}: timed out")
     return SmtpError(f"{what}: {type(exc).__name__}: {exc}")
