@@ -219,15 +219,34 @@ class Intake:
                 self.state.record_error("handler_failed", f"uid {incoming.uid}: {exc}")
             return None
         if outcome is not None:
-            self._report(report, incoming, outcome.route, None, None, None, outcome.reason)
-            if self.dry_run:
-                return None
-            state = MessageState.CLASSIFIED if outcome.target else outcome.state
-            return self.state.add_message(
-                key, uidvalidity, incoming.uid, state=state, route=outcome.route,
-                reason=outcome.reason, outcome=str(outcome.state), folder=outcome.target,
-                **identity,
-            )  # fmt: skip
+            return self._claimed(incoming, uidvalidity, report, outcome, identity)
+        return self._routed(incoming, uidvalidity, report, identity)
+
+    def _claimed(
+        self,
+        incoming: Incoming,
+        uidvalidity: int,
+        report: RoundReport,
+        outcome: Outcome,
+        identity: _Identity,
+    ) -> MessageRecord | None:
+        """Record at once a message a handler claimed (the handler has already acted)."""
+        self._report(report, incoming, outcome.route, None, None, None, outcome.reason)
+        if self.dry_run:
+            return None
+        state = MessageState.CLASSIFIED if outcome.target else outcome.state
+        return self.state.add_message(
+            self.mailbox.key, uidvalidity, incoming.uid, state=state, route=outcome.route,
+            reason=outcome.reason, outcome=str(outcome.state), folder=outcome.target,
+            **identity,
+        )  # fmt: skip
+
+    def _routed(
+        self, incoming: Incoming, uidvalidity: int, report: RoundReport, identity: _Identity
+    ) -> NewMessage | None:
+        """Classify and route a message no handler claimed: what to record for it, with its
+        forward when it goes to a department or triage (``None`` while the classifier waits)."""
+        email = incoming.email
         decided = self._route(incoming)
         if decided is None:
             report.waiting += 1
@@ -243,7 +262,7 @@ class Intake:
         if route.kind in FORWARDING_ROUTES:
             forward = self.outbox.first_forward(route.kind, route.department, route.address)
         return NewMessage(
-            key,
+            self.mailbox.key,
             uidvalidity,
             incoming.uid,
             state=MessageState.CLASSIFIED,
