@@ -3,16 +3,20 @@ callback) against a bare ``python -m mlx_lm lora -c run.yaml`` with the same con
 
 Both train the tiny Mistral-architecture model (built here, in a temp dir) on the starter data
 exported with the real prompt. Runs alternate (bare, wrapper, bare, wrapper…) so a change in the
-machine's load hits both; the best time of each is compared. Prints, last:
+machine's load hits both; the best time of each is compared. Both children run with the BLAS the
+training job gives MLX (OpenBLAS preloaded on Linux where installed, see
+``mailrouter/training/blas.py``), or with the wheel's bundled reference BLAS with
+``--blas bundled``. Prints the BLAS first and, last:
 
-    train: iters=N, bare_s=…, wrapper_s=…, ratio=…
+    train: iters=N, bare_s=…, wrapper_s=…, ratio=…, blas=openblas|reference|…
 
-Usage: ``python bench/train.py [--iters N] [--repeat R]``.
+Usage: ``python bench/train.py [--iters N] [--repeat R] [--blas auto|bundled]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,6 +29,7 @@ sys.path.insert(0, str(REPO))
 from mailrouter.config import load_settings  # noqa: E402
 from mailrouter.dataset import Dataset  # noqa: E402
 from mailrouter.prompt import PromptOptions  # noqa: E402
+from mailrouter.training import blas  # noqa: E402
 from mailrouter.training.config import build_run  # noqa: E402
 from mailrouter.training.lora import child_env, command, run_lora  # noqa: E402
 from mailrouter.training.tinymodel import build as build_tiny_model  # noqa: E402
@@ -34,7 +39,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--blas", choices=["auto", "bundled"], default="auto")
     args = parser.parse_args()
+    if args.blas == "bundled":  # the children get no preload, even under `make bench`
+        os.environ[blas.OPT_OUT[0]] = blas.OPT_OUT[1]
+        ours = {str(p) for p in blas.OPENBLAS_CANDIDATES}
+        kept = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p and p not in ours]
+        os.environ["LD_PRELOAD"] = ":".join(kept)
+    used = blas.for_this_machine()
+    print(f"BLAS for MLX: {used.describe()}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         root = Path(tmp)
@@ -86,7 +99,7 @@ def main() -> None:
         bare, wrapper = min(bare_times), min(wrapper_times)
         print(
             f"train: iters={args.iters}, bare_s={bare:.1f}, wrapper_s={wrapper:.1f}, "
-            f"ratio={wrapper / bare:.3f}"
+            f"ratio={wrapper / bare:.3f}, blas={used.key}"
         )
 
 
