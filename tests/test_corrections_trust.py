@@ -26,9 +26,11 @@ from tests.fixtures.corrections import (
     STAFF,
     Forced,
     forwards,
+    inbox_count,
     route_invoice_to_support,
     run,
     staff_reply,
+    statuses,
     to,
 )
 from tests.fixtures.mail import make_email
@@ -49,6 +51,19 @@ def corrections_of(dataset: Dataset) -> list[object]:
 def confirmation_request(sink: SmtpSink, address: str = STAFF) -> Delivered:
     (request,) = [d for d in to(sink, address) if CONFIRM_RE.search(d.header("Subject") or "")]
     return request
+
+
+def awaiting(settings: Settings, account: ImapAccount, sink: SmtpSink) -> Delivered:
+    """The invoice routed to Support, corrected to Finance without proof: the request sent."""
+    forward = route_invoice_to_support(settings, account, sink)
+    account.append([staff_reply(forward, "Finance", auth=None)])
+    run(settings)
+    return confirmation_request(sink)
+
+
+def nothing_applied(sink: SmtpSink, dataset: Dataset) -> None:
+    assert to(sink, "finance@example.com") == []
+    assert corrections_of(dataset) == []
 
 
 def answer(request: Delivered, text: str, *, sender: str = STAFF) -> bytes:
@@ -97,8 +112,7 @@ def test_a_spoofed_staff_correction_only_asks_the_claimed_address(
     assert new[0].header("Auto-Submitted") == "auto-generated"
     assert len(department_mail(smtp_sink)) == 1  # the original forward, nothing more
     assert corrections_of(dataset) == []
-    with State(settings.state_path) as state:
-        assert [r.status for r in list_corrections(state)] == ["awaiting"]
+    assert statuses(settings) == ["awaiting"]
 
 
 def test_with_confirmation_off_an_unauthenticated_correction_sends_nothing(
@@ -155,40 +169,31 @@ def test_a_confirmation_declined_or_answered_by_someone_else_changes_nothing(
     smtp_sink: SmtpSink,
     dataset: Dataset,
 ) -> None:
-    forward = route_invoice_to_support(settings, imap_account, smtp_sink)
-    imap_account.append([staff_reply(forward, "Finance", auth=None)])
+    request = awaiting(settings, imap_account, smtp_sink)
+    imap_account.append([answer(request, text, sender=sender)])
     run(settings)
-    imap_account.append([answer(confirmation_request(smtp_sink), text, sender=sender)])
-    run(settings)
-    assert to(smtp_sink, "finance@example.com") == []
-    assert corrections_of(dataset) == []
+    nothing_applied(smtp_sink, dataset)
 
 
 def test_a_guessed_confirmation_reference_is_customer_mail_or_nothing(
     settings: Settings, imap_account: ImapAccount, smtp_sink: SmtpSink, dataset: Dataset
 ) -> None:
-    forward = route_invoice_to_support(settings, imap_account, smtp_sink)
-    imap_account.append([staff_reply(forward, "Finance", auth=None)])
-    run(settings)
+    awaiting(settings, imap_account, smtp_sink)
     guess = f"[MRC-{'0' * 32}] oui"
     imap_account.append([make_email(guess, "oui", sender=STAFF, to=ROUTER)])
     run(settings)
-    assert to(smtp_sink, "finance@example.com") == []
-    assert corrections_of(dataset) == []
+    nothing_applied(smtp_sink, dataset)
 
 
 def test_an_expired_confirmation_applies_nothing(
     settings: Settings, imap_account: ImapAccount, smtp_sink: SmtpSink, dataset: Dataset
 ) -> None:
-    forward = route_invoice_to_support(settings, imap_account, smtp_sink)
-    imap_account.append([staff_reply(forward, "Finance", auth=None)])
-    run(settings)
+    request = awaiting(settings, imap_account, smtp_sink)
     with State(settings.state_path) as state:
         state.execute("UPDATE confirmations SET expires = '2000-01-01T00:00:00+00:00'")
-    imap_account.append([answer(confirmation_request(smtp_sink), "oui")])
+    imap_account.append([answer(request, "oui")])
     run(settings)
-    assert to(smtp_sink, "finance@example.com") == []
-    assert corrections_of(dataset) == []
+    nothing_applied(smtp_sink, dataset)
     assert "expir" in to(smtp_sink, STAFF)[-1].message().get_content()
 
 
@@ -274,11 +279,7 @@ def test_a_handler_error_leaves_the_mail_in_place_and_status_says_why(
         pipeline.close()
     assert (report.waiting, report.filed, report.forwarded) == (1, 0, 0)
     assert smtp_sink.delivered() == []
-    client = imap_account.client()
-    try:
-        assert client.select_folder("INBOX", readonly=True)[b"EXISTS"] == 1
-    finally:
-        client.logout()
+    assert inbox_count(imap_account) == 1
     with State(settings.state_path) as state:
         assert "disk on fire" in (collect(settings, state).last_error or "")
 
@@ -323,5 +324,4 @@ def test_a_correction_of_a_test_split_text_leaves_the_test_split_alone(
     assert corrections_of(dataset) == []
     (held,) = dataset.held()
     assert (held.example.label, held.target.id, held.target.split) == (other, target.id, "test")
-    with State(settings.state_path) as state:
-        assert [r.status for r in list_corrections(state)] == ["held"]
+    assert statuses(settings) == ["held"]

@@ -8,15 +8,14 @@ from mailrouter.corrections.review import list_corrections
 from mailrouter.dataset import Dataset
 from mailrouter.localservers import ImapAccount, SmtpSink
 from mailrouter.state import State
-from tests.fixtures.corrections import Forced, route_invoice_to_support, run, staff_reply, to
-
-
-def _inbox(account: ImapAccount) -> int:
-    client = account.client()
-    try:
-        return int(client.select_folder("INBOX", readonly=True)[b"EXISTS"])
-    finally:
-        client.logout()
+from tests.fixtures.corrections import (
+    Forced,
+    inbox_count,
+    route_invoice_to_support,
+    run,
+    staff_reply,
+    to,
+)
 
 
 def test_a_correction_that_cannot_be_sent_yet_waits_then_applies_once(
@@ -33,7 +32,7 @@ def test_a_correction_that_cannot_be_sent_yet_waits_then_applies_once(
     assert (report.waiting, report.filed, report.decisions) == (1, 0, [])
     assert to(smtp_sink, "finance@example.com") == []
     assert [e for e in dataset.load() if e.source == "correction"] == []
-    assert _inbox(imap_account) == 1  # the correction mail stays where it arrived
+    assert inbox_count(imap_account) == 1  # the correction mail stays where it arrived
     with State(settings.state_path) as state:
         assert [r.status for r in list_corrections(state)] == ["pending"]
         assert len(state.query("SELECT id FROM messages")) == 1  # only the routed invoice
@@ -46,7 +45,7 @@ def test_a_correction_that_cannot_be_sent_yet_waits_then_applies_once(
     assert len(to(smtp_sink, "finance@example.com")) == 1
     (example,) = [e for e in dataset.load() if e.source == "correction"]
     assert (example.label, example.corrected_from) == ("Finance", "Support")
-    assert _inbox(imap_account) == 0
+    assert inbox_count(imap_account) == 0
     with State(settings.state_path) as state:
         assert [r.status for r in list_corrections(state)] == ["applied"]
         kinds = [(f.kind, f.status) for f in state.forwards_of(1)]
