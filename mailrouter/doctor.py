@@ -15,11 +15,17 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
 from pathlib import Path
 
-from .config import Settings, load_settings
+from .classify.ollama import OllamaClassifier, full_name
+from .config import Settings, hf_token, imap_password, load_settings
 from .corrections.authentication import MISSING_ID, Detection, detect_authserv_id, trusted_ids
-from .errors import MailRouterError
+from .dataset import SPLITS, Dataset
+from .errors import ClassifierError, MailRouterError, ModelMissingError
+from .mail.imap import Mailbox, connect_imap
+from .mail.smtp import SmtpSender
 from .training import blas
 
 # A 7B model fused back to float16 (14.5 GB), its GGUF (14.5 GB) and the quantised copy Ollama
@@ -89,8 +95,6 @@ def check_config(config: Path | None) -> tuple[Check, Settings | None]:
 
 def check_hf(settings: Settings) -> Check:
     """Token and licence of the base model; offline it says so instead of guessing."""
-    from .config import hf_token
-
     base = settings.training.base_model
     if Path(base).expanduser().exists():
         return Check("base model", True, f"local path {base}", required=False)
@@ -104,7 +108,7 @@ def check_hf(settings: Settings) -> Check:
             f"{base}: {token_text}; licence not checked offline",
             required=False,
         )
-    try:
+    try:  # huggingface_hub: ~150 ms and 300 modules, for this online check only
         from huggingface_hub import auth_check
         from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
     except ImportError:  # pragma: no cover - older huggingface_hub
@@ -195,9 +199,6 @@ CAPABILITIES = {
 
 def check_imap(settings: Settings) -> list[Check]:
     """Log in, open the watched folder, and report the capabilities the router uses."""
-    from .config import imap_password
-    from .mail.imap import connect_imap
-
     box = _quick(settings, "mailbox").mailbox
     where = f"{box.username} at {box.host}:{box.port} ({box.security})"
     try:
@@ -242,8 +243,6 @@ def mailbox_authserv_id(settings: Settings, count: int = AUTHSERV_SAMPLE) -> Det
     Only headers are read, with a short timeout and no retry; a mailbox that cannot be read
     raises :class:`MailRouterError` (``init`` then says nothing, ``doctor`` says why).
     """
-    from .mail.imap import Mailbox
-
     mailbox = Mailbox.from_settings(_quick(settings, "mailbox"), reconnect_attempts=0)
     try:
         return detect_authserv_id(mailbox.newest_headers(count))
@@ -284,8 +283,6 @@ def check_authserv_id(settings: Settings) -> Check:
 
 def check_smtp(settings: Settings, send_test: bool = False) -> Check:
     """Connect and log in; with ``send_test``, send one real message to the triage address."""
-    from .mail.smtp import SmtpSender
-
     quick = _quick(settings, "smtp")
     s = quick.smtp
     auth = f"as {s.username}" if s.username else "without AUTH"
@@ -309,9 +306,6 @@ def check_smtp(settings: Settings, send_test: bool = False) -> Check:
 
 
 def _test_message(settings: Settings) -> bytes:
-    from email.message import EmailMessage
-    from email.utils import formatdate, make_msgid
-
     msg = EmailMessage()
     msg["From"] = settings.smtp.from_address
     msg["To"] = settings.smtp.triage_address
@@ -343,9 +337,6 @@ def _quick(settings: Settings, section: str) -> Settings:
 
 def check_ollama(settings: Settings) -> list[Check]:
     """Server reachable and its version, logprobs support, and the model it would classify with."""
-    from .classify.ollama import OllamaClassifier, full_name
-    from .errors import ClassifierError, ModelMissingError
-
     conf = settings.classifier
     required = conf.backend == "ollama"
     why = f"classifier.backend = {conf.backend!r}"
@@ -396,8 +387,6 @@ def check_ollama(settings: Settings) -> list[Check]:
 
 def check_dataset(settings: Settings) -> list[Check]:
     """Examples per split and per label, and what would make training fail."""
-    from .dataset import SPLITS, Dataset
-
     required = settings.classifier.backend == "baseline"
     why = "the baseline classifier and training need examples"
     path = settings.examples_path
