@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .classify.ollama import OllamaClassifier, full_name
 from .config import Settings, load_settings
 from .dataset import Dataset, Example
 from .errors import MailRouterError, TrainingError
@@ -45,8 +46,10 @@ from .localservers import (
     local_config,
     write_toml,
 )
+from .prompt import PromptOptions
 from .state import State
-from .training import tinymodel
+from .training.config import build_run
+from .training.lora import run_lora
 from .wiring import build_pipeline
 
 # The demo routes a temp data folder of its own, with its own servers: it takes no data-folder
@@ -269,8 +272,6 @@ class Demo:
         that model is the fine-tuned one."""
         if self.forced_backend == "baseline":
             return "baseline", "chosen with --backend", False
-        from .classify.ollama import OllamaClassifier, full_name
-
         quick = {"ollama_host": host, "timeout_seconds": 3}
         probe = _settings(local_config(account, sink, work, classifier=quick), work / "probe.toml")
         classifier = OllamaClassifier(probe)
@@ -424,7 +425,7 @@ class Demo:
         self.summary.correction = f"{_landed(decision)} → {ex.label} ({ex.source})"
 
     def _retrain(self, settings: Settings) -> None:
-        from .classify.baseline import BaselineClassifier
+        from .classify.baseline import BaselineClassifier  # numpy: heavy for `import demo`
 
         self.step("4. Retraining on the grown dataset")
         started = time.monotonic()
@@ -452,9 +453,7 @@ class Demo:
         child process, its losses), not accuracy. Its tokenizer comes from mistral-common, a dev
         extra: without it the step is skipped with the command that adds it.
         """
-        from .prompt import PromptOptions
-        from .training.config import build_run
-        from .training.lora import run_lora
+        from .training import tinymodel  # numpy, sentencepiece: only with --with-mlx
 
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found"
         work = settings.data_dir.parent / "mlx"
