@@ -31,6 +31,7 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from unidecode import unidecode
 
 from .errors import ConfigError, SecretMissingError
 from .keychain import keychain_get
@@ -371,8 +372,6 @@ class Settings(BaseSettings):
 
 def fold(text: str) -> str:
     """Case- and accent-insensitive key for matching labels, aliases and commands."""
-    from unidecode import unidecode
-
     return " ".join(unidecode(text).casefold().split())
 
 

@@ -19,7 +19,7 @@ def keychain_get(account: str) -> str | None:
     """Read ``account`` from the Keychain (service ``mailrouter``); ``None`` when absent."""
     if os.environ.get("MAILROUTER_NO_KEYRING"):
         return None
-    try:
+    try:  # keyring and its backends: ~100 ms, only when a secret is read (config imports us)
         import keyring
         from keyring.errors import KeyringError, NoKeyringError
     except ImportError:  # pragma: no cover - keyring is a dependency
@@ -33,7 +33,7 @@ def keychain_get(account: str) -> str | None:
 
 def keychain_set(account: str, value: str) -> None:
     """Store a secret in the Keychain; used by ``mailrouter init``."""
-    import keyring
+    import keyring  # ~100 ms: see keychain_get
 
     keyring.set_password(SERVICE, account, value)
 

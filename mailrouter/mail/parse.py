@@ -26,6 +26,8 @@ from email.utils import getaddresses, parsedate_to_datetime
 from html import unescape
 from typing import TypedDict
 
+from mailparser_reply.parser import EmailMessage as ReplyParser
+
 from ..message import Email
 
 log = logging.getLogger(__name__)
@@ -860,10 +862,8 @@ def _reply_header_regex() -> re.Pattern[str] | None:
     global _lib_header_regex
     if _lib_header_regex is None:
         try:
-            from mailparser_reply.parser import EmailMessage
-
             languages = ["fr", "en", "de", "es", "it", "nl", "pt", "pl", "sv"]
-            _lib_header_regex = EmailMessage(text="", languages=languages).HEADER_REGEX
+            _lib_header_regex = ReplyParser(text="", languages=languages).HEADER_REGEX
         except Exception:
             return None
     return _lib_header_regex
