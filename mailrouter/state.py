@@ -639,6 +639,20 @@ class State:
             )
         return _row(MessageRecord, rows[0]) if rows else None
 
+    def with_contents(self, hashes: Sequence[str]) -> dict[str, list[MessageRecord]]:
+        """The records of each of these contents (sha256 of the bytes), in any mailbox, oldest
+        first: what became of the same mail wherever it was read (``reprocess`` compares what
+        it would decide now with it, and routes only mail no record knows)."""
+        out: dict[str, list[MessageRecord]] = {}
+        unique = sorted(set(hashes))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start : start + 500]
+            marks = ", ".join("?" for _ in chunk)
+            sql = f"SELECT * FROM messages WHERE content_hash IN ({marks}) ORDER BY id"
+            for row in self.query(sql, chunk):
+                out.setdefault(row["content_hash"], []).append(_row(MessageRecord, row))
+        return out
+
     def add_message(
         self,
         mailbox: str,

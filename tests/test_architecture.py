@@ -48,6 +48,7 @@ LAYERS: dict[str, int] = {
             "mailrouter.rules",
             "mailrouter.dataset",
             "mailrouter.state",
+            "mailrouter.calibration",
         ),
         0,
     ),
@@ -59,6 +60,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(
         (
             "mailrouter.wiring",
+            "mailrouter.reprocess",
             "mailrouter.service",
             "mailrouter.scheduling",
             "mailrouter.status",

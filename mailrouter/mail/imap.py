@@ -25,6 +25,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from datetime import date
 from typing import Any, TypeVar
 
 from imapclient import IMAPClient
@@ -120,8 +121,12 @@ class Mailbox:
         factory: Factory = connect_imap,
         reconnect_attempts: int = 6,
         reconnect_base: float = 0.5,
+        readonly: bool = False,
     ) -> None:
         self.settings = settings
+        #: EXAMINE rather than SELECT: nothing in the folder changes, not even ``\\Recent``
+        #: (``reprocess`` looks at a folder this way).
+        self.readonly = readonly
         self._password = password
         self._factory = factory
         self._client: IMAPClient | None = None
@@ -158,14 +163,14 @@ class Mailbox:
         try:
             caps = {c.decode().upper() for c in client.capabilities()}
             folder = self.settings.folder
-            info = client.select_folder(folder)
+            info = client.select_folder(folder, readonly=self.readonly)
             self._delimiter = self._find_delimiter(client)
         except Exception as exc:
             with contextlib.suppress(Exception):
                 client.logout()
             raise _map_error(exc, f"selecting {self.settings.folder}") from exc
         uidvalidity = int(info[b"UIDVALIDITY"])
-        if not self.settings.use_folders:
+        if not self.settings.use_folders and not self.readonly:
             permanent = info.get(b"PERMANENTFLAGS", ())
             if b"\\*" not in permanent:
                 with contextlib.suppress(Exception):
@@ -288,6 +293,12 @@ class Mailbox:
                 out[int(uid)] = bytes(body)
         return out
 
+    def uids_since(self, day: date) -> list[int]:
+        """UIDs of the folder's messages received on ``day`` or later (``SEARCH SINCE``: the
+        server's internal date, by day, in its time zone), oldest first."""
+        found = self._call("searching", lambda c: c.search(["SINCE", day]))
+        return sorted(int(u) for u in found)
+
     def newest_headers(self, count: int) -> list[bytes]:
         """The header blocks of the ``count`` newest messages in the folder, newest first.
 
@@ -317,7 +328,7 @@ class Mailbox:
                 uids = client.search(["HEADER", "Message-ID", message_id])
                 data = client.fetch(uids, ["BODY.PEEK[]"]) if uids else {}
             finally:
-                info = client.select_folder(self.settings.folder)
+                info = client.select_folder(self.settings.folder, readonly=self.readonly)
                 if int(info[b"UIDVALIDITY"]) != self.uidvalidity:
                     self._drop()
             found = [bytes(d[b"BODY[]"]) for _, d in sorted(data.items()) if b"BODY[]" in d]
