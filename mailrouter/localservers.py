@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email
+import importlib.util
+import json
 import os
 import pwd
 import shutil
@@ -27,8 +30,11 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from email import policy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from imapclient import IMAPClient
 
 from .files import write_private
 
@@ -84,8 +90,6 @@ def stop_group(proc: subprocess.Popen[Any] | None) -> None:
 
 def imap_client(host: str, port: int, username: str, password: str, *, timeout: float = 30) -> Any:
     """A logged-in plain-IMAP imapclient connection (loopback servers only)."""
-    from imapclient import IMAPClient
-
     client = IMAPClient(host, port=port, ssl=False, timeout=timeout)
     with contextlib.suppress(OSError):
         client._imap.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -408,8 +412,6 @@ class PymapServer:
 
     @staticmethod
     def available() -> bool:
-        import importlib.util
-
         return importlib.util.find_spec("pymap") is not None
 
     @property
@@ -466,9 +468,6 @@ class Delivered:
     data: bytes
 
     def message(self) -> Any:
-        import email
-        from email import policy
-
         return email.message_from_bytes(self.data, policy=policy.default)
 
     def header(self, name: str) -> str | None:
@@ -566,7 +565,7 @@ class SmtpSink:
         return "250 2.0.0 OK queued"
 
     def start(self) -> SmtpSink:
-        from aiosmtpd.controller import Controller
+        from aiosmtpd.controller import Controller  # ~100 ms: only when a sink starts
 
         self.port = free_port(self.host)
         self._controller = Controller(
@@ -666,8 +665,6 @@ def write_toml(data: dict[str, Any], path: Path) -> Path:
             return repr(value)
         if isinstance(value, list | tuple):
             return "[" + ", ".join(scalar(v) for v in value) + "]"
-        import json
-
         return json.dumps(str(value), ensure_ascii=False)
 
     def table(values: dict[str, Any]) -> list[str]:
