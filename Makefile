@@ -48,9 +48,11 @@ PRELOAD_BLAS = preload="$$($(BIN)/python -m mailrouter.training.blas)"; \
 test: $(VENV)/.installed-dev test-servers
 	@$(PRELOAD_BLAS) HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
+# ruff, then mypy on the package ([tool.mypy] in pyproject.toml says what and how strictly).
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 format: $(VENV)/.installed-dev
 	$(BIN)/ruff format .
@@ -60,4 +62,4 @@ bench: $(VENV)/.installed-dev test-servers
 	@$(PRELOAD_BLAS) for b in bench/[!_]*.py; do HF_HUB_OFFLINE=1 $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache build dist *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache build dist *.egg-info
