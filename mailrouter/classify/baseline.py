@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..calibration import Calibration
-from ..config import BASELINE_MODEL_PREFIX
+from ..config import BASELINE_MODEL_PREFIX, Department, Settings, default_departments
 from ..dataset import Dataset, Example
 from ..errors import ClassifierError
 from ..files import NO_DATASET_FIX
@@ -38,8 +38,6 @@ from .thresholds import baseline_calibration
 
 if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline
-
-    from ..config import Department, Settings
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +138,6 @@ class BaselineClassifier:
         name: str | None = None,
     ) -> BaselineClassifier:
         """Train on all of ``examples`` (pick the splits first); unconfigured labels are dropped."""
-        from ..config import default_departments
-
         deps = list(departments) if departments is not None else default_departments()
         names = {d.name for d in deps}
         rows = [e for e in examples if e.label in names]
@@ -229,7 +225,7 @@ def _one_thread() -> None:
     fight the service for the CPU (a 60-email fit takes 0.07 s on one thread and over 1 s with
     two busy cores), and entering the limit around each call costs ~10 ms (it scans the loaded
     libraries every time)."""
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits  # comes with scikit-learn, used with it
 
     threadpool_limits(limits=1)
 

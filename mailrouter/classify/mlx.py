@@ -41,7 +41,7 @@ class MlxClassifier:
         name: str | None = None,
     ) -> None:
         try:
-            import mlx_lm
+            import mlx_lm  # heavy (MLX, seconds to load): only when this backend is built
         except ImportError as exc:
             raise ClassifierError(
                 "the mlx backend needs mlx-lm (`pip install mlx-lm`, and `mlx[cpu]` on Linux)"
@@ -128,7 +128,7 @@ class MlxClassifier:
 
     def answer(self, prompt_ids: list[int]) -> tuple[list[int], str, dict[str, float]]:
         """Greedy answer tokens, their text, and each department's probability."""
-        import mlx.core as mx
+        import mlx.core as mx  # heavy: loaded by __init__ already, never at module level
         from mlx_lm.models.cache import make_prompt_cache
 
         cache = make_prompt_cache(self.model)
@@ -169,7 +169,7 @@ class MlxClassifier:
 
     def _label_probs(self, first: Any, cache: list[Any]) -> dict[str, float]:
         """Softmax over the labels' answer scores (see the module docstring)."""
-        import mlx.core as mx
+        import mlx.core as mx  # heavy: loaded by __init__ already, never at module level
         from mlx_lm.models.cache import trim_prompt_cache
 
         by_first: dict[int, list[str]] = {}

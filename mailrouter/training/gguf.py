@@ -116,7 +116,7 @@ def model_dir(model: str | Path) -> Path:
     path = Path(model)
     if path.is_dir():
         return path
-    try:
+    try:  # huggingface_hub's download machinery: ~450 ms, only for a model not on disk
         from huggingface_hub import snapshot_download
 
         return Path(
@@ -275,7 +275,7 @@ def sentencepiece_vocab(path: Path) -> Vocab:
     same numbers as llama.cpp's token types, so they are copied as they are; the processor API
     could not tell user-defined pieces (``[REFERENCE_DOC_0]``…), which must stay atomic.
     """
-    from sentencepiece import sentencepiece_model_pb2
+    from sentencepiece import sentencepiece_model_pb2  # protobuf: only for SentencePiece
 
     # protobuf generates ModelProto when the module loads; sentencepiece ships no stub for it
     proto = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]
@@ -473,7 +473,7 @@ def quantize_gguf(src: str | Path, dst: str | Path, kind: str) -> str:
     Q4_K needs rows whose length is a multiple of 256; llama.cpp then falls back per tensor. If it
     still fails (tiny models), Q8_0 is written instead and returned, so callers can record it.
     """
-    try:
+    try:  # llama.cpp (a dev extra): heavy, and only to quantize
         import llama_cpp
     except ImportError as exc:
         raise TrainingError(
