@@ -6,8 +6,9 @@ floor every fine-tuned model must beat. Its confidence is the predicted class's 
 
 scikit-learn trains it (imported only then); the fitted model is exported to a compact NumPy file
 (:mod:`.compact`) under ``models_dir/baseline/``, keyed by the dataset's content hash and the
-prompt settings, and every answer comes from that file: the service never loads scikit-learn, and
-retrains only when the data or the departments change.
+prompt settings, and every answer comes from that file. :meth:`BaselineClassifier.from_settings`
+trains in a child process (``python -m mailrouter.classify.baseline``), only when the data or the
+departments changed: scikit-learn and SciPy (about 100 MB) never enter the service.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import functools
 import hashlib
 import json
 import logging
+import subprocess
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 #: Bumped when the features or the model change, so an old cache is not reused.
 MODEL_VERSION = 4
 TRAIN_SPLITS = ("train", "valid")
+TRAIN_TIMEOUT_S = 1800.0  # a thousand emails train in seconds: this only stops a hung child
 
 
 def email_text(
@@ -136,8 +140,10 @@ class BaselineClassifier:
         options: PromptOptions = PromptOptions(),  # noqa: B008 - frozen dataclass
         *,
         name: str | None = None,
+        in_child: bool = False,
     ) -> BaselineClassifier:
-        """Train on all of ``examples`` (pick the splits first); unconfigured labels are dropped."""
+        """Train on all of ``examples`` (pick the splits first); unconfigured labels are dropped.
+        ``in_child`` runs scikit-learn in a child process, leaving this one lean."""
         deps = list(departments) if departments is not None else default_departments()
         names = {d.name for d in deps}
         rows = [e for e in examples if e.label in names]
@@ -148,8 +154,13 @@ class BaselineClassifier:
                 f"found {labels or 'none'}; "
                 "add some with `mailrouter dataset import`"
             )
-        texts = [email_text(e.to_input(), deps, options) for e in rows]
-        model = export(train_pipeline(texts, [e.label for e in rows]))
+        texts, targets = (
+            [email_text(e.to_input(), deps, options) for e in rows],
+            [e.label for e in rows],
+        )
+        model = (
+            _train_in_child(texts, targets) if in_child else export(train_pipeline(texts, targets))
+        )
         if name is None:
             name = _model_name(_rows_hash(rows))
         return cls(model=model, departments=deps, options=options, name=name)
@@ -176,7 +187,9 @@ class BaselineClassifier:
         if not examples:
             raise ClassifierError(f"{dataset.path} has no training examples: {NO_DATASET_FIX}")
         started = time.monotonic()
-        model = cls.fit(examples, settings.departments, options, name=_model_name(data_hash))
+        model = cls.fit(
+            examples, settings.departments, options, name=_model_name(data_hash), in_child=True
+        )
         model.fit_seconds = time.monotonic() - started
         _store(cache, model.model)
         model.calibration = _calibration(cache, settings, dataset, options)
@@ -211,8 +224,26 @@ def _calibration(
         cache,
         settings,
         dataset.load,
-        lambda rows: BaselineClassifier.fit(rows, settings.departments, options),
+        lambda rows: BaselineClassifier.fit(rows, settings.departments, options, in_child=True),
     )
+
+
+def _train_in_child(texts: list[str], labels: list[str]) -> CompactModel:
+    """:func:`train_pipeline` and :func:`export` in ``python -m mailrouter.classify.baseline``:
+    texts and labels in as JSON on its stdin, the compact file's bytes out on its stdout."""
+    request = json.dumps({"texts": texts, "labels": labels}).encode()
+    command = [sys.executable, "-m", "mailrouter.classify.baseline"]
+    try:
+        done = subprocess.run(command, input=request, capture_output=True, timeout=TRAIN_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ClassifierError(f"training the baseline in a child process failed: {exc}") from exc
+    if done.returncode != 0:
+        lines = done.stderr.decode("utf-8", "replace").strip().splitlines() or ["no output"]
+        raise ClassifierError(
+            f"training the baseline in a child process failed (exit status {done.returncode}): "
+            f"{lines[-1]}; run `mailrouter classify --backend baseline` to see it all"
+        )
+    return CompactModel.from_bytes(done.stdout)
 
 
 def _model_name(digest: str) -> str:
@@ -272,3 +303,13 @@ def _store(path: Path, model: CompactModel) -> None:
     for old in path.parent.iterdir():
         if old != path and old.suffix in (".npz", ".pkl"):
             old.unlink(missing_ok=True)
+
+
+def _train_child() -> None:
+    """The child of :func:`_train_in_child`."""
+    request = json.load(sys.stdin)
+    sys.stdout.buffer.write(export(train_pipeline(request["texts"], request["labels"])).to_bytes())
+
+
+if __name__ == "__main__":
+    _train_child()
