@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard, get_args
 
 from .config import Department
 from .dataset import SPLITS, Example, normalise_split
@@ -27,7 +27,13 @@ from .mail.parse import parse_email
 from .prediction import map_label
 
 Format = Literal["tutorial", "jsonl", "csv", "eml", "mbox"]
-FORMATS: tuple[str, ...] = ("tutorial", "jsonl", "csv", "eml", "mbox")
+FORMATS: tuple[Format, ...] = get_args(Format)
+
+
+def is_format(value: str) -> TypeGuard[Format]:
+    """Whether ``value`` names a format :func:`read_examples` reads (``--format``)."""
+    return value in FORMATS
+
 
 _WRAPPER = re.compile(r"^\s*(?:<s>)?\s*\[INST\]\s*(?P<body>.*?)\s*\[/INST\]\s*$", re.DOTALL)
 

@@ -11,6 +11,7 @@ import typer
 
 from ..classify import make_classifier
 from ..classify.base import Classifier
+from ..classify.ollama import OllamaClassifier
 from ..config import Settings
 from ..errors import ClassifierError, MailRouterError
 from ..mail.parse import parse_email
@@ -57,11 +58,11 @@ def _usable_classifier(current: Settings) -> Classifier:
     """The configured backend, or the baseline (with a note) when the configured Ollama cannot
     answer: ``classify`` then works on a machine without Ollama, as the baseline is the fallback."""
     classifier = make_classifier(current)
-    if current.classifier.backend != "ollama":
+    if not isinstance(classifier, OllamaClassifier):
         return classifier
     try:
-        classifier.start()  # type: ignore[attr-defined]
-        classifier.resolve_model()  # type: ignore[attr-defined]
+        classifier.start()
+        classifier.resolve_model()
     except MailRouterError as exc:
         reason = str(exc).splitlines()[0]
         err_console.print(

@@ -12,7 +12,7 @@ from rich.table import Table
 from ..dataset import SPLITS, Dataset, Example
 from ..errors import DatasetError
 from ..files import NO_DATASET_FIX
-from ..importers import FORMATS, check_label, read_examples
+from ..importers import FORMATS, check_label, is_format, read_examples
 from ..prompt import PromptOptions
 from ..training.testpin import pin_path, repin
 from .app import console, err_console, settings
@@ -68,10 +68,10 @@ def import_(
     ] = None,
 ) -> None:
     """Add labelled emails; duplicates are merged and new ones get a lasting split."""
-    if fmt is not None and fmt not in FORMATS:
+    if fmt is not None and not is_format(fmt):
         raise DatasetError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     current = settings()
-    examples = read_examples(source, current.departments, fmt=fmt, label=label)  # type: ignore[arg-type]
+    examples = read_examples(source, current.departments, fmt=fmt, label=label)
     result = Dataset.from_settings(current).add(examples)
     splits = ", ".join(f"{s} {result.splits[s]}" for s in SPLITS if result.splits[s])
     console.print(
