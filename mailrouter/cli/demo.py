@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ..demo import Demo
 from .app import console
 
 
@@ -20,8 +21,6 @@ def demo(
     ] = None,
 ) -> None:
     """Run the router on a local IMAP server and SMTP sink with the bundled data; no network."""
-    from ..demo import Demo  # numpy (the tiny model's generator): heavy for every other command
-
     if backend not in (None, "ollama", "baseline"):
         raise typer.BadParameter("expected ollama or baseline", param_hint="--backend")
     Demo(console, emails=emails, with_mlx=with_mlx, backend=backend).run()
