@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import httpx
 import ollama
 
+from ..calibration import Calibration, load, ollama_path
 from ..config import Department, Settings, fold
 from ..errors import ClassifierError, ModelMissingError
 from ..logs import event
@@ -166,6 +167,8 @@ class OllamaClassifier:
         self._digest = ""
         self._resolved_at = -math.inf
         self._warned_no_logprobs = False
+        #: The thresholds of the model answering, found by its digest (see calibration.py).
+        self.calibration: Calibration | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OllamaClassifier:
@@ -246,11 +249,16 @@ class OllamaClassifier:
                 f"zero-shot now, or `mailrouter train` to create {wanted!r}"
             )
         if chosen != self._model or present[chosen] != self._digest:
+            digest = present[chosen]
+            self.calibration = (
+                load(ollama_path(self.settings.models_dir, digest)) if digest else None
+            )
             event(
                 log,
                 "ollama_model",
                 model=chosen,
-                digest=present[chosen][:12],
+                digest=digest[:12],
+                thresholds="calibrated" if self.calibration else "global",
                 cold_start=chosen != wanted,
                 note=(
                     f"{wanted} does not exist yet: zero-shot with the same prompt"
@@ -319,8 +327,9 @@ class OllamaClassifier:
             d.name: label_confidence(steps, d.name, self.departments) or 0.0
             for d in self.departments
         }
+        threshold = self.calibration.threshold(label) if self.calibration else None
         return Prediction(label=label, confidence=confidence, model=self.name, raw=answer,
-                          probabilities=probabilities)  # fmt: skip
+                          probabilities=probabilities, threshold=threshold)  # fmt: skip
 
     # --- errors -----------------------------------------------------------------------------
 
