@@ -175,6 +175,7 @@ class ClassifierSettings(_Section):
     keep_alive: str = "30m"
     num_predict: int = Field(default=8, ge=1)
     retry_seconds: float = Field(default=30, ge=0)
+    concurrency: int = Field(default=4, ge=1, le=64)
 
     def threshold_for(self, model: str, calibrated: float | None = None) -> float:
         """The confidence below which an answer of ``model`` goes to triage: the threshold its

@@ -59,5 +59,10 @@ class ModelMissingError(ClassifierError):
     """The configured model does not exist on the Ollama server; the message names the fix."""
 
 
+class ClassifierRequestError(ClassifierError):
+    """The classifier's server answered one request with an error: the server is up, so only
+    the email of that request is affected (the others are asked and routed as usual)."""
+
+
 class TrainingError(MailRouterError):
     """Training, evaluation or publishing of a candidate model failed."""

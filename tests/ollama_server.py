@@ -19,9 +19,25 @@ built on, so a GGUF that llama.cpp tokenises or computes differently from the tr
 fails here as it would in Ollama. The prompt is tokenised as Ollama does it (``add_special`` so the
 BOS the GGUF asks for is added, control tokens such as ``[INST]`` parsed), and the evaluated token
 ids of the last request are exposed for tests at ``GET /_test/last_tokens`` (underscored: not part
-of Ollama's API).
+of Ollama's API), and the generations computing now and at most at once at ``GET /_test/load``.
 
 Models and blobs live under ``--store`` and survive a restart, like Ollama's ``~/.ollama/models``.
+
+Load, for benchmarks and concurrency tests:
+
+* ``--parallel P``: at most P generations at once; later requests wait in line for a free slot,
+  as Ollama queues requests beyond its ``OLLAMA_NUM_PARALLEL`` slots (unset: no limit beyond the
+  one llama.cpp context each model has).
+* ``--latency-ms L``: a generation holds its slot, and answers, no sooner than L ms after it got
+  it: a model of known speed, whatever this machine computes.
+* ``--canned-response FILE``: every ``/api/generate`` of an existing model is answered with this
+  recorded answer (a non-streamed ``/api/generate`` response of a real model: ``response``,
+  ``logprobs``) instead of running llama.cpp; requests are validated as usual. With
+  ``--latency-ms`` it is a server of known speed whose answers cost the client what real ones do.
+
+Test-only hook (not part of Ollama's API): ``--fail-prompt TEXT`` (repeatable) answers a
+generation whose prompt contains TEXT with a 500 ``{"error": ...}``, as Ollama answers when its
+runner fails, so a test can make one chosen email's request fail among many.
 """
 
 from __future__ import annotations
@@ -589,15 +605,72 @@ class StopScanner:
 # --- HTTP ------------------------------------------------------------------------------------
 
 
+class Slots:
+    """Ollama's parallel slots: at most ``parallel`` generations at once, the others queued (its
+    scheduler and the runner's semaphore), each holding its slot at least ``latency`` seconds."""
+
+    def __init__(self, parallel: int | None = None, latency: float = 0.0) -> None:
+        self._free = threading.BoundedSemaphore(parallel) if parallel else None
+        self.latency = latency
+        self._lock = threading.Lock()
+        self.in_flight = self.max_in_flight = 0  # generations computing now, and at most
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"in_flight": self.in_flight, "max_in_flight": self.max_in_flight}
+
+    def _count(self, step: int) -> None:
+        with self._lock:
+            self.in_flight += step
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def paced(self, events: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """``events`` computed in a slot (waiting for one first); the last, ``done`` one no
+        sooner than ``latency`` after the slot was taken."""
+        if self._free is not None:
+            self._free.acquire()
+        self._count(1)
+        try:
+            started = time.monotonic()
+            for ev in events:
+                if ev.get("done"):
+                    time.sleep(max(0.0, started + self.latency - time.monotonic()))
+                yield ev
+        finally:
+            self._count(-1)
+            if self._free is not None:
+                self._free.release()
+
+
+@dataclass(frozen=True)
+class Load:
+    """How the server behaves under load (see the module docstring): slots, latency, a recorded
+    answer in place of llama.cpp, prompts to fail."""
+
+    parallel: int | None = None
+    latency_ms: float = 0.0
+    canned: dict[str, Any] | None = None
+    fail_prompts: tuple[str, ...] = ()
+
+
 class OllamaServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], store: Store, version: str, threads: int) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        store: Store,
+        version: str,
+        threads: int,
+        load: Load = Load(),
+    ) -> None:
         super().__init__(address, Handler)
         self.store = store
         self.version = version
         self.runtime = Runtime(store, threads)
         self.logprobs_supported = parse_version(version) >= LOGPROBS_SINCE
+        self.load = load
+        self.slots = Slots(load.parallel, load.latency_ms / 1000)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -635,6 +708,7 @@ class Handler(BaseHTTPRequestHandler):
             ("POST", "/api/copy"): self.copy,
             ("DELETE", "/api/delete"): self.delete,
             ("GET", "/_test/last_tokens"): self.last_tokens,
+            ("GET", "/_test/load"): self.load_stats,
         }
         try:
             self.server.runtime.expire()
@@ -835,6 +909,10 @@ class Handler(BaseHTTPRequestHandler):
         self._drain()
         self._send_json(200, self.server.runtime.last_tokens or {})
 
+    def load_stats(self) -> None:
+        self._drain()
+        self._send_json(200, self.server.slots.stats())
+
     def create(self) -> None:
         body = self._body()
         check_fields(body, CREATE_FIELDS, "create")
@@ -954,9 +1032,15 @@ class Handler(BaseHTTPRequestHandler):
         if not body.get("raw"):
             template = body.get("template") or record.template
             prompt = render_template(template, prompt, body.get("system") or record.system)
-        events = self._generate_events(
-            record, prompt, options, want_logprobs, top_n if want_logprobs else 0, keep_alive
-        )
+        if any(text in prompt for text in self.server.load.fail_prompts):
+            raise ApiError(500, "llama runner failed on this prompt (test server: --fail-prompt)")
+        if self.server.load.canned is not None:
+            events = canned_events(record, self.server.load.canned, want_logprobs)
+        else:
+            events = self._generate_events(
+                record, prompt, options, want_logprobs, top_n if want_logprobs else 0, keep_alive
+            )
+        events = self.server.slots.paced(events)
         self._stream(events if stream else merge_generate(events), stream)
 
     def _load_only(
@@ -1088,6 +1172,31 @@ class Handler(BaseHTTPRequestHandler):
         return entry
 
 
+def canned_events(
+    record: ModelRecord, canned: dict[str, Any], want_logprobs: bool
+) -> Iterator[dict[str, Any]]:
+    """A recorded answer replayed as a generation: one chunk with its text (and log-probabilities
+    when asked for), then the final event with the recorded counts."""
+    chunk: dict[str, Any] = {
+        "model": record.name,
+        "created_at": now_iso(),
+        "response": canned.get("response", ""),
+        "done": False,
+    }
+    if want_logprobs and canned.get("logprobs"):
+        chunk["logprobs"] = canned["logprobs"]
+    yield chunk
+    counts = ("prompt_eval_count", "eval_count")
+    yield {
+        "model": record.name,
+        "created_at": now_iso(),
+        "response": "",
+        "done": True,
+        "done_reason": canned.get("done_reason", "stop"),
+        **{key: canned[key] for key in counts if key in canned},
+    }
+
+
 def merge_generate(events: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """Non-streaming ``/api/generate``: one object with the whole response and all logprobs."""
     text, logprobs = [], []
@@ -1127,6 +1236,23 @@ def main(argv: list[str] | None = None) -> int:
         help="llama.cpp threads (1 suits tiny models: spinning threads only add contention)",
     )
     parser.add_argument(
+        "--parallel", type=int, help="generations at once; more wait in line (OLLAMA_NUM_PARALLEL)"
+    )
+    parser.add_argument(
+        "--latency-ms", type=float, default=0.0, help="each generation takes at least this long"
+    )
+    parser.add_argument(
+        "--canned-response",
+        type=Path,
+        help="answer every generation with this recorded /api/generate response (JSON)",
+    )
+    parser.add_argument(
+        "--fail-prompt",
+        action="append",
+        default=[],
+        help="test-only: answer 500 to a generation whose prompt contains this text",
+    )
+    parser.add_argument(
         "--exit-with-stdin",
         action="store_true",
         help="stop when stdin closes: a test run killed hard leaves no server behind",
@@ -1135,7 +1261,13 @@ def main(argv: list[str] | None = None) -> int:
     import llama_cpp  # noqa: F401 - fail now, with the install hint, rather than at first request
 
     store = Store(args.store)
-    server = OllamaServer((args.host, args.port), store, args.ollama_version, args.threads)
+    load = Load(
+        parallel=args.parallel,
+        latency_ms=args.latency_ms,
+        canned=json.loads(args.canned_response.read_text()) if args.canned_response else None,
+        fail_prompts=tuple(args.fail_prompt),
+    )
+    server = OllamaServer((args.host, args.port), store, args.ollama_version, args.threads, load)
     host, port = server.server_address[:2]
     print(f"listening on http://{host}:{port}", flush=True)
     if args.exit_with_stdin:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,10 +31,11 @@ import ollama
 
 from ..calibration import Calibration, load, ollama_path
 from ..config import Department, Settings, fold
-from ..errors import ClassifierError, ModelMissingError
+from ..errors import ClassifierError, ClassifierRequestError, ModelMissingError
 from ..logs import event
 from ..prediction import ClassifyInput, Prediction, map_label
 from ..prompt import STOP, PromptOptions, render_chat
+from .concurrent import classify_in_order
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +155,18 @@ def label_confidence(
 
 
 class OllamaClassifier:
-    """The service backend: one ``/api/generate`` call per email, against a local Ollama."""
+    """The service backend: one ``/api/generate`` call per email, against a local Ollama.
+
+    ``classify`` may be called from ``concurrency`` threads at once
+    (:class:`~.concurrent.ConcurrentClassifier`): Ollama computes as many as its
+    ``OLLAMA_NUM_PARALLEL`` slots allow and queues the rest.
+    """
 
     def __init__(self, settings: Settings, *, client: ollama.Client | None = None) -> None:
         conf = settings.classifier
         self.settings = settings
+        self.concurrency = conf.concurrency
+        self._lock = threading.Lock()  # the server's version and the model, looked up once
         self.host = normalize_host(conf.ollama_host)
         self.client = client or ollama.Client(host=self.host, timeout=conf.timeout_seconds)
         self.departments = list(settings.departments)
@@ -184,8 +193,10 @@ class OllamaClassifier:
 
     def start(self) -> ServerInfo:
         """Read ``/api/version`` once and log what this server supports."""
-        if self.server is not None:
-            return self.server
+        with self._lock:
+            return self.server or self._start()
+
+    def _start(self) -> ServerInfo:
         try:
             resp = httpx.get(
                 f"{self.host}/api/version", timeout=self.settings.classifier.timeout_seconds
@@ -228,6 +239,10 @@ class OllamaClassifier:
 
     def resolve_model(self, *, force: bool = False) -> str:
         """The fine-tuned model when it exists, else the zero-shot one (cold start)."""
+        with self._lock:
+            return self._resolve_model(force)
+
+    def _resolve_model(self, force: bool) -> str:
         now = time.monotonic()
         if not force and self._model and now - self._resolved_at < RESOLVE_SECONDS:
             return self._model
@@ -290,6 +305,10 @@ class OllamaClassifier:
                 raise self._transport_error(again) from again
         return self._prediction(response)
 
+    def classify_many(self, items: Sequence[ClassifyInput]) -> list[Prediction]:
+        """Batch work: up to ``concurrency`` requests in flight, answers in the items' order."""
+        return list(classify_in_order(self, items))
+
     def _generate(self, model: str, prompt: str, logprobs: bool) -> Any:
         conf = self.settings.classifier
         extra: dict[str, Any] = {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if logprobs else {}
@@ -342,7 +361,10 @@ class OllamaClassifier:
                     f"run `mailrouter train` to create {full_name(conf.model)!r}, or "
                     f"`ollama pull {conf.zero_shot_model}` to classify zero-shot"
                 )
-            return ClassifierError(f"Ollama at {self.host} answered {exc.status_code}: {exc.error}")
+            # The server is up and refused this one request: its email only.
+            return ClassifierRequestError(
+                f"Ollama at {self.host} answered {exc.status_code}: {exc.error}"
+            )
         if isinstance(exc, httpx.TimeoutException):
             return ClassifierError(
                 f"Ollama at {self.host} did not answer within {conf.timeout_seconds:g} s "

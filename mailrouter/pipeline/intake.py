@@ -2,9 +2,15 @@
 
 What a new message becomes is decided here and recorded by the round, a batch at a time: a
 route with its first forward, a copy of mail already known (filed like the first, never
-forwarded again), or a handler's outcome (a correction, a bounce). The classifier is called
-once per batch when it can (``classify_many``); a classifier that is down makes the rest of the
-batch wait (``on_error = "wait"``) or go to triage.
+forwarded again), or a handler's outcome (a correction, a bounce).
+
+A backend that waits on a server (Ollama: ``classifier.concurrency``) is asked for a batch's
+predictions as soon as the batch is read, up to ``concurrency`` requests in flight while the
+round records and sends the batch before it; each answer is used when its email is decided, in
+UID order, so decisions and records are those of a sequential round. An in-process backend is
+called once per batch when it can (``classify_many``). A request the server refused affects its
+email only; a server that cannot be reached (or a timeout, or no model) makes the rest of the
+round wait (``on_error = "wait"``), or each email goes to triage (``on_error = "triage"``).
 """
 
 from __future__ import annotations
@@ -16,12 +22,20 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import TypedDict
 
 from ..classify import make_classifier
 from ..classify.base import Classifier
+from ..classify.concurrent import ConcurrentClassifier, Lookahead
 from ..config import Settings
-from ..errors import ClassifierError, ConfigError, MailboxError, SmtpError
+from ..errors import (
+    ClassifierError,
+    ClassifierRequestError,
+    ConfigError,
+    MailboxError,
+    SmtpError,
+)
 from ..logs import event
 from ..mail.imap import Mailbox
 from ..mail.parse import parse_safely
@@ -92,22 +106,60 @@ class Intake:
         self._predictions: dict[int, Prediction] = {}
         self._batch_routed: Counter[str] = Counter()  # forwards decided per sender, unrecorded
         self._early: dict[int, Route | None] = {}  # decided before the model, by uid
+        self._ahead: Lookahead | None = None  # predictions asked for ahead of their decisions
 
     def reset(self) -> None:
         """A new round: the classifier gets another chance."""
         self._classifier_down = False
 
-    def prepare_batch(
+    def end_round(self) -> None:
+        """Drop the predictions asked for and not used (the round stopped before their mail)."""
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
+
+    def read_batch(
+        self, uids: Sequence[int], sizes: dict[int, int], resumable: dict[int, MessageRecord]
+    ) -> list[Incoming]:
+        """Read a batch and, for a backend that waits on a server, ask at once for the
+        predictions its new mail will need, so they are computed while the batch before it is
+        recorded and sent."""
+        incomings = self.read(uids, sizes)
+        if not self._classifier_down:
+            self._ask_ahead([i for i in incomings if i.uid not in resumable])
+        return incomings
+
+    def _ask_ahead(self, incomings: Sequence[Incoming]) -> None:
+        """Submit the mail the model will decide: not what ``screen``, a rule or a conversation
+        decides, nor a copy of mail already known. (Both are looked at again when the mail is
+        decided; a prediction asked for in vain is only dropped.)"""
+        key = self.mailbox.key
+        wanted = [
+            i
+            for i in incomings
+            if self._before_model(i.email) is None
+            and self.state.find_copy(key, i.email.content_hash, fingerprint(i)) is None
+        ]
+        if not wanted:
+            return
+        classifier = self._classifier()
+        if not isinstance(classifier, ConcurrentClassifier):
+            return  # in-process: classified a batch at a time when it is recorded
+        if self._ahead is None:
+            self._ahead = Lookahead(classifier)
+        for incoming in wanted:
+            self._ahead.submit(incoming.uid, ClassifyInput.from_email(incoming.email))
+
+    def record_batch(
         self,
-        uids: Sequence[int],
-        sizes: dict[int, int],
+        incomings: Sequence[Incoming],
         resumable: dict[int, MessageRecord],
         uidvalidity: int,
         report: RoundReport,
         stop: threading.Event,
     ) -> list[tuple[Incoming, MessageRecord]]:
-        """Read, classify and record a batch: what is left to send and file, in order."""
-        incomings = self.read(uids, sizes)
+        """Decide and record a batch read by :meth:`read_batch`: what is left to send and file,
+        in order."""
         self._predictions = self._classify_batch([i for i in incomings if i.uid not in resumable])
         self._batch_routed.clear()  # routes of this batch not yet in the database
         records: dict[int, MessageRecord] = {}
@@ -338,10 +390,11 @@ class Intake:
         return self._model
 
     def _classify_batch(self, incomings: Sequence[Incoming]) -> dict[int, Prediction]:
-        """Predictions for the new messages of a batch that need one, in one call when the
-        classifier has ``classify_many`` (classifying is pure, so a message later claimed by a
-        handler or found to be a copy only wastes its share). Empty on any error: then each
-        message is classified alone and its error handled as usual."""
+        """Predictions for the new messages of a batch that need one, in one call when an
+        in-process classifier has ``classify_many`` (classifying is pure, so a message later
+        claimed by a handler or found to be a copy only wastes its share). Empty on any error:
+        then each message is classified alone and its error handled as usual. (A backend that
+        waits on a server was asked when the batch was read: :meth:`_ask_ahead`.)"""
         self._early = {i.uid: self._before_model(i.email) for i in incomings}
         if self._classifier_down:
             return {}
@@ -349,8 +402,9 @@ class Intake:
         if len(wanted) < 2:
             return {}
         try:
-            many = getattr(self._classifier(), "classify_many", None)
-            if many is None:
+            classifier = self._classifier()
+            many = getattr(classifier, "classify_many", None)
+            if many is None or isinstance(classifier, ConcurrentClassifier):
                 return {}
             predictions = many([ClassifyInput.from_email(i.email) for i in wanted])
         except Exception as exc:  # each message meets it again alone, and is handled then
@@ -405,20 +459,39 @@ class Intake:
         prediction = self._predictions.pop(incoming.uid, None)
         if prediction is not None:
             return decide(prediction, email, self.settings), prediction
-        if self._classifier_down:
+        asked = self._ahead.take(incoming.uid) if self._ahead is not None else None
+        if asked is not None and asked.cancelled():
+            asked = None
+        if self._classifier_down and not answered(asked):
             return None
         try:
-            prediction = self._classifier().classify(ClassifyInput.from_email(email))
+            if asked is not None:
+                prediction = asked.result()  # in flight since the batch was read
+            else:
+                prediction = self._classifier().classify(ClassifyInput.from_email(email))
         except ClassifierError as exc:
-            if self.settings.classifier.on_error == "triage":
-                return decide(None, email, self.settings, error=str(exc)), None
-            self._classifier_down = True
-            event(log, "classifier_unavailable", logging.WARNING, error=str(exc))
-            return None
+            return self._classifier_failed(incoming, exc)
         except Exception as exc:  # a backend bug: this message goes to a human
             log.exception("classifier failed on uid %s", incoming.uid)
             return decide(None, email, self.settings, error=f"{type(exc).__name__}: {exc}"), None
         return decide(prediction, email, self.settings), prediction
+
+    def _classifier_failed(
+        self, incoming: Incoming, exc: ClassifierError
+    ) -> tuple[Route, Prediction | None] | None:
+        """Triage with ``on_error = "triage"``; else the message waits for a later round, and
+        when the server itself failed (unreachable, timeout, no model), so does the rest of the
+        round: the requests not started are cancelled, none is sent until the next round."""
+        if self.settings.classifier.on_error == "triage":
+            return decide(None, incoming.email, self.settings, error=str(exc)), None
+        if isinstance(exc, ClassifierRequestError):
+            event(log, "classify_failed", logging.WARNING, uid=incoming.uid, error=str(exc))
+            return None
+        self._classifier_down = True
+        if self._ahead is not None:
+            self._ahead.cancel()
+        event(log, "classifier_unavailable", logging.WARNING, error=str(exc))
+        return None
 
     def _report(
         self,
@@ -478,6 +551,11 @@ class Intake:
                 sender=email.sender, subject=email.subject, size=incoming.size, **values,
             )  # fmt: skip
         return self.state.update(record.id, MessageState.CLASSIFIED, **values)
+
+
+def answered(asked: Future[Prediction] | None) -> bool:
+    """A request that has already brought its prediction: usable even once the server is down."""
+    return asked is not None and asked.done() and asked.exception() is None
 
 
 def explain(email: Email, prediction: Prediction, settings: Settings) -> str:

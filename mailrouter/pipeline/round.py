@@ -5,8 +5,10 @@ forward → mark forwarded → file → final state (DESIGN §4). Each arrow tha
 outside the process is preceded by a commit, so :meth:`Pipeline.run_once` can be killed at any
 instant and the next round resumes where the state says. Work goes by batches of
 ``mailbox.batch_size``: a batch's routes and forward rows are committed together, then a sending
-thread forwards them (committing each as sent) while the main thread reads and classifies the
-next batch; a batch is filed once its sends are over.
+thread forwards them (committing each as sent) while the main thread records the next batch; a
+batch is filed once its sends are over. Each batch is read one step ahead, so that a backend
+waiting on a server (Ollama) computes its predictions while the batch before it is recorded
+and sent.
 
 * ``classified``: the route is on disk; a forward is created (or, for spam and ignored mail, the
   message is filed).
@@ -57,9 +59,10 @@ from .types import FORWARDING_ROUTES, Delivered, Filing, Handler, Incoming, Noti
 
 log = logging.getLogger(__name__)
 
-#: At most this many bytes of mail in a batch: two batches are in memory at once (one being
-#: sent, the next being read), whatever the size of the mail in the folder.
-BATCH_BYTES = 64 * 1024 * 1024
+#: At most this many bytes of mail in a batch: three batches are in memory at once (one being
+#: sent, one being classified and recorded, the next being read), whatever the size of the mail
+#: in the folder.
+BATCH_BYTES = 40 * 1024 * 1024
 #: What a message too large to read whole weighs in a batch (only its header is fetched).
 HEADER_BYTES = 64 * 1024
 #: UIDs per size lookup: one FETCH command line stays well under servers' 64 KB limits.
@@ -142,12 +145,13 @@ class Pipeline:
         return report
 
     def _round(self, report: RoundReport, uidvalidity: int, stop: threading.Event) -> None:
-        """Read, classify and record batch k+1 while batch k is being sent.
+        """Read batch k+2, record batch k+1 while batch k is being sent.
 
         Sending runs on one worker thread (SMTP is mostly waiting for the server's replies), in
         message order; each forward is committed as sent by the worker the moment the server
-        accepts it. The main thread keeps IMAP to itself: it files batch k once its sends are
-        over, then reads the next batch.
+        accepts it. The main thread keeps IMAP to itself: it reads a batch (its predictions are
+        asked for then), records the batch read before it, and files batch k once its sends
+        are over.
         """
         key = self.mailbox.key
         in_box = self.mailbox.pending_uids()
@@ -163,22 +167,32 @@ class Pipeline:
         todo = [u for u in in_box if u not in known or (u in resumable and not self.dry_run)]
         halt = threading.Event()  # set when the main thread fails: the worker stops early
         sending: Future[Delivered] | None = None
+        ahead: list[Incoming] | None = None  # read, its predictions under way, not recorded
         with ThreadPoolExecutor(1, thread_name_prefix="mailrouter-send") as worker:
+
+            def record(incomings: list[Incoming]) -> None:
+                nonlocal sending
+                ready = self.intake.record_batch(incomings, resumable, uidvalidity, report, stop)
+                queued = worker.submit(self._deliver, ready, uidvalidity, stop, halt)
+                if sending is not None:
+                    self._file(sending.result(), report)
+                sending = queued
+
             try:
                 for batch, sizes in self._batches(todo):
                     if stop.is_set():
                         break
-                    ready = self.intake.prepare_batch(
-                        batch, sizes, resumable, uidvalidity, report, stop
-                    )
-                    queued = worker.submit(self._deliver, ready, uidvalidity, stop, halt)
-                    if sending is not None:
-                        self._file(sending.result(), report)
-                    sending = queued
+                    read = self.intake.read_batch(batch, sizes, resumable)
+                    if ahead is not None:
+                        record(ahead)
+                    ahead = read
+                if ahead is not None and not stop.is_set():
+                    record(ahead)
                 if sending is not None:
                     self._file(sending.result(), report)
             finally:
                 halt.set()
+                self.intake.end_round()
         if not self.dry_run and not stop.is_set():
             self._settle(set(in_box), uidvalidity)
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..calibration import Calibration
 from ..classify.base import Classifier
+from ..classify.concurrent import classify_in_order
 from ..config import Department
 from ..dataset import Example, atomic_write_text
 from .reliability import (
@@ -223,7 +224,8 @@ def evaluate(
     *,
     progress: Callable[[int, int], None] | None = None,
 ) -> Report:
-    """Classify every example whose label is a configured department and score the answers."""
+    """Classify every example whose label is a configured department and score the answers
+    (with a backend that waits on a server, ``classifier.concurrency`` requests at a time)."""
     names = [d.name for d in departments]
     rows: list[Example] = []
     skipped: dict[str, int] = {}
@@ -234,8 +236,8 @@ def evaluate(
             skipped[example.label] = skipped.get(example.label, 0) + 1
     items = []
     started = time.monotonic()
-    for done, example in enumerate(rows, 1):
-        prediction = classifier.classify(example.to_input())
+    predictions = classify_in_order(classifier, [example.to_input() for example in rows])
+    for done, (example, prediction) in enumerate(zip(rows, predictions, strict=True), 1):
         predicted = prediction.label if prediction.label in names else None
         items.append(
             Item(
