@@ -55,13 +55,14 @@ LAYERS: dict[str, int] = {
         ),
         0,
     ),
-    # adapters: one outside system each (importers: labelled mail in files, read with mail.parse)
-    **dict.fromkeys(("mailrouter.mail", "mailrouter.classify", "mailrouter.importers"), 1),
+    # adapters: one outside system each
+    **dict.fromkeys(("mailrouter.mail", "mailrouter.classify"), 1),
     # orchestration
     **dict.fromkeys(("mailrouter.pipeline", "mailrouter.corrections", "mailrouter.training"), 2),
-    # application
+    # application (docs/architecture.md's table; importers read mail files with mail.parse)
     **dict.fromkeys(
         (
+            "mailrouter.importers",
             "mailrouter.wiring",
             "mailrouter.reprocess",
             "mailrouter.service",
