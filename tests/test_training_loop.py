@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mailrouter.calibration import load, ollama_path
 from mailrouter.state import State
 from mailrouter.training import publish, registry
 from mailrouter.training.job import run_job
@@ -85,6 +86,15 @@ def test_train_publish_classify_gate_and_rollback(
     served = digests(ollama_server.url)
     assert served[latest] == served[publish.version_name(settings, "v1")]
     assert (settings.models_dir / "runs" / f"{run.id:04d}" / "adapters").is_dir()
+    # Its thresholds, calibrated on the valid split from its answers through Ollama, are kept
+    # with its record and under its digest, where the router's classifier looks them up.
+    calibration = v1.metrics["calibration"]
+    assert calibration["split"] == "valid" and set(calibration["departments"]) == set(
+        settings.labels
+    )
+    assert v1.metrics["digest"] == served[latest] and run.metrics["calibration"] == calibration
+    stored = load(ollama_path(settings.models_dir, served[latest]))
+    assert stored is not None and stored.to_dict() == calibration
     assert not list(settings.models_dir.rglob("*.gguf"))  # Ollama keeps its own copy
 
     # `mailrouter classify --backend ollama` answers from the published model.

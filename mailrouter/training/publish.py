@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 import ollama
 
+from ..calibration import Calibration
 from ..classify.ollama import OllamaClassifier, full_name, normalize_host
 from ..config import Settings
 from ..dataset import Example
@@ -38,6 +39,7 @@ from ..logs import event
 from ..prompt import OLLAMA_TEMPLATE, STOP
 from ..state import State
 from . import registry
+from .calibrate import from_report, record
 from .evaluation import Report, evaluate
 from .recorder import Recorder
 
@@ -54,6 +56,7 @@ class Published:
     ollama: Report
     answers: list[str]
     file_bytes: int
+    calibration: Calibration | None = None
 
 
 def client(settings: Settings) -> ollama.Client:
@@ -85,8 +88,13 @@ def server_version(settings: Settings) -> str:
 
 
 def model_names(api: ollama.Client) -> set[str]:
+    return set(model_digests(api))
+
+
+def model_digests(api: ollama.Client) -> dict[str, str]:
+    """Each model's digest, by canonical name, as ``/api/tags`` gives them."""
     try:
-        return {full_name(m.model or "") for m in api.list().models}
+        return {full_name(m.model or ""): m.digest or "" for m in api.list().models}
     except (ollama.ResponseError, httpx.HTTPError, ConnectionError) as exc:
         raise TrainingError(f"Ollama: cannot list models: {exc}") from exc
 
@@ -204,8 +212,10 @@ def publish(
     mlx_accuracy: float,
     metrics: dict[str, Any],
     progress: Callable[[int, int], None] | None = None,
+    valid_examples: Sequence[Example] = (),
 ) -> Published:
-    """Create ``vN``, check it through Ollama, put it in service, prune old versions."""
+    """Create ``vN``, check it through Ollama, calibrate its thresholds on ``valid_examples``,
+    put it in service, prune old versions."""
     from .gguf import export_gguf  # numpy and the GGUF writer: heavy, for this step only
 
     api = client(settings)
@@ -235,23 +245,51 @@ def publish(
 
     try:
         report, answers = evaluate_on_ollama(settings, name, test_examples, progress)
+        _check_agreement(settings, state, version, report, mlx_accuracy)
+        calibration = calibrate_version(settings, state, api, version, valid_examples, progress)
     except MailRouterError:
         _delete(api, name)  # never leave a version that was not checked
         registry.set_status(state, version, "rejected")
         raise
-    gap = abs(report.accuracy - mlx_accuracy)
-    registry.set_status(state, version, "retired", ollama=report.summary())
-    if gap > settings.training.ollama_tolerance + 1e-9:
-        _delete(api, name)
-        registry.set_status(state, version, "rejected")
-        raise TrainingError(
-            f"{name} answers differently through Ollama: accuracy {report.accuracy:.3f} there, "
-            f"{mlx_accuracy:.3f} in MLX (tolerance {settings.training.ollama_tolerance}); "
-            "it was deleted and the model in service is unchanged"
-        )
     promote(settings, state, version, api=api)
     prune(settings, state, api=api)
-    return Published(version, name, report, answers, size)
+    return Published(version, name, report, answers, size, calibration)
+
+
+def _check_agreement(
+    settings: Settings, state: State, version: str, report: Report, mlx_accuracy: float
+) -> None:
+    """Refuse a version whose accuracy through Ollama is not the one measured in MLX: then
+    the published file is not the model that was evaluated."""
+    registry.set_status(state, version, "retired", ollama=report.summary())
+    gap = abs(report.accuracy - mlx_accuracy)
+    if gap > settings.training.ollama_tolerance + 1e-9:
+        raise TrainingError(
+            f"{version_name(settings, version)} answers differently through Ollama: accuracy "
+            f"{report.accuracy:.3f} there, {mlx_accuracy:.3f} in MLX (tolerance "
+            f"{settings.training.ollama_tolerance}); it was deleted and the model in service "
+            "is unchanged"
+        )
+
+
+def calibrate_version(
+    settings: Settings,
+    state: State,
+    api: ollama.Client,
+    version: str,
+    examples: Sequence[Example],
+    progress: Callable[[int, int], None] | None = None,
+) -> Calibration:
+    """``version``'s thresholds from its answers through Ollama on ``examples`` (the valid
+    split), recorded with it and under its digest (:mod:`.calibrate`) before it serves."""
+    name = version_name(settings, version)
+    report = evaluate_on_ollama(settings, name, examples, progress)[0] if examples else None
+    found = from_report(report, settings.labels, settings.classifier.target_precision)
+    record(settings, state, version, model_digests(api).get(name, ""), found)
+    event(log, "training.calibrated", version=version, target=found.target,
+          thresholds=" ".join(f"{k}={v.threshold}({v.status})"
+                              for k, v in found.departments.items()))  # fmt: skip
+    return found
 
 
 # --- promote / rollback / prune -----------------------------------------------------------------

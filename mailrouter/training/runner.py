@@ -183,7 +183,8 @@ class _Run:
         if not decision.publish:
             registry.finish_run(self.state, self.id, "rejected", decision.reason)
             return self._judged("rejected", decision.reason, decision)
-        return self._publish(base_dir, adapter_dir, test, candidate, decision)
+        valid = [e for e in examples if e.split == "valid"]
+        return self._publish(base_dir, adapter_dir, test, valid, candidate, decision)
 
     def _snapshot(self) -> tuple[Dataset, str, list[Example], list[Example]]:
         """Copy the dataset into the run folder (writers may add examples meanwhile: the run
@@ -271,10 +272,12 @@ class _Run:
         base_dir: Path,
         adapter_dir: Path,
         test: list[Example],
+        valid: list[Example],
         candidate: Report,
         decision: Decision,
     ) -> Outcome:
-        """Publish the candidate the gate accepted, check it through Ollama, record it."""
+        """Publish the candidate the gate accepted, check it through Ollama, calibrate its
+        thresholds on the valid split (:func:`.publish.calibrate_version`), record it."""
         self.hooks.stage("publishing to Ollama")
         started = time.monotonic()
         published = publish(
@@ -292,10 +295,13 @@ class _Run:
                 "test_pin": self.metrics["test_pin"]["digest"],
             },
             progress=self.hooks.evaluation,
+            valid_examples=valid,
         )
         self._timed("publish", started)
         self.metrics["ollama"] = published.ollama.summary()
         self.metrics["version"] = published.version
+        if published.calibration is not None:
+            self.metrics["calibration"] = published.calibration.to_dict()
         self.metrics["ollama_agreement"] = agreement(self.answers, published.answers)
         self.metrics["ollama_differences"] = differences(self.answers, published.answers)
         reason = f"{decision.reason}; in service as {published.name}"
@@ -306,7 +312,14 @@ class _Run:
             reason,
             metrics={
                 k: self.metrics[k]
-                for k in ("ollama", "version", "ollama_agreement", "ollama_differences")
+                for k in (
+                    "ollama",
+                    "version",
+                    "ollama_agreement",
+                    "ollama_differences",
+                    "calibration",
+                )
+                if k in self.metrics
             },
         )
         event(log, "training.published", run=self.id, model=published.name)
