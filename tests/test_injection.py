@@ -94,7 +94,9 @@ def expected_route(prediction: Prediction, email: Email, settings: Settings) -> 
     if prediction.label is None:
         return "triage", None, triage
     department = settings.department(prediction.label)
-    if prediction.confidence < settings.classifier.threshold_for(prediction.model):
+    if prediction.confidence < settings.classifier.threshold_for(
+        prediction.model, prediction.threshold
+    ):
         return "triage", department.name, triage
     if department.action == "spam":
         return "spam", department.name, None
