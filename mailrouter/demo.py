@@ -320,12 +320,11 @@ class Demo:
         )
         s.triaged = sum(1 for d in report.decisions if d.route == "triage")
         s.misrouted = s.emails - s.as_labelled - s.triaged
-        model = next((d.model for d in report.decisions if d.model), "")
-        threshold = settings.classifier.threshold_for(model)
         self.say(
             f"{report.forwarded} forwarded, {report.filed} filed in {report.seconds:.1f} s "
             f"({len(sink.delivered())} messages in the SMTP sink). {_routing(s)}, "
-            f"{s.triaged} to triage (confidence below {threshold}) for a person to dispatch"
+            f"{s.triaged} to triage (confidence below their department's calibrated threshold) "
+            "for a person to dispatch"
         )
 
     def _table(self, decisions: Sequence[Any]) -> None:
