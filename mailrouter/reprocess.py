@@ -140,19 +140,17 @@ def reprocess(
     folder: str | None = None,
     backend: str | None = None,
     forward: bool = False,
-    classifier: Classifier | None = None,
-    **mailbox_options: Any,
 ) -> Reprocessed:
-    """Decide the mail of ``folder`` received since ``since`` again and compare; with
-    ``forward``, then route the mail no record knows. ``mailbox_options`` go to the IMAP
-    adapter (a connection factory, for tests)."""
+    """Decide the mail of ``folder`` received since ``since`` again and compare (with
+    ``backend``, else the configured one); with ``forward``, then route the mail no record
+    knows."""
     name = folder or default_folder(settings)
     mailbox = settings.mailbox.model_copy(update={"folder": name, "backlog": "all"})
     view_settings = settings.model_copy(update={"mailbox": mailbox})
-    model = classifier or make_classifier(settings, backend)
+    model = make_classifier(settings, backend)
     password = imap_password(settings)
     look = FolderView(mailbox, password, since=since, readonly=True,
-                      key=f"{mailbox.username}/{name} (reprocess)", **mailbox_options)  # fmt: skip
+                      key=f"{mailbox.username}/{name} (reprocess)")  # fmt: skip
     report = _round(view_settings, look, model, dry_run=True)
     with State(settings.state_path) as state:
         records = state.with_contents(list(look.hashes.values()))
@@ -168,7 +166,7 @@ def reprocess(
     with State(settings.state_path) as state:
         unfinished = [r.uid for r in state.pending(key)]
     own = FolderView(mailbox, password, since=since, only=never_routed(look.hashes, records, key),
-                     keep=unfinished, key=key, **mailbox_options)  # fmt: skip
+                     keep=unfinished, key=key)  # fmt: skip
     forwarded = _round(view_settings, own, model, dry_run=False)
     return Reprocessed(name, since, report, compared, forwarded)
 
