@@ -17,6 +17,7 @@ it is a prediction without a label.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -115,11 +116,10 @@ def label_confidence(
     the server computed after it, and a shared alternative that was not generated is split evenly
     between the labels it could start. ``None`` when the server sent no usable alternatives.
     """
-    forms = {d.name: {fold(d.name), *(fold(a) for a in d.aliases)} for d in departments}
+    forms = tuple((d.name, frozenset({fold(d.name), *map(fold, d.aliases)})) for d in departments)
 
-    def starts(prefix: str) -> set[str]:
-        key = fold(prefix)
-        return {name for name, words in forms.items() if any(w.startswith(key) for w in words)}
+    def starts(prefix: str) -> frozenset[str]:
+        return _labels_starting(forms, prefix)
 
     def share(i: int, prefix: str) -> float | None:
         if i >= len(steps):
@@ -152,6 +152,14 @@ def label_confidence(
         return min(1.0, mine / total)
 
     return share(0, "")
+
+
+@functools.lru_cache(maxsize=4096)
+def _labels_starting(forms: tuple[tuple[str, frozenset[str]], ...], prefix: str) -> frozenset[str]:
+    """The labels one of whose forms starts with ``prefix`` (case and accents ignored). Cached:
+    every answer's alternatives are the same few tokens, looked up for every department."""
+    key = fold(prefix)
+    return frozenset(name for name, words in forms if any(w.startswith(key) for w in words))
 
 
 class OllamaClassifier:
