@@ -321,7 +321,7 @@ def test_batches_are_capped_in_bytes_and_all_mail_is_routed(
     make_mail_config: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Two batches are in memory at once: a batch holds at most BATCH_BYTES of mail (a larger
+    """Three batches are in memory at once: a batch holds at most BATCH_BYTES of mail (a larger
     message alone, a message read by its header for HEADER_BYTES), whatever batch_size says."""
     import mailrouter.pipeline.round as pipeline_module
 
