@@ -357,23 +357,10 @@ class Dataset:
 
     def load(self) -> list[Example]:
         """All examples, in file order; ``[]`` when the file does not exist yet."""
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return []
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DatasetError(f"{self.path}: cannot read: {exc}") from exc
-        examples = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                example = Example.from_json(line)
-            except DatasetError as exc:
-                raise DatasetError(f"{self.path}:{number}: {exc}") from exc
+        examples = read_examples(self.path)
+        for number, example in enumerate(examples, 1):
             if example.split is None:
-                raise DatasetError(f"{self.path}:{number}: example {example.id} has no split")
-            examples.append(example)
+                raise DatasetError(f"{self.path}: example {number} ({example.id}) has no split")
         return examples
 
     def split(self, name: str | Iterable[str]) -> list[Example]:
@@ -608,23 +595,30 @@ class Dataset:
         atomic_write_text(self.path, "".join(e.to_json() + "\n" for e in examples))
 
     def _load_held(self) -> list[Example]:
-        try:
-            text = self.held_path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return []
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DatasetError(f"{self.held_path}: cannot read: {exc}") from exc
-        held = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    held.append(Example.from_json(line))
-                except DatasetError as exc:
-                    raise DatasetError(f"{self.held_path}:{number}: {exc}") from exc
-        return held
+        return read_examples(self.held_path)
 
     def _write_held(self, held: Sequence[Example]) -> None:
         atomic_write_text(self.held_path, "".join(e.to_json() + "\n" for e in held))
+
+
+def read_examples(path: Path) -> list[Example]:
+    """The examples of a JSONL file, in order; ``[]`` when it does not exist. An unreadable line
+    is an error naming the file and the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: cannot read: {exc}") from exc
+    examples = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            examples.append(Example.from_json(line))
+        except DatasetError as exc:
+            raise DatasetError(f"{path}:{number}: {exc}") from exc
+    return examples
 
 
 def merge(
