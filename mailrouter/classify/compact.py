@@ -21,7 +21,6 @@ import json
 import re
 import unicodedata
 import zipfile
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,10 +77,9 @@ class Vectorizer:
 
     def transform(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """One document's non-zero columns and TF-IDF values."""
-        counts = Counter(self.analyze(text))
-        pairs = sorted((self.vocabulary[t], n) for t, n in counts.items() if t in self.vocabulary)
-        columns = np.fromiter((c for c, _ in pairs), dtype=np.intp, count=len(pairs))
-        values = np.fromiter((n for _, n in pairs), dtype=np.float64, count=len(pairs))
+        known = [c for c in map(self.vocabulary.get, self.analyze(text)) if c is not None]
+        columns, counts = np.unique(np.array(known, dtype=np.intp), return_counts=True)
+        values = counts.astype(np.float64)
         if self.binary:
             values.fill(1.0)
         if self.sublinear_tf:
