@@ -12,15 +12,16 @@ own process, and the Ollama-compatible test server (``tests/ollama_server.py``) 
 wait in line for a slot, as Ollama queues requests beyond its ``OLLAMA_NUM_PARALLEL`` slots.
 The router runs with its defaults (``classifier.concurrency`` 4, batches of 50).
 
-The answers are a recorded real one (``--canned-response``): the fine-tuned tiny test model's
-answer to the first starter test email, captured from the test server's HTTP response to the
-classifier's own request, is replayed for every request, through the same HTTP API. It does not
-flatter the figure: each request is the router's real one (its prompt, validated by the server),
-each answer is the JSON a model sends (the label, the end token, 20 alternatives per token), so
-the client parses it and computes a confidence for every department as for any answer, and the
-email is forwarded to a department. Running the tiny model instead would measure this machine's
-CPU, not the router: one llama.cpp context computes one request at a time (about 140 ms each
-here, on the two cores the router and Dovecot also use), which caps the server below P / L.
+The answers are real: the test server runs the fine-tuned tiny test model (llama.cpp) on each of
+the router's prompts, and answers when the slot's L ms are over. The model is tiny, so its
+compute (a few ms an email, one request at a time in its one llama.cpp context) fits inside L
+even with P requests waiting for it; it runs on the same two cores as the router, Dovecot and
+the sink, so it slows the router down rather than flattering it. Its answers are those of a
+barely trained model: mostly a department, sometimes no label (triage), each forwarded.
+
+``--canned`` replays instead one recorded answer for every request (the server's HTTP answer to
+the classifier's request for the first starter test email, ``--canned-response``): for a
+machine where the tiny model is slow, or to leave the server's CPU out.
 
 Prints, for each P: ``backlog: n=…, latency_ms=…, parallel=…, msgs_per_s=…, ideal=…, ratio=…``.
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -45,7 +47,7 @@ sys.path.insert(0, str(REPO))
 from pipeline import SinkProcess, dataset_into, messages  # noqa: E402
 
 from mailrouter.classify.ollama import OllamaClassifier  # noqa: E402
-from mailrouter.config import Settings, load_settings  # noqa: E402
+from mailrouter.config import load_settings  # noqa: E402
 from mailrouter.dataset import Dataset  # noqa: E402
 from mailrouter.localservers import DovecotServer, find_dovecot, local_config, write_toml  # noqa: E402
 from mailrouter.wiring import build_pipeline  # noqa: E402
@@ -54,29 +56,35 @@ from tests.fixtures.ollama import OllamaEndpoint, publish_gguf, spawn  # noqa: E
 MODEL = "mailrouter-bench:latest"
 
 
-def ollama_settings(settings: Settings, url: str) -> Settings:
-    update = {"backend": "ollama", "ollama_host": url, "model": MODEL}
-    return settings.model_copy(update={"classifier": settings.classifier.model_copy(update=update)})
-
-
-def record_answer(store: Path, data_dir: Path, out: Path) -> str:
-    """Publish the fine-tuned tiny model in ``store`` and record, in ``out``, the test server's
-    HTTP answer to the classifier's request for the first starter test email; its raw answer."""
+def tiny_model() -> Path:
+    """The tests' fine-tuned tiny model as GGUF (built and cached on first use)."""
     from mailrouter.training.tinymodel import build
     from tests.fixtures.models import cached_build, tiny_model_key
     from tests.fixtures.ollama import build_trained_gguf
 
-    gguf = build_trained_gguf(cached_build("tiny-mistral", tiny_model_key(), build))
-    server = spawn(store, 0, [])
+    return build_trained_gguf(cached_build("tiny-mistral", tiny_model_key(), build))
+
+
+def serve(store: Path, gguf: Path, args: list[str]) -> OllamaEndpoint:
+    """The test server on ``store`` with ``args``, the tiny model published as MODEL."""
+    server = spawn(store, 0, args)
+    publish_gguf(server.url, gguf, MODEL)
+    return server
+
+
+def record_answer(store: Path, gguf: Path, data_dir: Path, out: Path) -> str:
+    """Record in ``out`` the test server's HTTP answer to the classifier's request for the first
+    starter test email; its raw answer."""
+    server = serve(store, gguf, [])
     try:
-        publish_gguf(server.url, gguf, MODEL)
         answers: list[bytes] = []
 
         def keep(response: httpx.Response) -> None:
             if response.request.url.path == "/api/generate":
                 answers.append(response.read())
 
-        settings = ollama_settings(load_settings(None), server.url)
+        conf = {"backend": "ollama", "ollama_host": server.url, "model": MODEL}
+        settings = load_settings(None, classifier=conf)
         client = ollama.Client(host=server.url, event_hooks={"response": [keep]})
         example = Dataset(data_dir / "examples.jsonl").split("test")[0]
         prediction = OllamaClassifier(settings, client=client).classify(example.to_input())
@@ -89,8 +97,8 @@ def record_answer(store: Path, data_dir: Path, out: Path) -> str:
 
 def drain(
     dovecot: DovecotServer, sink: SinkProcess, server: OllamaEndpoint, work: Path, n: int
-) -> float:
-    """Seconds one round takes to route a fresh mailbox of ``n`` emails."""
+) -> tuple[float, int]:
+    """Seconds one round takes to route a fresh mailbox of ``n`` emails, and the forwards."""
     data_dir = Path(tempfile.mkdtemp(prefix="data", dir=work))
     os.environ["MAILROUTER_DATA_DIR"] = str(data_dir)
     dataset_into(data_dir)
@@ -110,9 +118,9 @@ def drain(
         seconds = time.perf_counter() - started
     finally:
         pipeline.close()
-    if (report.filed, report.forwarded) != (n, n):
-        sys.exit(f"the round filed {report.filed} and forwarded {report.forwarded} of {n} emails")
-    return seconds
+    if report.filed != n or report.waiting:
+        sys.exit(f"the round filed {report.filed} of {n} emails ({report.waiting} waiting)")
+    return seconds, report.forwarded
 
 
 def main() -> None:
@@ -122,36 +130,45 @@ def main() -> None:
     parser.add_argument(
         "--parallel", default="4,1", help="the server's slots; a comma-separated list runs each"
     )
+    parser.add_argument(
+        "--canned", action="store_true", help="replay one recorded answer instead of the model"
+    )
     args = parser.parse_args()
     if find_dovecot() is None:
         sys.exit("dovecot is not installed (apt-get install dovecot-imapd)")
     os.environ.setdefault("MAILROUTER_CORRECTIONS__TOKEN_KEY", os.urandom(16).hex())
     os.environ["MAILROUTER_NO_KEYRING"] = "1"
+    logging.getLogger("mailrouter").setLevel(logging.ERROR)  # the tiny model's answers are noise
     work = Path(tempfile.mkdtemp(prefix="mailrouter-backlog-"))
     try:
         dataset_into(work)
-        canned = work / "answer.json"
-        answer = record_answer(work / "store", work, canned)
-        print(f"recorded answer: {answer!r} (the fine-tuned tiny model, first starter test email)")
+        gguf = tiny_model()
+        answers: list[str] = []
+        if args.canned:
+            canned = work / "answer.json"
+            answer = record_answer(work / "store", gguf, work, canned)
+            print(f"replaying {answer!r}, the tiny model's answer to the first starter test email")
+            answers = ["--canned-response", str(canned)]
         sink = SinkProcess()
         slots = [int(p) for p in args.parallel.split(",")]
+        forwarded = 0
         with DovecotServer() as dovecot:
             for parallel in slots:
-                server_args = ["--canned-response", str(canned), "--parallel", str(parallel)]
-                server_args += ["--latency-ms", str(args.latency_ms)]
-                server = spawn(work / "store", 0, server_args)
+                load = ["--parallel", str(parallel), "--latency-ms", str(args.latency_ms)]
+                server = serve(work / "store", gguf, answers + load)
                 try:
-                    seconds = drain(dovecot, sink, server, work, args.n)
+                    seconds, sent = drain(dovecot, sink, server, work, args.n)
                 finally:
                     server.stop()
+                forwarded += sent
                 rate, ideal = args.n / seconds, parallel / (args.latency_ms / 1000)
                 print(
                     f"backlog: n={args.n}, latency_ms={args.latency_ms:g}, parallel={parallel}, "
                     f"msgs_per_s={rate:.2f}, ideal={ideal:.2f}, ratio={rate / ideal:.2f}",
                     flush=True,
                 )
-        if (received := sink.close()) != args.n * len(slots):
-            sys.exit(f"the SMTP server received {received} of {args.n * len(slots)} forwards")
+        if (received := sink.close()) != forwarded:
+            sys.exit(f"the SMTP server received {received} of {forwarded} forwards")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
