@@ -12,16 +12,19 @@ own process, and the Ollama-compatible test server (``tests/ollama_server.py``) 
 wait in line for a slot, as Ollama queues requests beyond its ``OLLAMA_NUM_PARALLEL`` slots.
 The router runs with its defaults (``classifier.concurrency`` 4, batches of 50).
 
-The answers are real: the test server runs the fine-tuned tiny test model (llama.cpp) on each of
-the router's prompts, and answers when the slot's L ms are over. The model is tiny, so its
-compute (a few ms an email, one request at a time in its one llama.cpp context) fits inside L
-even with P requests waiting for it; it runs on the same two cores as the router, Dovecot and
-the sink, so it slows the router down rather than flattering it. Its answers are those of a
-barely trained model: mostly a department, sometimes no label (triage), each forwarded.
+The answers are a recorded real one (``--canned-response``): the fine-tuned tiny test model's
+answer to the first starter test email, captured from the test server's HTTP response to the
+classifier's own request, is replayed for every request, through the same HTTP API. It does not
+flatter the figure: each request is the router's real one (its prompt, validated by the server),
+each answer is the JSON a model sends (the label, the end token, 20 alternatives per token), so
+the router parses it, computes a confidence for every department and forwards the email to a
+department, as for any answer. What it leaves out is the model's own compute, which a real
+Ollama does on its GPU, not on the cores the router uses.
 
-``--canned`` replays instead one recorded answer for every request (the server's HTTP answer to
-the classifier's request for the first starter test email, ``--canned-response``): for a
-machine where the tiny model is slow, or to leave the server's CPU out.
+``--model`` has the tiny model (llama.cpp) compute every answer instead, on the same two cores as
+the router, Dovecot and the sink: a few ms an email, one at a time in its one llama.cpp context,
+inside the L ms of its slot; on a loaded machine some take hundreds of ms, and the figure then
+measures this machine more than the router.
 
 Prints, for each P: ``backlog: n=…, latency_ms=…, parallel=…, msgs_per_s=…, ideal=…, ratio=…``.
 """
@@ -131,20 +134,20 @@ def main() -> None:
         "--parallel", default="4,1", help="the server's slots; a comma-separated list runs each"
     )
     parser.add_argument(
-        "--canned", action="store_true", help="replay one recorded answer instead of the model"
+        "--model", action="store_true", help="the tiny model computes every answer (no replay)"
     )
     args = parser.parse_args()
     if find_dovecot() is None:
         sys.exit("dovecot is not installed (apt-get install dovecot-imapd)")
     os.environ.setdefault("MAILROUTER_CORRECTIONS__TOKEN_KEY", os.urandom(16).hex())
     os.environ["MAILROUTER_NO_KEYRING"] = "1"
-    logging.getLogger("mailrouter").setLevel(logging.ERROR)  # the tiny model's answers are noise
+    logging.getLogger("mailrouter").setLevel(logging.ERROR)  # --model: its answers are noise
     work = Path(tempfile.mkdtemp(prefix="mailrouter-backlog-"))
     try:
         dataset_into(work)
         gguf = tiny_model()
         answers: list[str] = []
-        if args.canned:
+        if not args.model:
             canned = work / "answer.json"
             answer = record_answer(work / "store", gguf, work, canned)
             print(f"replaying {answer!r}, the tiny model's answer to the first starter test email")
