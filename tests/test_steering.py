@@ -242,3 +242,21 @@ def test_history_explains_a_decision(
     out = done.stdout
     assert "model 0.93 (next: Finance 0.07)" in out and "Support" in out and "93.0%" in out
     assert "une question sur mon contrat" in out
+
+
+def test_rules_suggest_reads_the_corrections_history(
+    steer: Settings, make_mail_config: Callable[..., Path]
+) -> None:
+    config = make_mail_config(rules=RULES)
+    with State(steer.state_path) as state:
+        for i, sender in enumerate(["a@supplier.test", "b@supplier.test", "c@supplier.test"]):
+            record = state.add_message("m", 1, i + 1, content_hash=f"h{i}", sender=sender,
+                                       route="department", department="Support")  # fmt: skip
+            state.add_correction(message=record.id, by="boss@example.com", command="route",
+                                 old_label="Support", new_label="Finance",
+                                 status="applied")  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "mailrouter", "--config", str(config), "rules",
+                           "suggest"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (suggested,) = __import__("tomllib").loads(done.stdout)["rules"]
+    assert (suggested["from"], suggested["department"]) == ("*@supplier.test", "Finance")
