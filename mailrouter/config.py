@@ -453,7 +453,7 @@ def _describe(exc: ValidationError, where: str) -> str:
         got = err.get("input")
         shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
         if err["type"] == "extra_forbidden":
-            msg = "unknown field; see config/mailrouter.example.toml for the valid ones"
+            msg = "unknown field; `mailrouter config example` lists the valid ones"
         lines.append(f"{where}: {field}: {msg}{shown}")
     return "\n".join(lines)
 

@@ -22,6 +22,10 @@ DIR_MODE = 0o700
 #: The starter dataset: the checkout's ``data/examples.jsonl``, shipped as the package data of
 #: ``mailrouter.starter`` (see setup.py), so an installed wheel has it too.
 STARTER_EXAMPLES: Traversable = resources.files("mailrouter.starter") / "examples.jsonl"
+#: The documented example configuration, every field with its comment.
+EXAMPLE_CONFIG: Traversable = (
+    resources.files("mailrouter.example_config") / "mailrouter.example.toml"
+)
 #: What to do about a data folder without a dataset (the default one starts empty).
 NO_DATASET_FIX = (
     "`mailrouter init` copies the starter data into the data folder, "

@@ -157,3 +157,15 @@ def test_init_by_flags_then_check(tmp_path: Path) -> None:
     again = _cli("init", "--yes", "--output", str(out), cwd=tmp_path)
     assert again.returncode == 2
     assert "--force" in again.stderr
+
+
+def test_config_example_prints_the_shipped_example() -> None:
+    """What a pipx install has instead of the checkout's config/ folder."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mailrouter", "config", "example"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == EXAMPLE.read_text(encoding="utf-8")

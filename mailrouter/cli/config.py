@@ -1,4 +1,5 @@
-"""Command group: ``config check`` (validate the configuration and print the effective one)."""
+"""Command group: ``config check`` (validate the configuration and print the effective one) and
+``config example`` (the documented example, every field with its comment)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Annotated
 import typer
 
 from ..config import masked_dump
+from ..files import EXAMPLE_CONFIG
 from .app import console, settings, to_toml
 
 group = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
@@ -25,3 +27,9 @@ def config_check(
         return
     console.print(f"# config: {current.source or 'defaults (no file)'}", highlight=False)
     console.print(to_toml(data), highlight=False, markup=False)
+
+
+@group.command("example")
+def config_example() -> None:
+    """Print the documented example configuration (every field, with its comment)."""
+    typer.echo(EXAMPLE_CONFIG.read_text(encoding="utf-8"), nl=False)

@@ -178,7 +178,7 @@ def _write_config(
 
 
 def _write(output: Path, data: dict[str, Any]) -> Settings:
-    header = "# Written by `mailrouter init`. Every field: config/mailrouter.example.toml\n"
+    header = "# Written by `mailrouter init`. Every field: `mailrouter config example`\n"
     write_private(output, header + to_toml(data))  # it may receive a password later
     return load_settings(output)  # refuse to leave an invalid file behind unnoticed
 
