@@ -26,6 +26,7 @@ from ..classify.concurrent import classify_in_order
 from ..config import Department
 from ..dataset import Example, atomic_write_text
 from .reliability import (
+    Chart,
     DepartmentRow,
     applied,
     calibration_html,
@@ -420,37 +421,20 @@ def confusion_svg(report: Report) -> str:
 
 def curve_svg(report: Report) -> str:
     """Coverage and accuracy-on-covered against the threshold, as an SVG line chart."""
-    width, height, pad = 520, 300, 45
-    inner_w, inner_h = width - 2 * pad, height - 2 * pad
-
-    def x(t: float) -> float:
-        return round(pad + t * inner_w, 1)
-
-    def y(v: float) -> float:
-        return round(height - pad - v * inner_h, 1)
-
+    c = Chart()
+    x, y = c.x, c.y
     points = report.curve()
-    coverage = " ".join(f"{x(t)},{y(c)}" for t, c, _ in points)
+    coverage = " ".join(f"{x(t)},{y(v)}" for t, v, _ in points)
     accuracy = " ".join(f"{x(t)},{y(a)}" for t, _, a in points if a is not None)
-    grid = "".join(
-        f'<line x1="{pad}" y1="{y(v)}" x2="{width - pad}" y2="{y(v)}" stroke="#eee"/>'
-        f'<text x="{pad - 6}" y="{y(v) + 4}" text-anchor="end">{v:.1f}</text>'
-        f'<text x="{x(v)}" y="{height - pad + 16}" text-anchor="middle">{v:.1f}</text>'
-        for v in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-    )
     t = report.threshold
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">'
-        f"{grid}"
-        f'<rect x="{pad}" y="{pad}" width="{inner_w}" height="{inner_h}" '
-        'fill="none" stroke="#999"/>'
-        f'<line x1="{x(t)}" y1="{pad}" x2="{x(t)}" y2="{height - pad}" stroke="#555" '
+    return c.svg(
+        f'<line x1="{x(t)}" y1="{c.pad}" x2="{x(t)}" y2="{c.height - c.pad}" stroke="#555" '
         f'stroke-dasharray="4 3"/>'
         f'<polyline points="{coverage}" fill="none" stroke="#1f77b4" stroke-width="2"/>'
         f'<polyline points="{accuracy}" fill="none" stroke="#d62728" stroke-width="2"/>'
-        f'<text x="{width / 2}" y="{height - 8}" text-anchor="middle">confidence threshold</text>'
-        f'<text x="{pad + 8}" y="{pad - 22}" fill="#1f77b4">coverage</text>'
-        f'<text x="{pad + 90}" y="{pad - 22}" fill="#d62728">accuracy on covered</text>'
-        "</svg>"
+        f'<text x="{c.width / 2}" y="{c.height - 8}" text-anchor="middle">'
+        "confidence threshold</text>"
+        f'<text x="{c.pad + 8}" y="{c.pad - 22}" fill="#1f77b4">coverage</text>'
+        f'<text x="{c.pad + 90}" y="{c.pad - 22}" fill="#d62728">accuracy on covered</text>',
+        grid=True,
     )

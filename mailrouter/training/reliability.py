@@ -172,17 +172,45 @@ def calibration_html(rows: Sequence[DepartmentRow], calibration: Calibration | N
     )
 
 
+TICKS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+@dataclass(frozen=True)
+class Chart:
+    """The geometry of the report's 0–1 by 0–1 figures, and their frame (ticks, box)."""
+
+    width: int = 520
+    height: int = 300
+    pad: int = 45
+
+    def x(self, v: float) -> float:
+        return round(self.pad + v * (self.width - 2 * self.pad), 1)
+
+    def y(self, v: float) -> float:
+        return round(self.height - self.pad - v * (self.height - 2 * self.pad), 1)
+
+    def svg(self, body: str, *, grid: bool = False) -> str:
+        """``body`` framed: tick labels on both axes (with horizontal grid lines), the box."""
+        w, h, pad = self.width, self.height, self.pad
+        ticks = "".join(
+            (f'<line x1="{pad}" y1="{self.y(v)}" x2="{w - pad}" y2="{self.y(v)}" stroke="#eee"/>'
+             if grid else "")
+            + f'<text x="{pad - 6}" y="{self.y(v) + 4}" text-anchor="end">{v:.1f}</text>'
+            f'<text x="{self.x(v)}" y="{h - pad + 16}" text-anchor="middle">{v:.1f}</text>'
+            for v in TICKS
+        )  # fmt: skip
+        return (
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+            f'viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">{ticks}{body}'
+            f'<rect x="{pad}" y="{pad}" width="{w - 2 * pad}" height="{h - 2 * pad}" '
+            'fill="none" stroke="#999"/></svg>'
+        )
+
+
 def reliability_svg(answers: Sequence[Answer], count: int = BINS) -> str:
     """Accuracy against confidence, one bar per bin, with the diagonal of a calibrated model."""
-    width, height, pad = 520, 300, 45
-    inner_w, inner_h = width - 2 * pad, height - 2 * pad
-
-    def x(v: float) -> float:
-        return round(pad + v * inner_w, 1)
-
-    def y(v: float) -> float:
-        return round(height - pad - v * inner_h, 1)
-
+    c = Chart()
+    x, y = c.x, c.y
     bars = "".join(
         f'<rect x="{x(b.low) + 2}" y="{y(b.accuracy)}" width="{x(b.high) - x(b.low) - 4}" '
         f'height="{round(y(0) - y(b.accuracy), 1)}" fill="#1f77b4" fill-opacity="0.75">'
@@ -192,21 +220,10 @@ def reliability_svg(answers: Sequence[Answer], count: int = BINS) -> str:
         f'text-anchor="middle" font-size="10">{b.count}</text>'
         for b in bins(answers, count)
     )
-    grid = "".join(
-        f'<text x="{pad - 6}" y="{y(v) + 4}" text-anchor="end">{v:.1f}</text>'
-        f'<text x="{x(v)}" y="{height - pad + 16}" text-anchor="middle">{v:.1f}</text>'
-        for v in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-    )
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">'
-        f"{grid}{bars}"
-        f'<rect x="{pad}" y="{pad}" width="{inner_w}" height="{inner_h}" fill="none" '
-        'stroke="#999"/>'
-        f'<line x1="{x(0)}" y1="{y(0)}" x2="{x(1)}" y2="{y(1)}" stroke="#d62728" '
+    return c.svg(
+        bars + f'<line x1="{x(0)}" y1="{y(0)}" x2="{x(1)}" y2="{y(1)}" stroke="#d62728" '
         'stroke-dasharray="4 3"/>'
-        f'<text x="{width / 2}" y="{height - 8}" text-anchor="middle">confidence</text>'
-        f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" '
+        f'<text x="{c.width / 2}" y="{c.height - 8}" text-anchor="middle">confidence</text>'
+        f'<text x="14" y="{c.height / 2}" transform="rotate(-90 14 {c.height / 2})" '
         'text-anchor="middle">share right</text>'
-        "</svg>"
     )
