@@ -8,6 +8,8 @@ to :data:`app` in the order ``--help`` lists them.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -69,6 +71,12 @@ def settings() -> Settings:
             level="DEBUG" if state.verbose else state._settings.log.level,
         )
     return state._settings
+
+
+def echo_json_lines(rows: Iterable[Any]) -> None:
+    """``--json``: one JSON object per line, one line per record (dataclasses)."""
+    for row in rows:
+        typer.echo(json.dumps(asdict(row), ensure_ascii=False))
 
 
 def check_backend(name: str | None) -> str | None:

@@ -8,7 +8,6 @@ as it is. Either way the corrections waiting on it are closed in the state datab
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from typing import Annotated
 
 import typer
@@ -18,7 +17,7 @@ from ..corrections.digest import send_spam_digest
 from ..corrections.review import list_corrections, revert_correction
 from ..dataset import Dataset
 from ..state import State
-from .app import console, settings
+from .app import console, echo_json_lines, settings
 
 group = typer.Typer(help="Review staff corrections and the spam digest.", no_args_is_help=True)
 review_group = typer.Typer(
@@ -38,8 +37,7 @@ def list_(
     with State(settings().state_path) as state:
         rows = list_corrections(state, limit)
     if as_json:
-        for row in rows:
-            typer.echo(json.dumps(asdict(row), ensure_ascii=False))
+        echo_json_lines(rows)
         return
     table = Table("id", "when", "by", "command", "from", "to", "status", "subject", "example")
     for r in rows:

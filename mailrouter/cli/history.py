@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..state import State
-from .app import console, settings
+from .app import console, echo_json_lines, settings
 
 
 def history(
@@ -30,8 +29,7 @@ def history(
     with State(current.state_path) as state:
         entries = state.history(n)
     if as_json:
-        for entry in entries:
-            typer.echo(json.dumps(asdict(entry), ensure_ascii=False))
+        echo_json_lines(entries)
         return
     table = Table("msg", "at", "state", "from", "subject", "route", "to", "conf.", "reason")
     for e in entries:
