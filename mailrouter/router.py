@@ -61,9 +61,14 @@ def internal_sender(email: Email, settings: Settings) -> str | None:
     return None
 
 
+def our_mark(email: Email) -> str | None:
+    """The ``X-MailRouter-*`` header that marks mail the router itself sent, or ``None``."""
+    return next((name for name, _ in email.headers if name.startswith("x-mailrouter-")), None)
+
+
 def screen(email: Email, settings: Settings) -> Route | None:
     """The route decided before classification, or ``None`` when the email should be classified."""
-    ours = next((name for name, _ in email.headers if name.startswith("x-mailrouter-")), None)
+    ours = our_mark(email)
     if ours is not None:
         return Route("ignore", None, None, f"sent by the router ({ours})")
     if email.sender and email.sender == settings.smtp.from_address.strip().lower():

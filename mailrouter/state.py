@@ -1019,15 +1019,6 @@ class State:
             params.append(domain)
         return int(self.query(sql, params)[0]["n"])
 
-    def last_applied_label(self, message: int) -> str | None:
-        """The label of the latest applied (or held) correction of a message, if any."""
-        rows = self.query(
-            "SELECT new_label FROM corrections WHERE message = ? AND status IN ('applied', 'held') "
-            "ORDER BY id DESC LIMIT 1",
-            (message,),
-        )
-        return rows[0]["new_label"] if rows else None
-
     def correction_rows(self, limit: int = 50) -> list[CorrectionRow]:
         rows = self.query(
             "SELECT c.id, c.created, c.by, c.command, c.old_label, c.new_label, c.status, "

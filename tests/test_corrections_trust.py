@@ -325,3 +325,27 @@ def test_a_correction_of_a_test_split_text_leaves_the_test_split_alone(
     (held,) = dataset.held()
     assert (held.example.label, held.target.id, held.target.split) == (other, target.id, "test")
     assert statuses(settings) == ["held"]
+
+
+@pytest.mark.parametrize("automated", ["ignore", "triage"])
+def test_a_staffs_out_of_office_answering_a_forward_is_no_correction(
+    automated: str,
+    dataset: Dataset,
+    make_mail_config: Callable[..., Path],
+    imap_account: ImapAccount,
+    smtp_sink: SmtpSink,
+) -> None:
+    """Whatever becomes of machine mail (filed, or sent to triage), it never asks STAFF to
+    confirm anything, earns no help reply and records no correction."""
+    corrections = {"trusted_authserv_id": AUTHSERV}
+    settings = load_settings(
+        make_mail_config(corrections=corrections, mailbox={"automated": automated})
+    )
+    forward = route_invoice_to_support(settings, imap_account, smtp_sink)
+    auto = staff_reply(forward, "Je suis absente jusqu'au 12.", subject="Réponse automatique : "
+                       "[Support] Erreur sur la facture", auth=None)  # fmt: skip
+    imap_account.append([auto])
+    run(settings)
+    assert to(smtp_sink, STAFF) == []
+    assert statuses(settings) == []
+    assert corrections_of(dataset) == []

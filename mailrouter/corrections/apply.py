@@ -22,6 +22,7 @@ from ..mail.parse import parse_email
 from ..message import Email, address_domain
 from ..pipeline.types import Context, Outcome
 from ..prediction import ClassifyInput
+from ..router import department_route
 from ..state import CorrectionRecord, MessageRecord, MessageState, State
 
 log = logging.getLogger(__name__)
@@ -102,14 +103,13 @@ class Applier:
 
         A temporary failure is raised: the pipeline keeps the mail and tries again next round.
         """
-        dep = self.settings.department(department)
-        to = dep.address if dep.action == "forward" and dep.address else None
-        destination = to or self.settings.smtp.triage_address
+        reason = f"corrigé par / corrected by {self.row.by}"
+        route = department_route(self.settings.department(department), reason, self.settings)
+        destination = route.address or self.settings.smtp.triage_address
         try:
             self.context.outbox.send_forward(
-                self.record, raw, destination=destination, department=department,
-                reason=f"corrigé par / corrected by {self.row.by}",
-            )  # fmt: skip
+                self.record, raw, destination=destination, department=department, reason=reason
+            )
         except SmtpError as exc:
             event(log, "correction_deferred", logging.WARNING, id=self.row.id, error=str(exc))
             if not exc.permanent:
@@ -148,7 +148,7 @@ class Applier:
 
 def current_label(state: State, record: MessageRecord) -> str | None:
     """The department a message is with now: its latest correction, else the route decided."""
-    corrected = state.last_applied_label(record.id)
+    corrected = state.latest_correction_of([record.id])
     if corrected is not None:
         return corrected
     if record.route == "spam":

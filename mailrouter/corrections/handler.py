@@ -26,12 +26,13 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from ..automated import automated_reason
 from ..config import Settings, token_key
 from ..logs import event
 from ..mail.parse import parse_addresses, strip_quoted
 from ..message import Email
 from ..pipeline.types import Context, Incoming, Outcome
-from ..router import screen
+from ..router import our_mark
 from ..state import ConfirmationRecord, CorrectionRecord, ForwardRecord, MessageState, State
 from .apply import Applier, current_label, filed, help_reply, reply
 from .authentication import Verdict, verdict
@@ -145,20 +146,14 @@ class CorrectionHandler:
 
     def __call__(self, context: Context, incoming: Incoming) -> Outcome | None:
         email = incoming.email
-        screened = screen(email, self.settings)
-        if screened is not None and screened.kind == "ignore" and automated(screened.reason):
-            return None  # an auto-reply or our own mail: it corrects nothing
+        if our_mark(email) or automated_reason(email):
+            return None  # our own mail, an auto-reply or a bounce: it corrects nothing
         corr = self.settings.corrections
         # The triage person routes what the model could not: staff, wherever their address is.
         staff = [*corr.staff_addresses, self.settings.smtp.triage_address]
         if not is_staff(email.sender, corr.staff_domains, staff):
             return None  # customer mail, even quoting a token: classified as usual
-        refs = (
-            find_refs(email.subject, own_text(email))
-            if "[MRC-" in email.full_text + (email.subject)
-            else []
-        )
-        for ref in refs:
+        for ref in confirmation_refs(email):
             confirmation = context.state.confirmation_by_ref(ref_hash(ref))
             if confirmation is not None:
                 if context.dry_run:
@@ -175,9 +170,11 @@ class CorrectionHandler:
         return Corrector(context, email, self.key).correct(claim.forward, command)
 
 
-def automated(reason: str) -> bool:
-    """Whether a ``screen`` reason says machine-sent mail (never a person's correction)."""
-    return reason.startswith(("automated mail", "sent by the router"))
+def confirmation_refs(email: Email) -> list[str]:
+    """The ``[MRC-…]`` references the writer typed (subject or own text, not quoted text)."""
+    if "[MRC-" not in email.subject and "[MRC-" not in email.full_text:
+        return []  # most mail: no quote stripping
+    return find_refs(email.subject, own_text(email))
 
 
 def _dry(reason: str) -> Outcome:
@@ -230,7 +227,8 @@ class Corrector:
         if new_label is None:
             help_reply(self.context, self.email)
             return filed("nothing to confirm: the message had no department")
-        if command.kind != "confirm" and self.state.last_applied_label(record.id) == new_label:
+        corrected = self.state.latest_correction_of([record.id])
+        if command.kind != "confirm" and corrected == new_label:
             return filed(f"correction to {new_label} already applied")
         auth = verdict(
             self.email.auth_results,
@@ -271,10 +269,12 @@ class Corrector:
         """Send the claimed author the confirmation request (again after a crash, same ref)."""
         ref = make_ref(self.key, row.id, row.mail_id or "")
         days = self.settings.corrections.confirm_days
-        expires = datetime.now(UTC) + timedelta(days=days)
+        deadline = datetime.now(UTC) + timedelta(days=days)
         confirmation = self.state.add_confirmation(
-            row.id, ref_hash(ref), row.by, expires.isoformat(timespec="seconds")
+            row.id, ref_hash(ref), row.by, deadline.isoformat(timespec="seconds")
         )
+        # Sent again after a crash, the request states the deadline first recorded.
+        expires = datetime.fromisoformat(confirmation.expires)
         if confirmation.status == "new":
             record = self.state.message(row.message or 0)
             text = request_text(
