@@ -11,28 +11,12 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from .config import Department, fold
+from .message import Email
 from .prompt import PromptOptions, build_prompt
 
 _LATIN_END = 0x24F  # end of Latin Extended-B: accented letters of European languages
-
-
-class Readable(Protocol):
-    """The fields of a parsed email a classifier reads (:class:`mailrouter.message.Email`)."""
-
-    @property
-    def body(self) -> str: ...
-
-    @property
-    def full_text(self) -> str: ...
-
-    @property
-    def subject(self) -> str: ...
-
-    @property
-    def sender_domain(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -69,7 +53,7 @@ class ClassifyInput:
     sender_domain: str = ""
 
     @classmethod
-    def from_email(cls, email: Readable) -> ClassifyInput:
+    def from_email(cls, email: Email) -> ClassifyInput:
         """What is read of a live email; a correction records the same fields as its example."""
         return cls(
             text=email.body or email.full_text,
