@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import logging
 import time
-from email.message import EmailMessage
 from email.policy import SMTP
-from email.utils import formatdate, make_msgid
 
 from ..config import Settings
 from ..dataset import Dataset
 from ..errors import SmtpError
 from ..logs import event
 from ..mail.parse import parse_email
-from ..message import Email, address_domain
+from ..message import Email
+from ..pipeline.compose import notice_message
 from ..pipeline.types import Context, Outcome
 from ..prediction import ClassifyInput
 from ..router import department_route
@@ -184,17 +183,16 @@ def reply(context: Context, to: Email, text: str) -> None:
 
 def compose_reply(settings: Settings, to: Email, text: str) -> bytes:
     """A short automatic answer to a staff mail, marked so it is never routed if it returns."""
-    msg = EmailMessage(policy=SMTP)
-    msg["From"] = settings.smtp.from_address
-    msg["To"] = to.sender
     subject = " ".join(to.subject.split())[:150]
-    msg["Subject"] = subject if subject.lower().startswith("re:") else f"Re: {subject}"
-    msg["Date"] = formatdate(localtime=True)
-    msg["Message-ID"] = make_msgid(domain=address_domain(settings.smtp.from_address) or None)
+    msg = notice_message(
+        settings,
+        to=to.sender,
+        subject=subject if subject.lower().startswith("re:") else f"Re: {subject}",
+        notice="reply",
+        auto_submitted="auto-replied",
+    )
     if to.message_id:
         msg["In-Reply-To"] = to.message_id
         msg["References"] = to.message_id
-    msg["Auto-Submitted"] = "auto-replied"
-    msg["X-MailRouter-Notice"] = "reply"
     msg.set_content(text + "\n", charset="utf-8", cte="quoted-printable")
     return msg.as_bytes(policy=SMTP)

@@ -22,12 +22,11 @@ import hashlib
 import hmac
 import re
 from datetime import datetime
-from email.message import EmailMessage
 from email.policy import SMTP
-from email.utils import formatdate, make_msgid
 from urllib.parse import quote
 
 from ..config import Settings, fold
+from ..pipeline.compose import notice_message
 
 #: ``[MRC-<32 hex digits>]``: 128 bits, distinct from the forwards' ``[MR-…]`` tokens.
 REF_RE = re.compile(r"\[MRC-([0-9A-Fa-f]{32})\]")
@@ -88,17 +87,15 @@ def request_text(
 def compose_request(settings: Settings, *, to: str, ref: str, text: str, subject: str) -> bytes:
     """The confirmation request mail, addressed to the claimed author only."""
     router = settings.smtp.from_address
-    msg = EmailMessage(policy=SMTP)
-    msg["From"] = router
-    msg["To"] = to
     short = " ".join(subject.split())[:80] or "(sans objet)"
-    msg["Subject"] = f"[MRC-{ref}] Confirmer la correction / Confirm the correction: {short}"
-    msg["Date"] = formatdate(localtime=True)
-    msg["Message-ID"] = make_msgid(domain=router.rpartition("@")[2] or None)
-    msg["Auto-Submitted"] = "auto-generated"
+    msg = notice_message(
+        settings,
+        to=to,
+        subject=f"[MRC-{ref}] Confirmer la correction / Confirm the correction: {short}",
+        notice="confirmation-request",
+    )
     msg["Precedence"] = "bulk"
     msg["X-Auto-Response-Suppress"] = "All"
-    msg["X-MailRouter-Notice"] = "confirmation-request"
     link = f"mailto:{router}?subject={quote(f'[MRC-{ref}] oui')}&body=oui"
     msg.set_content(
         f"{text}\nUn clic pour confirmer / One click to confirm: {link}\n",

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from email.message import EmailMessage
 from email.policy import SMTP
-from email.utils import formatdate, make_msgid
 
 from ..config import Settings
 from ..logs import event
 from ..mail.smtp import SmtpSender, send_with_retry
 from ..message import address_domain
+from ..pipeline.compose import notice_message
 from ..state import NewForward, State, now_iso
 from .links import DigestItem, spam_digest
 from .tokens import token_maker
@@ -48,14 +47,9 @@ def send_spam_digest(settings: Settings, *, sender: SmtpSender | None = None) ->
             items.append(DigestItem(forward.token, record.sender, record.subject,
                                     _parse_iso(record.created)))  # fmt: skip
         subject, text, html = spam_digest(settings, items)
-        msg = EmailMessage(policy=SMTP)
-        msg["From"] = settings.smtp.from_address
-        msg["To"] = settings.smtp.triage_address
-        msg["Subject"] = subject
-        msg["Date"] = formatdate(localtime=True)
-        msg["Message-ID"] = make_msgid(domain=domain or None)
-        msg["Auto-Submitted"] = "auto-generated"
-        msg["X-MailRouter-Notice"] = "spam-digest"
+        msg = notice_message(
+            settings, to=settings.smtp.triage_address, subject=subject, notice="spam-digest"
+        )
         msg.set_content(text, charset="utf-8", cte="quoted-printable")
         msg.add_alternative(html, subtype="html", charset="utf-8", cte="quoted-printable")
         own = sender is None

@@ -25,11 +25,13 @@ import html
 import re
 import secrets
 from dataclasses import dataclass
-from email.utils import format_datetime, formataddr, formatdate
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import format_datetime, formataddr, formatdate, make_msgid
 
 from .. import __version__
 from ..config import Settings
-from ..message import Email
+from ..message import Email, address_domain
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]+")
 _ADDRESS = re.compile(r"^[^\s<>()\[\]\\,;:@\"]+@[A-Za-z0-9.-]+\.[A-Za-z0-9-]+$")
@@ -274,3 +276,28 @@ def _multipart(subtype: str | None, boundary: str, parts: list[bytes]) -> bytes:
         end = b"" if part.endswith(b"\r\n") else b"\r\n"
         out += sep + b"\r\n" + part + end
     return out + sep + b"--\r\n"
+
+
+def notice_message(
+    settings: Settings,
+    *,
+    to: str,
+    subject: str,
+    notice: str,
+    auto_submitted: str = "auto-generated",
+) -> EmailMessage:
+    """A message the router writes itself (an answer, a request, a digest), without its body.
+
+    ``X-MailRouter-Notice`` marks it as ours, so it is never routed if it comes back, and
+    ``Auto-Submitted`` keeps well-behaved responders from answering it (RFC 3834).
+    """
+    router = settings.smtp.from_address
+    msg = EmailMessage(policy=SMTP)
+    msg["From"] = router
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Date"] = formatdate(localtime=True)
+    msg["Message-ID"] = make_msgid(domain=address_domain(router))
+    msg["Auto-Submitted"] = auto_submitted
+    msg["X-MailRouter-Notice"] = notice
+    return msg
