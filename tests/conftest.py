@@ -17,6 +17,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["MAILROUTER_NO_KEYRING"] = "1"
 os.environ.pop("MAILROUTER_CONFIG", None)
 
+# After the environment above: libraries read it when they are imported.
+from mailrouter.cli.app import console, err_console
+
 REPO = Path(__file__).resolve().parent.parent
 STARTER = REPO / "data" / "examples.jsonl"
 TEST_DATA = REPO / "tests" / "data"
@@ -52,6 +55,15 @@ def _hermetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("MAILROUTER_DATA_DIR", str(data))
     monkeypatch.setenv("MAILROUTER_CORRECTIONS__TOKEN_KEY", "test-token-key-not-secret")
     return data
+
+
+@pytest.fixture(autouse=True)
+def _wide_cli_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's consoles are made once per process, at import, with the width the terminal had
+    then: a command run in-process (CliRunner) after other tests would print tables cut to 80
+    columns, whatever COLUMNS says. Give every test a wide one (rich keeps it in ``_width``)."""
+    for shared in (console, err_console):
+        monkeypatch.setattr(shared, "_width", 250)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import pytest
 from typer.testing import CliRunner
 
 from mailrouter.cli import app
-from mailrouter.cli.app import console
 from mailrouter.dataset import Dataset, Example
 from mailrouter.errors import DatasetError
 from mailrouter.state import State, now_iso
@@ -18,7 +17,6 @@ runner = CliRunner()
 
 
 def run(*args: str):
-    console.width = 200  # made at import, maybe by another test in this process: widen it
     return runner.invoke(app, list(args), catch_exceptions=False, env={"COLUMNS": "200"})
 
 
