@@ -18,13 +18,8 @@ from pathlib import Path
 import ollama
 import pytest
 
-from mailrouter.classify.ollama import (
-    OllamaClassifier,
-    TokenChoice,
-    label_confidence,
-    normalize_host,
-    parse_version,
-)
+from mailrouter.classify.logprobs import TokenChoice, label_confidence
+from mailrouter.classify.ollama import OllamaClassifier, normalize_host, parse_version
 from mailrouter.config import Settings, default_departments, load_settings
 from mailrouter.dataset import Dataset, training_row
 from mailrouter.errors import ClassifierError, ModelMissingError

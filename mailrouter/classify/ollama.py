@@ -6,8 +6,8 @@ greedy decoding, a few tokens and the prompt's stop sequences. Whatever comes ba
 turned into a label by :func:`map_label`; anything else is ``label=None`` (triage).
 
 Confidence comes from ``logprobs``/``top_logprobs`` (Ollama 0.12.11 and later): see
-:func:`label_confidence`. Older servers are detected once from ``/api/version`` and handled by
-``classifier.no_logprobs``.
+:func:`~.logprobs.label_confidence`. Older servers are detected once from ``/api/version`` and
+handled by ``classifier.no_logprobs``.
 
 Failures the service must survive (server down, timeout, model missing) raise
 :class:`ClassifierError` / :class:`ModelMissingError` with the command that fixes them; the
@@ -17,12 +17,11 @@ it is a prediction without a label.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,12 +30,13 @@ import httpx
 import ollama
 
 from ..calibration import Calibration, load, ollama_path
-from ..config import Department, Settings, fold
+from ..config import Settings
 from ..errors import ClassifierError, ClassifierRequestError, ModelMissingError
 from ..logs import event
-from ..prediction import ClassifyInput, Prediction, map_label
+from ..prediction import ClassifyInput, Prediction
 from ..prompt import STOP, PromptOptions, render_chat
 from .concurrent import classify_in_order
+from .logprobs import TokenChoice, prediction, read_answer
 
 log = logging.getLogger(__name__)
 
@@ -80,86 +80,6 @@ class ServerInfo:
 
     version: str
     logprobs: bool
-
-
-@dataclass(frozen=True)
-class TokenChoice:
-    """One generated token and the alternatives the server reported for its position."""
-
-    token: str
-    logprob: float
-    top: tuple[tuple[str, float], ...]
-
-    @classmethod
-    def from_api(cls, entry: Any) -> TokenChoice:
-        top = tuple(
-            (_get(t, "token") or "", float(_get(t, "logprob")))
-            for t in _get(entry, "top_logprobs") or []
-        )
-        return cls(token=_get(entry, "token") or "", logprob=float(_get(entry, "logprob")), top=top)
-
-
-def _get(obj: Any, key: str) -> Any:
-    """A field of a JSON object or of the ``ollama`` client's response model."""
-    return obj.get(key) if isinstance(obj, Mapping) else getattr(obj, key, None)
-
-
-def label_confidence(
-    steps: Sequence[TokenChoice], chosen: str, departments: Sequence[Department]
-) -> float | None:
-    """Probability that the answer names ``chosen``, from the generated tokens' alternatives.
-
-    At the first token this is the probability of the chosen label's first tokens among the
-    first tokens of all labels (names and aliases, case and accents ignored), renormalised over
-    those: tokens that start no label do not count. Labels can share a first token ("S" starts
-    both Support and SPAM): the generated token's share is then resolved by the next token, which
-    the server computed after it, and a shared alternative that was not generated is split evenly
-    between the labels it could start. ``None`` when the server sent no usable alternatives.
-    """
-    forms = tuple((d.name, frozenset({fold(d.name), *map(fold, d.aliases)})) for d in departments)
-
-    def starts(prefix: str) -> frozenset[str]:
-        return _labels_starting(forms, prefix)
-
-    def share(i: int, prefix: str) -> float | None:
-        if i >= len(steps):
-            return 1.0
-        step = steps[i]
-        alive = starts(prefix)
-        if alive == {chosen}:
-            return 1.0
-        alternatives = step.top or ((step.token, step.logprob),)
-        total = mine = 0.0
-        seen_generated = False
-        for token, logprob in alternatives:
-            deps = starts(prefix + token) & alive
-            if not deps:
-                continue
-            p = math.exp(logprob)
-            total += p
-            if chosen not in deps:
-                continue
-            if token == step.token and not seen_generated:
-                seen_generated = True
-                rest = 1.0 if deps == {chosen} else share(i + 1, prefix + token)
-                if rest is None:
-                    return None
-                mine += p * rest
-            else:
-                mine += p / len(deps)
-        if total == 0.0:
-            return None
-        return min(1.0, mine / total)
-
-    return share(0, "")
-
-
-@functools.lru_cache(maxsize=4096)
-def _labels_starting(forms: tuple[tuple[str, frozenset[str]], ...], prefix: str) -> frozenset[str]:
-    """The labels one of whose forms starts with ``prefix`` (case and accents ignored). Cached:
-    every answer's alternatives are the same few tokens, looked up for every department."""
-    key = fold(prefix)
-    return frozenset(name for name, words in forms if any(w.startswith(key) for w in words))
 
 
 class OllamaClassifier:
@@ -336,27 +256,17 @@ class OllamaClassifier:
             raise self._transport_error(exc) from exc
 
     def _prediction(self, response: Any) -> Prediction:
-        answer = (response.response or "").strip()
-        label = map_label(answer, self.departments)
-        if label is None:
-            event(
-                log, "ollama_unmapped_answer", logging.WARNING, answer=answer[:80], model=self.name
-            )
-            return Prediction(label=None, confidence=0.0, model=self.name, raw=answer)
         steps = [TokenChoice.from_api(e) for e in (response.logprobs or [])]
-        confidence = label_confidence(steps, label, self.departments) if steps else None
-        if confidence is None:
+        reading = read_answer(response.response or "", steps, self.departments)
+        if reading.label is None:
+            event(log, "ollama_unmapped_answer", logging.WARNING, answer=reading.answer[:80],
+                  model=self.name)  # fmt: skip
+        elif reading.confidence is None:
             self._no_logprobs_warning("the server sent no logprobs")
-            if self.settings.classifier.no_logprobs == "triage":
-                return Prediction(label=None, confidence=0.0, model=self.name, raw=answer)
-            return Prediction(label=label, confidence=1.0, model=self.name, raw=answer)
-        probabilities = {
-            d.name: label_confidence(steps, d.name, self.departments) or 0.0
-            for d in self.departments
-        }
-        threshold = self.calibration.threshold(label) if self.calibration else None
-        return Prediction(label=label, confidence=confidence, model=self.name, raw=answer,
-                          probabilities=probabilities, threshold=threshold)  # fmt: skip
+        calibration, label = self.calibration, reading.label
+        threshold = calibration.threshold(label) if calibration and label else None
+        policy = self.settings.classifier.no_logprobs
+        return prediction(reading, model=self.name, no_logprobs=policy, threshold=threshold)
 
     # --- errors -----------------------------------------------------------------------------
 
