@@ -98,36 +98,70 @@ def label_confidence(
 def _labels_starting(forms: tuple[tuple[str, frozenset[str]], ...], prefix: str) -> frozenset[str]:
     """The labels one of whose forms starts with ``prefix`` (case and accents ignored). Cached:
     every answer's alternatives are the same few tokens, looked up for every department."""
-    key = fold(prefix)
+    key = fold(prefix.replace("\u2581", " "))  # SentencePiece's word mark, where a server shows it
     return frozenset(name for name, words in forms if any(w.startswith(key) for w in words))
 
 
 @dataclass(frozen=True)
 class Reading:
-    """What a completion says: its answer, the label it names (``None``: none) and, when the
-    server sent usable alternatives, the label's confidence and every department's probability."""
+    """What a completion says: its answer, the label chosen (``None``: none) and, when the server
+    sent usable alternatives, the label's confidence and every department's probability.
+
+    ``greedy`` is the label the answer's text names through :func:`map_label` (``None``: none),
+    the cross-check of a label chosen from the probabilities.
+    """
 
     answer: str
     label: str | None
     confidence: float | None = None
     probabilities: Mapping[str, float] = field(default_factory=dict)
+    greedy: str | None = None
 
 
 def read_answer(
     text: str, steps: Sequence[TokenChoice], departments: Sequence[Department]
 ) -> Reading:
-    """The label a completion names (only through :func:`map_label`) and how sure the model was."""
+    """The label with the largest probability at the answer position, the text as cross-check.
+
+    A fine-tuned model answers a label, and its text and its probabilities agree: the label is
+    the one the text names (only through :func:`map_label`) and its confidence is its share among
+    the labels (:func:`label_confidence`), as before. A weak zero-shot model often writes prose
+    ("La demande concerne…"): the label is then the department whose first tokens are likeliest
+    at the answer position, and its confidence is that raw probability, not renormalised over
+    the labels, so a model that would rather have written something else (or named another
+    department) routes with a low confidence (triage below the threshold) instead of a certain
+    one. No label token among the alternatives, or no alternatives at all: only the text counts.
+    """
     answer = text.strip()
-    label = map_label(answer, departments)
-    if label is None:
-        return Reading(answer=answer, label=None)
-    confidence = label_confidence(steps, label, departments) if steps else None
-    if confidence is None:
-        return Reading(answer=answer, label=label)
-    probabilities = {
-        d.name: label_confidence(steps, d.name, departments) or 0.0 for d in departments
-    }
-    return Reading(answer, label, confidence, probabilities)
+    greedy = map_label(answer, departments)
+    shares = _shares(steps, departments)
+    if not shares:
+        return Reading(answer=answer, label=greedy, greedy=greedy)
+    chosen = max(shares, key=lambda name: (shares[name], name == greedy))
+    if chosen == greedy:
+        return Reading(answer, greedy, shares[greedy], shares, greedy)
+    mass = label_mass(steps[0], departments)
+    raw = {name: share * mass for name, share in shares.items()}
+    return Reading(answer, chosen, raw[chosen], raw, greedy)
+
+
+def _shares(steps: Sequence[TokenChoice], departments: Sequence[Department]) -> dict[str, float]:
+    """Each department's :func:`label_confidence`; empty when no alternative starts a label."""
+    if not steps:
+        return {}
+    shares = {d.name: label_confidence(steps, d.name, departments) for d in departments}
+    if all(share is None for share in shares.values()):
+        return {}
+    return {name: share or 0.0 for name, share in shares.items()}
+
+
+def label_mass(step: TokenChoice, departments: Sequence[Department]) -> float:
+    """The probability, at one position, of the alternatives that start some label's name or
+    alias (``" RH"``, ``"S"``, ``"fin"``): how much of the model's answer could be a label."""
+    forms = tuple((d.name, frozenset({fold(d.name), *map(fold, d.aliases)})) for d in departments)
+    alternatives = step.top or ((step.token, step.logprob),)
+    mass = sum(math.exp(lp) for token, lp in alternatives if _labels_starting(forms, token))
+    return min(1.0, mass)
 
 
 def prediction(

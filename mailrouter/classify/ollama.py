@@ -258,9 +258,9 @@ class OllamaClassifier:
     def _prediction(self, response: Any) -> Prediction:
         steps = [TokenChoice.from_api(e) for e in (response.logprobs or [])]
         reading = read_answer(response.response or "", steps, self.departments)
-        if reading.label is None:
+        if reading.greedy is None:  # prose: the label, if any, comes from the probabilities
             event(log, "ollama_unmapped_answer", logging.WARNING, answer=reading.answer[:80],
-                  model=self.name)  # fmt: skip
+                  model=self.name, chosen=reading.label or "triage")  # fmt: skip
         elif reading.confidence is None:
             self._no_logprobs_warning("the server sent no logprobs")
         calibration, label = self.calibration, reading.label
