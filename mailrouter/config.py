@@ -250,9 +250,14 @@ class RoutingSettings(_Section):
 
 
 class LogSettings(_Section):
+    """``max_bytes``/``backup_count``: the service rotates its own log file (launchd rotates
+    nothing): at ``max_bytes`` it is renamed ``.1`` (``.2``…), ``backup_count`` are kept."""
+
     format: Literal["text", "json"] = "text"
     level: str = "INFO"
     file: Path | None = None
+    max_bytes: int = Field(default=5_000_000, ge=10_000)
+    backup_count: int = Field(default=5, ge=1, le=100)
 
 
 def default_data_dir(platform: str, environ: Mapping[str, str], home: Path) -> Path:

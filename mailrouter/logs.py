@@ -18,6 +18,9 @@ from typing import Any
 
 from .files import make_dirs, private_file
 
+# Set in the launchd agent's environment (deploy/launchd/*.plist.template): the file the service
+# writes and rotates itself, since launchd never rotates StandardErrorPath.
+SERVICE_LOG_ENV = "MAILROUTER_SERVICE_LOG"
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
@@ -76,17 +79,32 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(
-    *, fmt: str = "text", level: str = "INFO", file: Path | None = None, stream: Any = None
+    *,
+    fmt: str = "text",
+    level: str = "INFO",
+    file: Path | None = None,
+    stream: Any = None,
+    to_stderr: bool = True,
+    max_bytes: int = 5_000_000,
+    backup_count: int = 5,
 ) -> None:
-    """Configure the root logger: stderr (launchd, systemd, CLI) and optionally a rotating file."""
+    """Configure the root logger: stderr (systemd's journal, the CLI) and/or a file this process
+    rotates itself at ``max_bytes``, keeping ``backup_count`` old ones (``.1`` is the newest).
+
+    Under launchd the file is the log and stderr is left out (``to_stderr=False``): launchd
+    writes stderr to ``StandardErrorPath`` and never rotates it."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter()
-    handlers: list[logging.Handler] = [logging.StreamHandler(stream or sys.stderr)]
+    handlers: list[logging.Handler] = []
+    if to_stderr or file is None:
+        handlers.append(logging.StreamHandler(stream or sys.stderr))
     if file is not None:
         make_dirs(file.parent)
-        handlers.append(PrivateRotatingFileHandler(file, maxBytes=5_000_000, backupCount=5))
+        handlers.append(
+            PrivateRotatingFileHandler(file, maxBytes=max_bytes, backupCount=backup_count)
+        )
     for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)

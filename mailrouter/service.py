@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
@@ -33,7 +33,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from .config import Settings
 from .corrections.digest import send_spam_digest
 from .errors import ConfigError, MailRouterError
-from .logs import event, setup_logging
+from .logs import SERVICE_LOG_ENV, event, setup_logging
 from .scheduling import build_scheduler
 from .state import KEYS, State, now_iso
 from .wiring import build_pipeline
@@ -46,8 +46,9 @@ STOP_GRACE_SECONDS = 5.0  # a training child gets this long to exit after SIGTER
 STOP_DEADLINE_SECONDS = 8.0
 MAX_BACKOFF_SECONDS = 300.0
 LOG_FILE = "mailrouter.log"
-# Set by the launchd agent and systemd unit (systemd also sets INVOCATION_ID): their supervisor
-# keeps stderr, so no second copy of the log goes to a file.
+# Set by the launchd agent and systemd unit (systemd also sets INVOCATION_ID). systemd's journal
+# keeps and rotates stderr, so no second copy of the log goes to a file there. launchd rotates
+# nothing: the agent names the file the service writes and rotates itself (SERVICE_LOG_ENV).
 SUPERVISED_ENV = ("MAILROUTER_SUPERVISED", "INVOCATION_ID")
 
 
@@ -61,24 +62,35 @@ class Router(Protocol):
     def close(self) -> None: ...
 
 
-def supervised(environ: dict[str, str] | None = None) -> bool:
+def supervised(environ: Mapping[str, str] | None = None) -> bool:
     env = os.environ if environ is None else environ
     return any(env.get(name) for name in SUPERVISED_ENV)
 
 
-def log_file(settings: Settings, environ: dict[str, str] | None = None) -> Path | None:
-    """``log.file`` when set; else ``data/logs/mailrouter.log`` unless a supervisor keeps stderr."""
+def log_file(settings: Settings, environ: Mapping[str, str] | None = None) -> Path | None:
+    """``log.file`` when set; else the launchd agent's log file; else ``data/logs/mailrouter.log``
+    unless systemd keeps stderr."""
+    env = os.environ if environ is None else environ
     if settings.log.file is not None:
         return settings.log.file
-    return None if supervised(environ) else settings.logs_dir / LOG_FILE
+    if env.get(SERVICE_LOG_ENV):
+        return Path(env[SERVICE_LOG_ENV])
+    return None if supervised(env) else settings.logs_dir / LOG_FILE
 
 
-def configure_logging(settings: Settings) -> Path | None:
-    """Logging of the long-running process; keeps DEBUG when the CLI was given ``-v``."""
-    path = log_file(settings)
+def configure_logging(settings: Settings, environ: Mapping[str, str] | None = None) -> Path | None:
+    """Logging of the long-running process; keeps DEBUG when the CLI was given ``-v``. Under
+    launchd the rotating file is the only copy: its stderr file would grow without end."""
+    env = os.environ if environ is None else environ
+    path = log_file(settings, env)
     verbose = logging.getLogger().level == logging.DEBUG
     setup_logging(
-        fmt=settings.log.format, level="DEBUG" if verbose else settings.log.level, file=path
+        fmt=settings.log.format,
+        level="DEBUG" if verbose else settings.log.level,
+        file=path,
+        to_stderr=env.get("MAILROUTER_SUPERVISED") != "launchd",
+        max_bytes=settings.log.max_bytes,
+        backup_count=settings.log.backup_count,
     )
     return path
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import plistlib
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 from mailrouter import deploy
 from mailrouter.cli import app
 from mailrouter.cli import service as service_cli
+from mailrouter.deploy.run import Result, execute
 from mailrouter.errors import ConfigError
 
 
@@ -42,9 +44,19 @@ def test_plist_has_what_launchd_needs(tmp_path: Path) -> None:
     assert path[0] == str(t.program.parent)
     assert {"/opt/homebrew/bin", "/usr/local/bin", "/usr/bin"} <= set(path)
     assert data["EnvironmentVariables"]["MAILROUTER_SUPERVISED"] == "launchd"
+    assert data["ExitTimeOut"] == deploy.EXIT_TIMEOUT_SECONDS
     logs = t.home / "Library" / "Logs" / "mailrouter"
     assert data["StandardOutPath"] == str(logs / "mailrouter.out.log")
     assert data["StandardErrorPath"] == str(logs / "mailrouter.err.log")
+    # the service writes and rotates its own log; the plist names it and holds nothing secret
+    env = data["EnvironmentVariables"]
+    assert env["MAILROUTER_SERVICE_LOG"] == str(logs / "mailrouter.log")
+    assert set(env) == {
+        "PATH",
+        "PYTHONUNBUFFERED",
+        "MAILROUTER_SUPERVISED",
+        "MAILROUTER_SERVICE_LOG",
+    }
     if shutil.which("plutil"):
         out = tmp_path / "agent.plist"
         out.write_text(deploy.render_plist(t))
@@ -91,10 +103,13 @@ def test_launchd_commands(tmp_path: Path) -> None:
         ("launchctl", "enable", "gui/501/com.mailrouter.agent"),
         ("launchctl", "bootstrap", "gui/501", plist),
     ]
+    # bootout is asynchronous: the plan waits for launchd to forget the label before bootstrap
+    kinds = [type(s).__name__ for s in install.steps]
+    assert kinds.index("WaitGone") == kinds.index("Run") + 2  # after plutil and bootout
     assert deploy.plan("install", t).commands[0][0] == "launchctl"
-    assert deploy.plan("uninstall", t).commands == [
-        ("launchctl", "bootout", "gui/501/com.mailrouter.agent")
-    ]
+    uninstall = deploy.plan("uninstall", t)
+    assert uninstall.commands == [("launchctl", "bootout", "gui/501/com.mailrouter.agent")]
+    assert isinstance(uninstall.steps[1], deploy.WaitGone)
     assert deploy.plan("restart", t).commands == [
         ("launchctl", "kickstart", "-k", "gui/501/com.mailrouter.agent")
     ]
@@ -103,14 +118,7 @@ def test_launchd_commands(tmp_path: Path) -> None:
     ]
     logs = t.home / "Library" / "Logs" / "mailrouter"
     assert deploy.plan("logs", t, lines=20, follow=True).commands == [
-        (
-            "tail",
-            "-n",
-            "20",
-            "-F",
-            str(logs / "mailrouter.err.log"),
-            str(logs / "mailrouter.out.log"),
-        )
+        ("tail", "-n", "20", "-F", str(logs / "mailrouter.log"), str(logs / "mailrouter.err.log"))
     ]
 
 
@@ -133,6 +141,11 @@ def test_systemd_commands(tmp_path: Path) -> None:
     assert deploy.plan("logs", t, lines=5).commands == [
         ("journalctl", "--user", "-u", "mailrouter.service", "-n", "5", "--no-pager")
     ]
+    (doctor,) = deploy.plan("doctor", t).commands
+    assert doctor[:5] == ("systemd-run", "--user", "--wait", "--pipe", "--quiet")
+    assert f"--working-directory={t.workdir}" in doctor
+    assert f"--setenv=PATH={t.path_env}" in doctor
+    assert doctor[-4:] == (str(t.program), "--config", str(t.config), "doctor")
 
 
 def test_a_second_instance_has_its_own_names(tmp_path: Path) -> None:
@@ -155,21 +168,36 @@ def test_a_second_instance_has_its_own_names(tmp_path: Path) -> None:
         deploy.target_for(tmp_path / "c.toml", instance="Sales Team")
 
 
+def test_the_service_is_named_after_its_configuration_file(tmp_path: Path) -> None:
+    assert deploy.instance_for(Path("config/mailrouter.toml")) == ""  # today's label, kept
+    assert deploy.instance_for(Path("sales.toml")) == "sales"
+    assert deploy.instance_for(Path("/etc/Sales Team (Lyon).toml")) == "sales-team-lyon"
+    assert deploy.instance_for(Path("x" * 50 + ".toml")) == "x" * 31
+    with pytest.raises(ConfigError, match="rename it"):
+        deploy.instance_for(Path("___.toml"))
+    assert deploy.target_for(tmp_path / "mailrouter.toml").label == "com.mailrouter.agent"
+    sales = deploy.target_for(tmp_path / "sales.toml")
+    assert (sales.label, sales.unit) == ("com.mailrouter.sales", "mailrouter-sales.service")
+    assert deploy.target_for(tmp_path / "sales.toml", instance="").label == deploy.LABEL
+
+
 def test_execute_writes_runs_and_stops_on_failure(tmp_path: Path) -> None:
     t = _target(tmp_path, "launchd")
     ran: list[tuple[str, ...]] = []
 
-    def runner(argv: object) -> int:
-        ran.append(tuple(argv))  # type: ignore[arg-type]
-        return 5 if argv[1] == "bootstrap" else 36 if argv[1] == "bootout" else 0  # type: ignore[index]
+    def runner(argv: Sequence[str], *, capture: bool = False) -> Result:
+        ran.append(tuple(argv))
+        # print: launchd does not know the label (113); bootout of a missing agent: 3
+        codes = {"bootstrap": 5, "bootout": 3, "print": 113}
+        return Result(codes.get(argv[1], 0))
 
-    code = deploy.execute(deploy.plan("install", t), runner=runner, echo=lambda _: None)
-    assert code == 5  # bootout of a missing agent (36) is tolerated; bootstrap's failure is not
-    assert [a[1] for a in ran] == ["bootout", "enable", "bootstrap"]
+    code = execute(deploy.plan("install", t), runner=runner, echo=lambda _: None)
+    assert code == 5  # bootout of a missing agent is tolerated; bootstrap's failure is not
+    assert [a[1] for a in ran] == ["bootout", "print", "enable", "bootstrap"]
     assert plistlib.loads(t.unit_file.read_bytes())["Label"] == deploy.LABEL
     assert t.log_dir.is_dir()
 
-    assert deploy.execute(deploy.plan("uninstall", t), runner=lambda _: 0, echo=lambda _: None) == 0
+    assert execute(deploy.plan("uninstall", t), runner=runner, echo=lambda _: None) == 0
     assert not t.unit_file.exists()
 
 
@@ -179,7 +207,9 @@ def test_cli_dry_run_and_runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     ran: list[tuple[str, ...]] = []
-    monkeypatch.setattr(service_cli, "runner", lambda argv: ran.append(tuple(argv)) or 0)
+    monkeypatch.setattr(
+        service_cli, "runner", lambda argv, capture=False: ran.append(tuple(argv)) or Result(0)
+    )
     cli = CliRunner()
 
     res = cli.invoke(app, ["--config", str(config), "service", "install", "--dry-run"])

@@ -10,6 +10,7 @@ import typer
 
 from .. import deploy
 from ..config import resolve_config_path
+from ..deploy import run as deploy_run
 from .app import console, state
 
 group = typer.Typer(
@@ -19,18 +20,19 @@ group = typer.Typer(
 
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the steps; change nothing.")]
 Instance = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--instance",
-        help="Name of this service when one machine runs several (one per mailbox).",
+        help="Name of this service (default: the configuration file's name; "
+        "mailrouter.toml is the default service).",
     ),
 ]
 
 # Swap point for tests: the function that runs launchctl / systemctl.
-runner: deploy.Runner = deploy.subprocess_runner
+runner: deploy_run.Runner = deploy_run.subprocess_runner
 
 
-def _target(instance: str, workdir: Path | None = None) -> deploy.Target:
+def _target(instance: str | None, workdir: Path | None = None) -> deploy.Target:
     return deploy.target_for(resolve_config_path(state.config), workdir=workdir, instance=instance)
 
 
@@ -44,7 +46,7 @@ def _run(
 ) -> None:
     have_plutil = shutil.which("plutil") is not None
     the_plan = deploy.plan(action, target, have_plutil=have_plutil, lines=lines, follow=follow)
-    code = deploy.execute(
+    code = deploy_run.execute(
         the_plan,
         runner=runner,
         echo=lambda line: console.print(line, highlight=False, markup=False),
@@ -61,29 +63,30 @@ def install(
         Path | None,
         typer.Option(help="Working directory of the service (data_dir is relative to it)."),
     ] = None,
-    instance: Instance = "",
+    instance: Instance = None,
 ) -> None:
     """Write the agent/unit with this virtualenv's paths and start it now and at every login."""
     target = _target(instance, workdir)
+    deploy.check_not_taken(target)
     _run("install", dry_run, target)
     if not dry_run:
         console.print(f"installed {target.unit_file}; check it with `mailrouter service status`")
 
 
 @group.command()
-def uninstall(dry_run: DryRun = False, instance: Instance = "") -> None:
+def uninstall(dry_run: DryRun = False, instance: Instance = None) -> None:
     """Stop the service and remove the agent/unit (data and logs are kept)."""
     _run("uninstall", dry_run, _target(instance))
 
 
 @group.command()
-def restart(dry_run: DryRun = False, instance: Instance = "") -> None:
+def restart(dry_run: DryRun = False, instance: Instance = None) -> None:
     """Restart the running service (after a config change or an upgrade)."""
     _run("restart", dry_run, _target(instance))
 
 
 @group.command("status")
-def service_status(dry_run: DryRun = False, instance: Instance = "") -> None:
+def service_status(dry_run: DryRun = False, instance: Instance = None) -> None:
     """What launchd/systemd says about the service (see also `mailrouter status`)."""
     _run("status", dry_run, _target(instance))
 
@@ -95,7 +98,17 @@ def logs(
         bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
     ] = False,
     dry_run: DryRun = False,
-    instance: Instance = "",
+    instance: Instance = None,
 ) -> None:
     """The service's log lines (launchd: ~/Library/Logs/mailrouter/; systemd: the journal)."""
     _run("logs", dry_run, _target(instance), lines=lines, follow=follow)
+
+
+@group.command("doctor")
+def service_doctor(dry_run: DryRun = False, instance: Instance = None) -> None:
+    """Run `mailrouter doctor` inside the service's own context and show its result.
+
+    launchd: a one-shot job in the agent's GUI domain, with the agent's environment, so macOS
+    Local Network privacy applies to it as to the agent (a doctor run from Terminal is exempt).
+    systemd: a transient unit of the user's manager (systemd-run --user --wait --pipe)."""
+    _run("doctor", dry_run, _target(instance))
