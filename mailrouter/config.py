@@ -168,7 +168,12 @@ class ClassifierSettings(_Section):
     #: The precision each department's calibrated threshold aims at (see calibration.py).
     target_precision: float = Field(default=0.95, gt=0, le=1)
     strip_accents: bool = True
+    #: The body is first cut to this many characters (start and end kept), before tokenizing.
     max_chars: int = Field(default=2000, ge=100)
+    #: Every prompt, rendered with the model's chat template, fits in this many of its tokens
+    #: (the email is cut to fit: prompt.build_prompt); Ollama's context (``num_ctx``) is sized
+    #: from it.
+    max_prompt_tokens: int = Field(default=400, ge=64)
     on_error: Literal["wait", "triage"] = "wait"
     no_logprobs: Literal["accept", "triage"] = "accept"
     timeout_seconds: float = Field(default=120, gt=0)

@@ -69,13 +69,25 @@ import numpy as np
 DEFAULT_VERSION = "0.13.0"
 LOGPROBS_SINCE = (0, 12, 11)
 
+#: What Ollama uses for an option neither the request nor the model's parameters set:
+#: ``DefaultOptions()`` in ``api/types.go`` (line 878 in v0.12.11, 1096 in v0.32.15): temperature
+#: 0.8, top_k 40, top_p 0.9, num_keep 4, repeat_last_n 64 and repeat_penalty 1.1 (1.1 from v0.12.11
+#: to v0.32.9 but for v0.17.5-7; 1.0 from v0.32.10), num_ctx ``envconfig.ContextLength()``:
+#: ``OLLAMA_CONTEXT_LENGTH``, default 4096 (``envconfig/config.go`` line 204 in v0.12.11; from
+#: v0.15.5 it follows the GPU's memory, see docs/classification.md). A client that leaves
+#: repeat_penalty out gets the penalty here as it does in Ollama.
 DEFAULT_OPTIONS: dict[str, Any] = {
     "temperature": 0.8,
     "top_k": 40,
     "top_p": 0.9,
     "min_p": 0.0,
     "num_predict": -1,
-    "num_ctx": 2048,
+    "num_ctx": 4096,
+    "num_keep": 4,
+    "repeat_last_n": 64,
+    "repeat_penalty": 1.1,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
     "stop": [],
     "seed": None,
 }
@@ -485,8 +497,19 @@ class Runtime:
         tokens: list[int],
         options: dict[str, Any],
         top_n: int,
+        keep: int,
     ) -> Iterator[Step]:
-        """Evaluate ``tokens`` (reusing the cached common prefix) and yield sampled tokens."""
+        """Evaluate ``tokens`` (reusing the cached common prefix) and yield sampled tokens.
+
+        Sampling follows Ollama's llama.cpp runner (``runner/llamarunner/runner.go`` in v0.13.0,
+        ``NewSequence``): every prompt token is accepted by the sampler (``sc.Accept(input.token,
+        false)``) before the first answer token, so ``repeat_penalty`` over the last
+        ``repeat_last_n`` tokens reaches into the prompt; penalties come first in llama.cpp's
+        chain, before greedy or random choice (``common_params_sampling.samplers``,
+        ``common/common.h``). When the context is full, ``keep`` tokens stay at its start and
+        the older half of the rest is dropped (``ShiftCacheSlot``/``ShiftDiscard``,
+        ``runner/llamarunner/cache.go``).
+        """
         llm = loaded.llm
         common = 0
         for a, b in zip(llm.input_ids[: llm.n_tokens].tolist(), tokens[:-1], strict=False):
@@ -497,14 +520,25 @@ class Runtime:
         llm.eval(tokens[common:])
         temperature = float(options["temperature"])
         rng = np.random.default_rng(options["seed"])
+        n_ctx = int(options["num_ctx"])
         limit = options["num_predict"]
-        room = loaded.n_ctx - len(tokens)
-        limit = room if limit is None or limit < 0 else min(limit, room)
+        room = n_ctx - len(tokens)
+        # Without a limit, stop when the context is full; with one, shift as Ollama does.
+        limit = room if limit is None or limit < 0 else limit
+        context = list(tokens)  # what the context holds now
+        history = list(tokens)  # what the sampler has accepted: the prompt, then each answer
         for _ in range(limit):
+            if len(context) >= n_ctx:
+                context = shift_context(llm, context, n_ctx, keep)
             logits = last_logits(llm)
             logprobs = logits - logits.max()
             logprobs -= math.log(np.exp(logprobs).sum())
-            token = self._sample(logits, temperature, options, rng)
+            # Ollama's logprobs are the raw logits' (calculateLogprobsLlama on GetLogitsIth,
+            # runner/llamarunner/runner.go); the token is sampled after the penalties.
+            penalised = apply_penalties(logits, history, options, n_ctx)
+            token = self._sample(penalised, temperature, options, rng)
+            history.append(token)
+            context.append(token)
             top: list[tuple[int, float]] = []
             if top_n:
                 best = np.argpartition(-logprobs, top_n)[:top_n]
@@ -538,6 +572,58 @@ class Runtime:
             mask = probs >= min_p * probs[0]
             order, probs = order[mask], probs[mask] / probs[mask].sum()
         return int(rng.choice(order, p=probs))
+
+
+def truncate_prompt(tokens: list[int], options: dict[str, Any], bos: bool) -> tuple[list[int], int]:
+    """The prompt as Ollama's llama.cpp runner keeps it, and the tokens a shift keeps.
+
+    A prompt longer than ``num_ctx`` is not refused: ``/api/generate`` truncates by default
+    (``Truncate: req.Truncate == nil || *req.Truncate``, ``server/routes.go``), and the runner
+    keeps the first ``num_keep`` tokens (plus the BOS) and drops those after them
+    (``NewSequence``, ``runner/llamarunner/runner.go`` lines 132-153 in v0.13.0). For our
+    prompts that cuts the instruction and the departments, so the answer is not the trained
+    one: the client must send a ``num_ctx`` its prompts fit in.
+    """
+    n_ctx = int(options["num_ctx"])
+    keep = int(options["num_keep"])
+    keep = len(tokens) if keep < 0 else keep
+    keep = min(keep + (1 if bos else 0), n_ctx - 1)
+    if len(tokens) <= n_ctx:
+        return tokens, keep
+    discard = len(tokens) - n_ctx
+    return tokens[:keep] + tokens[keep + discard :], keep
+
+
+def apply_penalties(
+    logits: np.ndarray, history: list[int], options: dict[str, Any], n_ctx: int
+) -> np.ndarray:
+    """llama.cpp's penalties sampler (``llama_sampler_penalties_apply``,
+    ``src/llama-sampling.cpp`` line 1747 in Ollama v0.13.0's copy): each token among the last
+    ``repeat_last_n`` accepted (-1: the context) has its logit divided by ``repeat_penalty``
+    (multiplied when not positive), then lowered by its count times ``frequency_penalty`` and by
+    ``presence_penalty``."""
+    repeat = float(options["repeat_penalty"])
+    frequency, presence = float(options["frequency_penalty"]), float(options["presence_penalty"])
+    last_n = int(options["repeat_last_n"])
+    last_n = n_ctx if last_n < 0 else last_n
+    if last_n == 0 or (repeat == 1.0 and frequency == 0.0 and presence == 0.0):
+        return logits
+    ids, counts = np.unique(np.asarray(history[-last_n:], dtype=np.int64), return_counts=True)
+    out = logits.copy()
+    values = out[ids]
+    values = np.where(values <= 0, values * repeat, values / repeat)
+    out[ids] = values - counts * frequency - presence
+    return out
+
+
+def shift_context(llm: Any, context: list[int], n_ctx: int, keep: int) -> list[int]:
+    """Ollama's context shift (``ShiftDiscard``, ``runner/llamarunner/cache.go`` line 202 in
+    v0.13.0): keep ``keep`` tokens, drop enough after them to free half of the rest."""
+    discard = max(max((n_ctx - keep) // 2, 1) - (n_ctx - len(context)), 0)
+    shifted = context[:keep] + context[keep + discard :]
+    llm.n_tokens = keep
+    llm.eval(shifted[keep:])
+    return shifted
 
 
 def last_logits(llm: Any) -> np.ndarray:
@@ -1084,11 +1170,9 @@ class Handler(BaseHTTPRequestHandler):
         runtime = self.server.runtime
         started = time.perf_counter()
         loaded, load_seconds = runtime.load(record, int(options["num_ctx"]))
-        tokens = runtime.tokenize(loaded, prompt)
-        if len(tokens) >= loaded.n_ctx:
-            raise ApiError(
-                400, f"the prompt is {len(tokens)} tokens; the context holds {loaded.n_ctx}"
-            )
+        asked = runtime.tokenize(loaded, prompt)
+        bos = bool(asked) and asked[0] == loaded.llm.token_bos()
+        tokens, keep = truncate_prompt(asked, options, bos)
         scanner = StopScanner(options["stop"])
         generated: list[int] = []
         pending: list[tuple[int, dict[str, Any]]] = []  # (text offset where it starts, entry)
@@ -1099,7 +1183,7 @@ class Handler(BaseHTTPRequestHandler):
             loaded.expires = None
             runtime.last_tokens = {"model": record.name, "prompt_tokens": tokens}
             t0 = time.perf_counter()
-            steps = runtime.generate(loaded, tokens, options, top_n)
+            steps = runtime.generate(loaded, tokens, options, top_n, keep)
             try:
                 for step in steps:
                     if not generated:
@@ -1131,6 +1215,8 @@ class Handler(BaseHTTPRequestHandler):
                     "model": record.name,
                     "prompt_tokens": tokens,
                     "generated_tokens": generated,
+                    "prompt_truncated": len(asked) - len(tokens),
+                    "options": options,  # in effect: the request's, the model's, the defaults
                 }
                 if keep_alive == 0:
                     runtime.unload(record)
@@ -1156,9 +1242,9 @@ class Handler(BaseHTTPRequestHandler):
 
     @staticmethod
     def _limit(options: dict[str, Any], loaded: Loaded, tokens: list[int]) -> int:
-        room = loaded.n_ctx - len(tokens)
+        room = int(options["num_ctx"]) - len(tokens)
         limit = options["num_predict"]
-        return room if limit is None or limit < 0 else min(limit, room)
+        return room if limit is None or limit < 0 else limit
 
     @staticmethod
     def _chunk_event(

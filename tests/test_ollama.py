@@ -19,7 +19,12 @@ import ollama
 import pytest
 
 from mailrouter.classify.logprobs import TokenChoice, label_confidence
-from mailrouter.classify.ollama import OllamaClassifier, normalize_host, parse_version
+from mailrouter.classify.ollama import (
+    OllamaClassifier,
+    context_size,
+    normalize_host,
+    parse_version,
+)
 from mailrouter.config import Settings, default_departments, load_settings
 from mailrouter.dataset import Dataset, training_row
 from mailrouter.errors import ClassifierError, ModelMissingError
@@ -176,6 +181,25 @@ def test_server_sees_the_token_ids_mlx_lm_trained_on(
         seen = ollama_test_server.last_tokens()["prompt_tokens"]
         assert seen == tokens[:offset], example.id
         assert tokens[0] == 1 and tokens[offset - 1] == 4 and tokens[-1] == 2
+
+
+def test_context_size_holds_the_longest_prompt_and_its_answer() -> None:
+    assert context_size(400, 8) == 512  # the defaults: not Ollama's 4096
+    assert context_size(488, 8) == 512 and context_size(489, 8) == 768
+    assert context_size(64, 1) == 256
+
+
+def test_every_request_sends_what_makes_the_trained_answer(
+    ollama_test_server: OllamaEndpoint, tiny_ollama_model: str
+) -> None:
+    """Ollama's defaults are not neutral (repeat_penalty 1.1 over the prompt's last 64 tokens,
+    a 4096-token context): the client sends its own, whatever the model's parameters say."""
+    settings = settings_for(ollama_test_server.url, tiny_ollama_model, max_prompt_tokens=600)
+    OllamaClassifier.from_settings(settings).classify(EMAIL)
+    options = ollama_test_server.last_tokens()["options"]
+    assert options["repeat_penalty"] == 1.0 and options["temperature"] == 0
+    assert options["num_ctx"] == 768 and options["num_predict"] == 8
+    assert ollama_test_server.last_tokens()["prompt_truncated"] == 0
 
 
 def test_classify_answers_a_configured_department_and_a_confidence(

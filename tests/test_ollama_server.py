@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -233,3 +234,147 @@ def test_old_server_version_sends_no_logprobs(tmp_path: Path, tiny_gguf: Path) -
         assert "logprobs" not in answer
     finally:
         server.stop()
+
+
+# --- Ollama's defaults for what a request does not send ----------------------------------------
+
+
+def first_token(server: OllamaEndpoint, model: str, prompt: str, **options: Any) -> int:
+    generate(server, model, prompt=prompt, options=greedy(1, **options))
+    return [*server.last_tokens()["generated_tokens"], -1][0]  # -1: the end of generation
+
+
+def test_options_not_sent_take_ollama_defaults(
+    ollama_test_server: OllamaEndpoint, tiny_ollama_model: str
+) -> None:
+    """Ollama's DefaultOptions (api/types.go): what a client leaves out is not neutral."""
+    generate(ollama_test_server, tiny_ollama_model, options={"num_predict": 1})
+    options = ollama_test_server.last_tokens()["options"]
+    assert options["repeat_penalty"] == 1.1 and options["repeat_last_n"] == 64
+    assert options["top_k"] == 40 and options["top_p"] == 0.9 and options["num_keep"] == 4
+    # the model's parameters come before the defaults, the request's before both
+    assert options["temperature"] == 0 and options["num_ctx"] == 1024
+    generate(ollama_test_server, tiny_ollama_model, options=greedy(1, repeat_penalty=1.0))
+    assert ollama_test_server.last_tokens()["options"]["repeat_penalty"] == 1.0
+
+
+def test_default_repeat_penalty_reaches_into_the_prompt(
+    ollama_test_server: OllamaEndpoint, tiny_ollama_model: str
+) -> None:
+    """Under Ollama's default penalty greedy decoding is not the argmax: the llama.cpp runner
+    accepts the prompt's tokens into the sampler, so an answer the email's last 64 tokens
+    already name is pushed down. The email is grown with the model's own answer until it names
+    it; then repeat_penalty 1.0 (or repeat_last_n 0) answers it, the defaults do not."""
+    server, model, body = ollama_test_server, tiny_ollama_model, "Bonjour, un devis svp."
+    for _ in range(6):
+        prompt = render_chat(build_prompt(body, default_departments(), subject="Devis"))
+        answer = generate(server, model, prompt=prompt, options=greedy(1, repeat_penalty=1.0))
+        seen = server.last_tokens()
+        neutral, tail = seen["generated_tokens"][0], seen["prompt_tokens"][-64:]
+        if neutral in tail:
+            break
+        body += answer["response"]  # now the email names what the model answers
+    else:
+        pytest.fail("the model never answered a token of the email")
+    assert first_token(server, model, prompt, repeat_last_n=0) == neutral
+    penalised = first_token(server, model, prompt)  # Ollama's defaults
+    assert penalised != neutral and penalised not in tail
+
+
+def test_a_prompt_longer_than_num_ctx_is_cut_after_its_first_tokens(
+    ollama_test_server: OllamaEndpoint, tiny_ollama_model: str
+) -> None:
+    """As Ollama's runner (NewSequence): not refused, but the first num_keep tokens and the BOS
+    are kept and those after them dropped; the answer then shifts the context."""
+    generate(ollama_test_server, tiny_ollama_model, options=greedy(1))
+    whole = ollama_test_server.last_tokens()["prompt_tokens"]
+    answer = generate(ollama_test_server, tiny_ollama_model, options=greedy(4, num_ctx=64))
+    seen = ollama_test_server.last_tokens()
+    assert answer["prompt_eval_count"] == 64 and seen["prompt_truncated"] == len(whole) - 64
+    assert seen["prompt_tokens"] == whole[:5] + whole[-59:]
+    assert 0 < answer["eval_count"] <= 4
+
+
+# --- create and blobs as Ollama accounts for them ------------------------------------------------
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[OllamaEndpoint]:
+    """A private test server: these tests count every blob of its store."""
+    from tests.fixtures.ollama import start_test_server
+
+    endpoint = start_test_server(tmp_path / "store")
+    try:
+        yield endpoint
+    finally:
+        endpoint.stop()
+
+
+def _create(server: OllamaEndpoint, **body: object) -> httpx.Response:
+    return server.post("/api/create", json={"stream": False, **body})
+
+
+def _blobs(server: OllamaEndpoint) -> dict[str, list[str]]:
+    return server.get("/_test/blobs").json()
+
+
+def test_quantize_takes_ollamas_types_and_refuses_a_quantised_source(
+    own_server: OllamaEndpoint, tiny_gguf: Path
+) -> None:
+    """``ggml.ParseFileType`` (fs/ggml/type.go) and ``createModel`` (server/create.go) of
+    Ollama v0.13.0: any case, only F32/F16/Q8_0/Q4_K_S/Q4_K_M; a Q8_0 model cannot be a ``from``
+    for ``quantize``; asking for the type a model already has changes nothing."""
+    from tests.fixtures.ollama import push_blob
+
+    files = {"model.gguf": push_blob(own_server.url, tiny_gguf)}
+    refused = _create(own_server, model="mrq:bad", files=files, quantize="q4_0")
+    assert refused.status_code == 500
+    assert refused.json()["error"] == (
+        "unsupported quantization type Q4_0 - supported types are F32, F16, Q4_K_S, Q4_K_M, Q8_0"
+    )
+    assert _create(own_server, model="mrq:f32", files=files, quantize="f32").status_code == 200
+    assert _create(own_server, model="mrq:q8", files=files, quantize="q8_0").status_code == 200
+    tags = {m["name"]: m for m in own_server.get("/api/tags").json()["models"]}
+    assert tags["mrq:f32"]["details"]["quantization_level"] == "F32"
+    assert tags["mrq:q8"]["details"]["quantization_level"] == "Q8_0"
+    again = _create(own_server, model="mrq:again", **{"from": "mrq:q8"}, quantize="q4_K_M")
+    assert again.status_code == 500
+    assert again.json()["error"] == "quantization is only supported for F16 and F32 models"
+    from_float = _create(own_server, model="mrq:from", **{"from": "mrq:f32"}, quantize="Q8_0")
+    assert from_float.status_code == 200
+
+
+def test_blobs_are_removed_as_ollama_removes_them(
+    own_server: OllamaEndpoint, tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Quantising keeps the pushed blob (used by no model); deleting the model that uses a blob
+    removes it; a restart prunes what no model uses, unless OLLAMA_NOPRUNE is set."""
+    from tests.fixtures.ollama import push_blob
+
+    digest = push_blob(own_server.url, tiny_gguf)
+    hexdigest = digest.removeprefix("sha256:")
+    assert _create(own_server, model="mrb:q8", files={"m.gguf": digest}, quantize="q8_0").is_success
+    assert _blobs(own_server)["unused"] == [hexdigest]  # the float GGUF, kept by quantize
+
+    monkeypatch.setenv("OLLAMA_NOPRUNE", "1")
+    own_server.stop()
+    own_server.start()
+    assert _blobs(own_server)["unused"] == [hexdigest]
+    monkeypatch.delenv("OLLAMA_NOPRUNE")
+    own_server.stop()
+    own_server.start()
+    assert _blobs(own_server)["unused"] == []
+    assert len(_blobs(own_server)["blobs"]) == 1  # the Q8_0 one, used by mrb:q8
+
+    files = {"m.gguf": push_blob(own_server.url, tiny_gguf)}
+    assert _create(own_server, model="mrb:f32", files=files).is_success
+    assert _create(own_server, model="mrb:copy", **{"from": "mrb:f32"}).is_success
+    httpx.request("DELETE", own_server.url + "/api/delete", json={"model": "mrb:f32"})
+    assert len(_blobs(own_server)["blobs"]) == 2  # mrb:copy still uses the float one
+    httpx.request("DELETE", own_server.url + "/api/delete", json={"model": "mrb:copy"})
+    assert _blobs(own_server) == {"blobs": [f"sha256-{_q8(own_server)}"], "unused": []}
+
+
+def _q8(server: OllamaEndpoint) -> str:
+    shown = server.post("/api/show", json={"model": "mrb:q8"}).json()
+    return shown["modelfile"].split("FROM ", 1)[1].split("\n", 1)[0].rsplit("sha256-", 1)[1]

@@ -30,7 +30,7 @@ import httpx
 import ollama
 
 from ..calibration import Calibration, load, ollama_path
-from ..config import Settings
+from ..config import ClassifierSettings, Settings
 from ..errors import ClassifierError, ClassifierRequestError, ModelMissingError
 from ..logs import event
 from ..prediction import ClassifyInput, Prediction
@@ -46,6 +46,38 @@ LOGPROBS_SINCE = (0, 12, 11)
 TOP_LOGPROBS = 20
 #: How often the model in service is looked up again (a new version, or the end of cold start).
 RESOLVE_SECONDS = 60.0
+#: Room for the BOS and the chat template's control tokens beside the prompt bound.
+CONTEXT_MARGIN = 16
+
+
+def context_size(max_prompt_tokens: int, num_predict: int) -> int:
+    """``num_ctx`` for the longest prompt and its answer, rounded up to a multiple of 256.
+
+    Not Ollama's default: 4096 tokens (``OLLAMA_CONTEXT_LENGTH``, ``envconfig/config.go`` line
+    204 in v0.12.11), and from v0.15.5 up to 32768 on a Mac with 23 GiB for the GPU; every slot
+    holds a cache of ``num_ctx`` tokens, 128 KiB each for Mistral 7B (docs/classification.md).
+    Too small is worse: a longer prompt is cut after its first ``num_keep`` tokens
+    (``NewSequence``, ``runner/llamarunner/runner.go`` in v0.13.0), the instruction with it.
+    """
+    needed = max_prompt_tokens + num_predict + CONTEXT_MARGIN
+    return -(-needed // 256) * 256
+
+
+def model_options(conf: ClassifierSettings) -> dict[str, Any]:
+    """The options that make Ollama answer as the model was evaluated: in every request, and
+    in the published model's parameters (so `ollama run` answers the same).
+
+    ``repeat_penalty`` 1.0: Ollama 0.12.11 to 0.32.9 defaults to 1.1 (``DefaultOptions``,
+    ``api/types.go`` line 890 in v0.12.11) over the last ``repeat_last_n`` 64 tokens, and its
+    llama.cpp runner counts the prompt's tokens among them (``sc.Accept(input.token, false)``
+    in ``NewSequence``, ``runner/llamarunner/runner.go``): a department the email names would
+    be penalised, and greedy decoding would no longer give the answer training measured.
+    """
+    return {
+        "temperature": 0,
+        "repeat_penalty": 1.0,
+        "num_ctx": context_size(conf.max_prompt_tokens, conf.num_predict),
+    }
 
 
 def normalize_host(host: str) -> str:
@@ -218,17 +250,31 @@ class OllamaClassifier:
         """The raw string sent to Ollama: the chat-templated prompt without the BOS text."""
         return render_chat(item.prompt(self.departments, self.prompt_options))
 
+    def request(self, model: str, item: ClassifyInput) -> tuple[str, bool]:
+        """The prompt sent to ``model`` and whether it is raw.
+
+        The fine-tuned model gets the raw string it was trained on (:meth:`render`). A zero-shot
+        model (cold start) was trained on its own chat template, which only the server knows:
+        ``/api/show`` drops ``tokenizer.chat_template`` from ``model_info`` (``GetModelInfo``,
+        ``server/routes.go``), so it gets the bare prompt with ``raw: false`` and Ollama renders
+        it with the model's template and system prompt (``GenerateHandler``, ``server/routes.go``:
+        ``if !req.Raw { tmpl := m.Template …``).
+        """
+        if model == full_name(self.settings.classifier.model):
+            return self.render(item), True
+        return item.prompt(self.departments, self.prompt_options), False
+
     def classify(self, item: ClassifyInput) -> Prediction:
         server = self.start()
         model = self.resolve_model()
         try:
-            response = self._generate(model, self.render(item), server.logprobs)
+            response = self._generate(model, *self.request(model, item), server.logprobs)
         except ollama.ResponseError as exc:
             if exc.status_code != 404:
                 raise self._transport_error(exc) from exc
             model = self.resolve_model(force=True)  # deleted or replaced since the last lookup
             try:
-                response = self._generate(model, self.render(item), server.logprobs)
+                response = self._generate(model, *self.request(model, item), server.logprobs)
             except ollama.ResponseError as again:
                 raise self._transport_error(again) from again
         return self._prediction(response)
@@ -237,16 +283,20 @@ class OllamaClassifier:
         """Batch work: up to ``concurrency`` requests in flight, answers in the items' order."""
         return list(classify_in_order(self, items))
 
-    def _generate(self, model: str, prompt: str, logprobs: bool) -> Any:
+    def _generate(self, model: str, prompt: str, raw: bool, logprobs: bool) -> Any:
         conf = self.settings.classifier
         extra: dict[str, Any] = {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if logprobs else {}
         try:
             return self.client.generate(
                 model=model,
                 prompt=prompt,
-                raw=True,
+                raw=raw,
                 stream=False,
-                options={"temperature": 0, "num_predict": conf.num_predict, "stop": list(STOP)},
+                options={
+                    **model_options(conf),
+                    "num_predict": conf.num_predict,
+                    "stop": list(STOP),
+                },
                 keep_alive=conf.keep_alive,
                 **extra,
             )
