@@ -159,8 +159,16 @@ class ClassifierSettings(_Section):
     spread over every department, so they run lower than an LLM's for the same certainty (at
     0.4 it routes about 80 % of the starter data's held-out mail, 93–96 % of it right)."""
 
-    backend: Literal["ollama", "baseline", "mlx"] = "ollama"
+    backend: Literal["ollama", "baseline", "mlx", "openai"] = "ollama"
     ollama_host: str = "http://127.0.0.1:11434"
+    #: An OpenAI-compatible server (vLLM, llama.cpp's server): ``/v1/completions`` is under it.
+    openai_base_url: str = "http://127.0.0.1:8000"
+    #: The model id the server lists in ``/v1/models`` (empty: ``model``).
+    openai_model: str = ""
+    #: A bearer token the server asks for; else the Keychain's ``openai-api-key``, else none.
+    openai_api_key: SecretStr | None = None
+    #: A private CA for an ``https`` server (certificates and host names are always verified).
+    openai_ca_file: Path | None = None
     model: str = "mailrouter:latest"
     zero_shot_model: str = "mistral"
     confidence_threshold: float = Field(default=0.6, ge=0, le=1)
@@ -460,6 +468,7 @@ def _describe(exc: ValidationError, where: str) -> str:
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
+    ("classifier", "openai_api_key"),
         got = err.get("input")
         shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
         if err["type"] == "extra_forbidden":
@@ -541,7 +550,7 @@ def masked_dump(settings: Settings) -> dict[str, Any]:
             for key, value in node.items():
                 attr = getattr(model, key, None)
                 if isinstance(attr, SecretStr) or (
-                    attr is None and key in {"password", "token_key", "hf_token"}
+                    attr is None and key in {"password", "token_key", "hf_token", "openai_api_key"}
                 ):
                     node[key] = "********" if attr else "(not set)"
                 else:
@@ -552,3 +561,11 @@ def masked_dump(settings: Settings) -> dict[str, Any]:
 
     walk(data, settings)
     return data
+def openai_api_key(settings: Settings) -> str | None:
+    """The OpenAI-compatible server's bearer token, or ``None`` (a server without one)."""
+    value = settings.classifier.openai_api_key
+    if value is not None and value.get_secret_value():
+        return value.get_secret_value()
+    return keychain_get("openai-api-key")
+
+

@@ -20,12 +20,14 @@ from email.utils import formatdate, make_msgid
 from pathlib import Path
 
 from .classify.ollama import OllamaClassifier, full_name
+from .classify.openai import OpenAIClassifier, completion_steps
 from .config import Settings, hf_token, imap_password, load_settings
 from .corrections.authentication import MISSING_ID, Detection, detect_authserv_id, trusted_ids
 from .dataset import SPLITS, Dataset
-from .errors import ClassifierError, MailRouterError, ModelMissingError
+from .errors import ClassifierError, ConfigError, MailRouterError, ModelMissingError
 from .mail.imap import Mailbox, connect_imap
 from .mail.smtp import SmtpSender
+from .prediction import ClassifyInput
 from .training import blas
 
 # A 7B model fused back to float16 (14.5 GB), its GGUF (14.5 GB) and the quantised copy Ollama
@@ -385,6 +387,46 @@ def check_ollama(settings: Settings) -> list[Check]:
     return checks
 
 
+#: What doctor asks a model for one token of: any email would do.
+SAMPLE = ClassifyInput(text="Bonjour, ma facture de novembre est fausse.", subject="Facture")
+
+
+def check_openai(settings: Settings) -> list[Check]:
+    """The OpenAI-compatible server: reachable with the key, the model listed in ``/v1/models``,
+    and a one-token completion of the real prompt that comes with log-probabilities."""
+    conf = settings.classifier
+    try:
+        classifier = OpenAIClassifier(_quick(settings, "classifier"))
+        listed = classifier.models()
+    except (ClassifierError, ConfigError) as exc:
+        return [Check("OpenAI server", False, _error(exc), "check classifier.openai_base_url")]
+    where = classifier.base_url
+    checks = [Check("OpenAI server", True, f"{where} lists {len(listed)} model(s)")]
+    if classifier.model in listed:
+        checks.append(Check("model", True, f"{classifier.model} is listed"))
+    else:
+        fix = "set classifier.openai_model to the model id the server lists"
+        detail = f"{classifier.model} is not among {', '.join(listed) or 'none'}"
+        checks.append(Check("model", False, detail, fix))
+        return checks
+    try:
+        answer = classifier.complete(classifier.render(SAMPLE), 1)
+    except ClassifierError as exc:
+        checks.append(Check("OpenAI logprobs", False, _error(exc), "check the server's log"))
+        return checks
+    choices = answer.get("choices") or [{}]
+    steps = completion_steps(choices[0].get("logprobs") if isinstance(choices[0], dict) else None)
+    if steps and steps[0].top:
+        detail = f"{len(steps[0].top)} alternatives per token: confidence from probabilities"
+        checks.append(Check("OpenAI logprobs", True, detail))
+    else:
+        detail = f"a completion came without logprobs (no_logprobs = {conf.no_logprobs!r})"
+        fix = "use a server that returns logprobs for /v1/completions (vLLM, llama.cpp)"
+        why = "routing still works, without confidence"
+        checks.append(Check("OpenAI logprobs", False, detail, fix, False, why))
+    return checks
+
+
 def check_dataset(settings: Settings) -> list[Check]:
     """Examples per split and per label, and what would make training fail."""
     required = settings.classifier.backend == "baseline"
@@ -446,6 +488,7 @@ def _checks(settings: Settings, send_test: bool) -> list[Callable[[], list[Check
         lambda: [check_authserv_id(settings)],
         lambda: [check_smtp(settings, send_test)],
         lambda: check_ollama(settings),
+        lambda: check_openai(settings) if settings.classifier.backend == "openai" else [],
         lambda: [check_hf(settings)],
         lambda: [check_mlx()],
         lambda: [check_blas()],

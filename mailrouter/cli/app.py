@@ -30,9 +30,10 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
-BACKENDS = ("ollama", "mlx", "baseline")
+BACKENDS = ("ollama", "mlx", "baseline", "openai")
 BackendOption = Annotated[
-    str | None, typer.Option("--backend", "-b", help="ollama|mlx|baseline (default: config).")
+    str | None,
+    typer.Option("--backend", "-b", help="ollama|mlx|baseline|openai (default: config)."),
 ]
 
 
