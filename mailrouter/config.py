@@ -438,6 +438,7 @@ SECRET_FIELDS = (
     ("smtp", "password"),
     ("corrections", "token_key"),
     ("training", "hf_token"),
+    ("classifier", "openai_api_key"),
 )
 
 
@@ -468,7 +469,6 @@ def _describe(exc: ValidationError, where: str) -> str:
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
-    ("classifier", "openai_api_key"),
         got = err.get("input")
         shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
         if err["type"] == "extra_forbidden":
@@ -533,6 +533,14 @@ def check_serve_secrets(settings: Settings, *, dry_run: bool = False) -> None:
         smtp_password(settings)
 
 
+def openai_api_key(settings: Settings) -> str | None:
+    """The OpenAI-compatible server's bearer token, or ``None`` (a server without one)."""
+    value = settings.classifier.openai_api_key
+    if value is not None and value.get_secret_value():
+        return value.get_secret_value()
+    return keychain_get("openai-api-key")
+
+
 def hf_token(settings: Settings) -> str | None:
     """The Hugging Face token, or ``None`` (public models need none)."""
     value = settings.training.hf_token
@@ -561,11 +569,3 @@ def masked_dump(settings: Settings) -> dict[str, Any]:
 
     walk(data, settings)
     return data
-def openai_api_key(settings: Settings) -> str | None:
-    """The OpenAI-compatible server's bearer token, or ``None`` (a server without one)."""
-    value = settings.classifier.openai_api_key
-    if value is not None and value.get_secret_value():
-        return value.get_secret_value()
-    return keychain_get("openai-api-key")
-
-
