@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from mailrouter import deploy
 from mailrouter.cli import app
 from mailrouter.cli import service as service_cli
-from mailrouter.deploy.run import Result, execute
+from mailrouter.deploy.run import Result, execute, exit_status, explain
 from mailrouter.errors import ConfigError
 
 
@@ -226,3 +226,34 @@ def test_cli_dry_run_and_runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     res = cli.invoke(app, ["service", "status"])  # no config anywhere
     assert res.exit_code != 0
     assert isinstance(res.exception, ConfigError) and "mailrouter init" in str(res.exception)
+
+
+def test_a_job_exit_status_from_launchctl_print() -> None:
+    running = "gui/501/x.doctor = {\n\tstate = running\n\tlast exit code = (never exited)\n}"
+    assert exit_status(running) is None
+    done = (
+        "gui/501/x.doctor = {\n\tactive count = 0\n\tstate = not running\n\tlast exit code = 1\n}"
+    )
+    assert exit_status(done) == 1
+    assert exit_status("state = not running\n\tlast exit code = (never exited)") is None
+    assert exit_status("no such lines") is None
+
+
+def test_launchctl_errors_are_explained() -> None:
+    assert "log in at the Mac" in (explain(("launchctl", "bootstrap", "gui/501", "p"), 125) or "")
+    assert "run the command again" in (explain(("launchctl", "bootstrap", "gui/501", "p"), 5) or "")
+    assert explain(("launchctl", "kickstart", "-k", "gui/501/x"), 5) is None
+    assert explain(("systemctl", "--user", "restart", "x"), 125) is None
+
+
+def test_doctor_plist_is_the_agents_context_run_once(tmp_path: Path) -> None:
+    t = _target(tmp_path, "launchd")
+    agent = plistlib.loads(deploy.render_plist(t).encode())
+    doctor = plistlib.loads(deploy.render_doctor_plist(t).encode())
+    assert doctor["Label"] == "com.mailrouter.agent.doctor"
+    assert doctor["ProgramArguments"] == [str(t.program), "--config", str(t.config), "doctor"]
+    assert doctor["RunAtLoad"] is True and "KeepAlive" not in doctor
+    assert doctor["WorkingDirectory"] == agent["WorkingDirectory"]
+    assert doctor["EnvironmentVariables"]["PATH"] == agent["EnvironmentVariables"]["PATH"]
+    assert doctor["StandardOutPath"] == doctor["StandardErrorPath"] == str(t.doctor_output)
+    assert t.doctor_plist.parent == t.log_dir  # never in LaunchAgents: it must not run at login

@@ -358,10 +358,13 @@ class RemoveFile:
 
 @dataclass(frozen=True)
 class Run:
-    """A command; ``check=False`` when a failure is expected (unloading what is not loaded)."""
+    """A command; ``check=False`` when a failure is expected (unloading what is not loaded),
+    ``quiet`` to keep its output off the terminal (launchctl's "Boot-out failed: 3: No such
+    process" when there was nothing to unload)."""
 
     argv: tuple[str, ...]
     check: bool = True
+    quiet: bool = False
 
     def __str__(self) -> str:
         return shlex.join(self.argv)
@@ -438,7 +441,7 @@ def _launchd_install(t: Target, templates: Traversable, have_plutil: bool) -> tu
     # bootstrap refuses a label launchd still knows ("Bootstrap failed: 5: Input/output
     # error"), and bootout returns before the old process has exited: unload, then wait.
     steps += [
-        Run(("launchctl", "bootout", t.service), check=False),
+        Run(("launchctl", "bootout", t.service), check=False, quiet=True),
         WaitGone(t.service, BOOTOUT_WAIT_SECONDS),
         Run(("launchctl", "enable", t.service)),
         Run(("launchctl", "bootstrap", t.domain, plist)),
@@ -449,9 +452,10 @@ def _launchd_install(t: Target, templates: Traversable, have_plutil: bool) -> tu
 def _launchd_doctor(t: Target, templates: Traversable) -> tuple[Step, ...]:
     """Bootstrap the one-shot doctor job, wait for it to exit, show what it printed, unload it."""
     plist = str(t.doctor_plist)
+    unload = Run(("launchctl", "bootout", t.doctor_service), check=False, quiet=True)
     return (
         MakeDir(t.log_dir, LOG_DIR_MODE),
-        Run(("launchctl", "bootout", t.doctor_service), check=False),  # a run left behind
+        unload,  # a run left behind by an interrupted `service doctor`
         WaitGone(t.doctor_service, BOOTOUT_WAIT_SECONDS),
         WriteFile(t.doctor_plist, render_doctor_plist(t, templates), PLIST_MODE),
         RemoveFile(t.doctor_output),
@@ -459,7 +463,7 @@ def _launchd_doctor(t: Target, templates: Traversable) -> tuple[Step, ...]:
         Run(("launchctl", "bootstrap", t.domain, plist)),
         WaitExited(t.doctor_service, DOCTOR_WAIT_SECONDS),
         ShowFile(t.doctor_output),
-        Run(("launchctl", "bootout", t.doctor_service), check=False),
+        unload,
         RemoveFile(t.doctor_plist),
     )
 
@@ -467,7 +471,7 @@ def _launchd_doctor(t: Target, templates: Traversable) -> tuple[Step, ...]:
 def _launchd_steps(action: Action, t: Target, lines: int, follow: bool) -> tuple[Step, ...]:
     if action == "uninstall":
         return (
-            Run(("launchctl", "bootout", t.service), check=False),
+            Run(("launchctl", "bootout", t.service), check=False, quiet=True),
             WaitGone(t.service, BOOTOUT_WAIT_SECONDS),
             RemoveFile(t.unit_file),
         )

@@ -55,8 +55,10 @@ NO_GUI_SESSION = (
     "turn on automatic login, or install mailrouter as a LaunchDaemon (docs/service.md)."
 )
 STILL_LOADED = (
-    "launchd still holds the previous copy of the service (error {code}): run the command again "
-    "in a minute; `mailrouter service status` shows what launchd knows."
+    "launchd refused the job (error {code}): it still holds a previous copy (run the command "
+    "again in a minute; `mailrouter service status` shows what launchd knows), or the plist is "
+    "not yours or is group-writable (`ls -l` it); launchd's log says which: "
+    "`log show --last 5m --predicate 'process == \"launchd\"'`."
 )
 
 
@@ -205,7 +207,7 @@ def _read(path: Path) -> str:
 
 
 def _run(step: Run, runner: Runner, echo: Callable[[str], None]) -> int:
-    code = runner(step.argv).code
+    code = runner(step.argv, capture=step.quiet).code
     if code == 127:
         echo(f"{step.argv[0]}: command not found")
     elif code and step.check:
