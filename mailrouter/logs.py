@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import os
+import stat
 import sys
 import time
 from io import TextIOWrapper
@@ -21,6 +23,7 @@ from .files import make_dirs, private_file
 # Set in the launchd agent's environment (deploy/launchd/*.plist.template): the file the service
 # writes and rotates itself, since launchd never rotates StandardErrorPath.
 SERVICE_LOG_ENV = "MAILROUTER_SERVICE_LOG"
+STDERR_LIMIT = 1_000_000
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
@@ -111,3 +114,22 @@ def setup_logging(
     root.setLevel(level.upper())
     for noisy in ("httpx", "httpcore", "imapclient", "apscheduler", "mail.log"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def cap_stderr_file(fd: int = 2, limit: int = STDERR_LIMIT) -> bool:
+    """Empty the file launchd gives the agent as stderr once it has passed ``limit`` bytes.
+
+    launchd opens ``StandardErrorPath`` at each start and never rotates it. The service's own log
+    goes to a file it rotates, but what comes before logging (a configuration error, printed
+    again at each of launchd's restarts, every 30 s, while it is not fixed) lands there: without
+    this it would grow without end. True when the file was emptied; a terminal or pipe is left."""
+    try:
+        info = os.fstat(fd)
+    except OSError:
+        return False
+    if not stat.S_ISREG(info.st_mode) or info.st_size <= limit:
+        return False
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)  # launchd may not open it O_APPEND: write from the start again
+    os.write(fd, f"(mailrouter: {info.st_size} bytes of earlier output dropped)\n".encode())
+    return True

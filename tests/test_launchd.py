@@ -11,6 +11,7 @@ import logging
 import os
 import plistlib
 import stat
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from mailrouter.cli import app
 from mailrouter.config import load_settings
 from mailrouter.deploy import run as deploy_run
 from mailrouter.errors import ConfigError
-from mailrouter.logs import SERVICE_LOG_ENV, event
+from mailrouter.logs import SERVICE_LOG_ENV, STDERR_LIMIT, cap_stderr_file, event
 from mailrouter.service import configure_logging
 
 FAKE = Path(__file__).with_name("fake_launchctl.py")
@@ -228,3 +229,34 @@ def test_the_agent_rotates_its_own_log(tmp_path: Path) -> None:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert "uid=399" in log.read_text()
     assert stderr.getvalue() == ""
+
+
+def test_the_stderr_file_launchd_never_rotates_is_capped(tmp_path: Path) -> None:
+    """A broken configuration is printed again at each of launchd's restarts: `serve` empties the
+    file launchd gives it as stderr once it has passed 1 MB, before it reads the configuration."""
+    config = tmp_path / "broken.toml"
+    config.write_text("[mailbox\n")
+    err_log = tmp_path / "mailrouter.err.log"
+    err_log.write_bytes(b"x" * (STDERR_LIMIT + 1))
+    fd = os.open(err_log, os.O_WRONLY | os.O_APPEND)  # as launchd opens StandardErrorPath
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "mailrouter", "--config", str(config), "serve"],
+            env={**os.environ, "MAILROUTER_SUPERVISED": "launchd"},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=fd,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(fd)
+    assert done.returncode == 2  # the configuration error, as before
+    text = err_log.read_text()
+    assert text.startswith(f"(mailrouter: {STDERR_LIMIT + 1} bytes of earlier output dropped)")
+    assert "not valid TOML" in text and len(text) < 2000
+    fd = os.open(err_log, os.O_WRONLY | os.O_APPEND)
+    try:
+        assert not cap_stderr_file(fd)  # below the limit: left alone
+    finally:
+        os.close(fd)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Annotated
 
 import typer
@@ -10,6 +11,7 @@ from rich.table import Table
 
 from ..config import Settings, check_serve_secrets
 from ..datalock import DataDirLock
+from ..logs import cap_stderr_file
 from ..pipeline.types import RoundReport
 from ..service import run_forever
 from ..wiring import build_pipeline
@@ -26,6 +28,8 @@ def serve(
     ] = False,
 ) -> None:
     """Route the contact mailbox: forever (IDLE), or once with --once."""
+    if os.environ.get("MAILROUTER_SUPERVISED") == "launchd":
+        cap_stderr_file()  # before the configuration is read: its errors land there
     current = settings()
     check_serve_secrets(current, dry_run=dry_run)
     with _one_process(current, once=once, dry_run=dry_run):
