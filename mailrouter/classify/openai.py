@@ -51,7 +51,8 @@ def completion_steps(logprobs: Any) -> list[TokenChoice]:
     The completions API's own shape (OpenAI, vLLM, llama-cpp-python: ``Llama._create_completion``
     in llama_cpp/llama.py) is parallel lists ``tokens``, ``token_logprobs`` and ``top_logprobs``,
     one ``{token: logprob}`` dict per position. llama.cpp's own server answers with the chat
-    shape, ``content: [{token, logprob, top_logprobs: [{token, logprob}]}]``.
+    shape, ``content: [{token, logprob, top_logprobs: [{token, logprob}]}]``
+    (``server_task_result_cmpl_final::to_json_oaicompat``, tools/server/server-task.cpp).
     """
     if not isinstance(logprobs, Mapping):
         return []
