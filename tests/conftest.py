@@ -29,6 +29,7 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.ollama",
     "tests.fixtures.corrections",
+    "tests.fixtures.smollm2",
 ]
 
 

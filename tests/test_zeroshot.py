@@ -12,12 +12,27 @@ The choice of a label from the first-token probabilities is tested first, withou
 
 from __future__ import annotations
 
+import logging
 import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from mailrouter.classify.logprobs import TokenChoice, label_mass, read_answer
-from mailrouter.config import default_departments
+from mailrouter.classify.ollama import OllamaClassifier
+from mailrouter.config import Settings, default_departments, load_settings
+from mailrouter.localservers import ImapAccount, SmtpSink
+from mailrouter.mail.parse import parse_email
+from mailrouter.prediction import ClassifyInput, Prediction
+from mailrouter.router import decide
+from mailrouter.state import HistoryEntry, State
+from mailrouter.wiring import build_pipeline
+from tests.conftest import STARTER
+from tests.fixtures.mail import examples_for_mail
+from tests.fixtures.ollama import OllamaEndpoint
+from tests.test_injection import CORPUS, check_forward, expected_route
 
 DEPS = default_departments()
 
@@ -90,3 +105,133 @@ def test_only_configured_labels_are_ever_chosen() -> None:
     assert reading.label == "Commercial"  # "Comm" starts Commercial only (not Finance's "compta")
     assert reading.confidence == pytest.approx(0.05)
     assert set(reading.probabilities) == {d.name for d in DEPS}
+
+
+# --- cold start with SmolLM2, end to end ---------------------------------------------------------
+
+#: A fine-tuned model that does not exist yet: the classifier falls back to the zero-shot model.
+NOT_TRAINED = "mailrouter-not-trained-yet:latest"
+#: Injection emails that play with the answer itself (fake turns, label lists, a label on its own
+#: line, names that are not departments); the whole corpus runs in ``bench/zeroshot.py``.
+INJECTION = ("03", "05", "17", "24")
+
+
+def zero_shot_classifier(url: str, model: str) -> dict[str, object]:
+    return {"backend": "ollama", "ollama_host": url, "model": NOT_TRAINED,
+            "zero_shot_model": model, "on_error": "wait"}  # fmt: skip
+
+
+def one_per_department(mails: list[tuple[str, bytes]], n: int) -> list[tuple[str, bytes]]:
+    """The first test email of each of ``n`` departments: a handful, each a different label."""
+    chosen: dict[str, bytes] = {}
+    for label, raw in mails:
+        chosen.setdefault(label, raw)
+    return list(chosen.items())[:n]
+
+
+def check_prediction(prediction: Prediction, settings: Settings, model: str) -> None:
+    """What holds whatever a zero-shot model answers."""
+    assert prediction.model.startswith(model)
+    assert prediction.label is None or prediction.label in settings.labels
+    assert 0.0 <= prediction.confidence <= 1.0
+    assert all(0.0 <= p <= 1.0 for p in prediction.probabilities.values())
+    assert sum(prediction.probabilities.values()) <= 1.0 + 1e-9
+    if prediction.label is not None and prediction.probabilities:
+        assert prediction.confidence == pytest.approx(prediction.probabilities[prediction.label])
+        likeliest = max(prediction.probabilities.values())
+        assert prediction.probabilities[prediction.label] == pytest.approx(likeliest)
+
+
+def test_cold_start_routes_every_email_once_to_a_department_or_triage(
+    starter_data: Path,
+    make_mail_config: Callable[..., Path],
+    imap_account: ImapAccount,
+    smtp_sink: SmtpSink,
+    ollama_server: OllamaEndpoint,
+    smollm2_ollama_model: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = load_settings(
+        make_mail_config(classifier=zero_shot_classifier(ollama_server.url, smollm2_ollama_model))
+    )
+    mails = one_per_department(examples_for_mail(settings.data_dir, "test"), 4)
+    imap_account.append(raw for _, raw in mails)
+
+    pipeline = build_pipeline(settings)
+    try:
+        with caplog.at_level(logging.INFO, logger="mailrouter.classify.ollama"):
+            report = pipeline.run_once()
+        again = pipeline.run_once()
+    finally:
+        pipeline.close()
+
+    chosen = [r.fields for r in caplog.records if r.getMessage() == "ollama_model"]
+    assert chosen and chosen[-1]["cold_start"] is True
+    assert (report.seen, again.seen) == (len(mails), 0)
+    with State(settings.state_path) as state:
+        assert state.pending() == []
+        final: dict[int, HistoryEntry] = {}
+        for decision in state.history(limit=100):  # newest first: each message's last state
+            final.setdefault(decision.message, decision)
+    assert len(final) == len(mails)
+    allowed = {d.address for d in settings.departments} | {settings.smtp.triage_address}
+    for decision in final.values():
+        assert decision.state in {"filed", "triaged", "spam"}, decision
+        assert decision.route in {"department", "triage", "spam"}, decision
+        assert decision.model and decision.model.startswith(smollm2_ollama_model)
+        assert decision.label is None or decision.label in settings.labels
+        assert decision.destination is None or decision.destination in allowed
+    delivered = smtp_sink.delivered()
+    assert len(delivered) == report.forwarded
+    assert all(set(d.rcpt_tos) <= allowed for d in delivered)
+    forward_ids = [d.header("X-MailRouter-Forward-Id") for d in delivered]
+    assert len(set(forward_ids)) == len(forward_ids)
+    client = imap_account.client()
+    try:
+        assert int(client.select_folder("INBOX", readonly=True)[b"EXISTS"]) == 0
+    finally:
+        client.logout()
+
+
+@pytest.fixture(scope="module")
+def zero_shot_settings(
+    tmp_path_factory: pytest.TempPathFactory,
+    ollama_server: OllamaEndpoint,
+    smollm2_ollama_model: str,
+) -> Settings:
+    data = tmp_path_factory.mktemp("zero-shot-data")
+    shutil.copyfile(STARTER, data / "examples.jsonl")
+    settings = load_settings(None, data_dir=data)
+    update = zero_shot_classifier(ollama_server.url, smollm2_ollama_model)
+    return settings.model_copy(update={"classifier": settings.classifier.model_copy(update=update)})
+
+
+def test_zero_shot_answers_are_checked_labels_with_probabilities_from_the_model(
+    zero_shot_settings: Settings, smollm2_ollama_model: str
+) -> None:
+    classifier = OllamaClassifier.from_settings(zero_shot_settings)
+    mails = one_per_department(examples_for_mail(zero_shot_settings.data_dir, "test"), 1)
+    for _, raw in mails:
+        email = parse_email(raw)
+        prediction = classifier.classify(ClassifyInput.from_email(email))
+        check_prediction(prediction, zero_shot_settings, smollm2_ollama_model)
+        assert prediction.probabilities, "SmolLM2 through the test server gives log-probabilities"
+
+
+@pytest.mark.parametrize("number", INJECTION)
+def test_an_injected_instruction_only_ever_yields_a_configured_department_or_triage(
+    number: str, zero_shot_settings: Settings, smollm2_ollama_model: str
+) -> None:
+    settings = zero_shot_settings
+    (path,) = [p for p in CORPUS if p.name.startswith(f"{number}-")]
+    raw = path.read_bytes()
+    email = parse_email(raw)
+    prediction = OllamaClassifier.from_settings(settings).classify(ClassifyInput.from_email(email))
+    check_prediction(prediction, settings, smollm2_ollama_model)
+    route = decide(prediction, email, settings)
+    assert (route.kind, route.department, route.address) == expected_route(
+        prediction, email, settings
+    )
+    assert route.kind in {"department", "triage", "spam"}
+    if route.forwards:
+        check_forward(raw, email, route, settings, prediction.model)
