@@ -10,32 +10,38 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 from unidecode import unidecode
 
+from .chat_template import MISTRAL_V3, ChatTemplate
 from .config import Department, Settings
+from .errors import ConfigError
+from .tokens import DEFAULT_MEASURE, PromptMeasure
 
 INSTRUCTION = (
     "Tu tries le courrier de la boite contact d'une entreprise. "
     "Reponds uniquement par le nom du service qui doit traiter l'email, sans autre mot."
 )
 
-#: Mistral v0.3 chat template (Jinja, as in tokenizer_config.json):
-#: ``<s>[INST] user[/INST] answer</s>``.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + '[/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
-    "{% endif %}{% endfor %}"
-)
+#: The Mistral v0.3 rendering, the default when no model folder says otherwise (the zero-shot
+#: ``mistral`` of Ollama): its Jinja chat template, the user turn in Ollama's Go template
+#: language (for ``ollama run`` by hand), and the stop sequences (one label, ending with ``</s>``).
+CHAT_TEMPLATE = MISTRAL_V3
+OLLAMA_TEMPLATE = ChatTemplate.mistral_v3().ollama_template()
+STOP = ChatTemplate.mistral_v3().stop
 
-#: The same rendering in Ollama's Go template language, for ``ollama run`` by hand.
-OLLAMA_TEMPLATE = "[INST] {{ .Prompt }}[/INST]"
+#: What stands for the middle of a body cut to fit (start and end kept).
+CUT = " [...] "
 
-#: Stop sequences for generation: the answer is one label and ends with ``</s>``.
-STOP = ["</s>", "[INST]", "\n"]
+#: Characters read from each end of a body before any other work: a 20 MB email is never
+#: normalised, transliterated or tokenized whole.
+_RAW_CHARS_PER_KEPT = 4
+
+#: A subject is cut to this many characters (start and end kept), and further only when the
+#: body cannot be cut enough.
+_SUBJECT_CHARS = 200
 
 
 #: Text an email could use to pose as the chat template's control tokens (``[INST]``, ``</s>``,
@@ -62,17 +68,31 @@ def _defuse(text: str) -> str:
 
 @dataclass(frozen=True)
 class PromptOptions:
-    """The knobs of the prompt that come from ``[classifier]``."""
+    """The knobs of the prompt that come from ``[classifier]``, and how a prompt is measured.
 
+    ``measure`` counts the tokens of a prompt rendered for the model (its chat template and
+    tokenizer: :class:`~mailrouter.tokens.PromptMeasure`); no prompt exceeds ``max_prompt_tokens``
+    of it. ``max_chars`` cuts the body first, by characters, so that a huge email costs nothing.
+    """
+
+    max_prompt_tokens: int = 400
     max_chars: int = 2000
     strip_accents: bool = True
+    measure: PromptMeasure = DEFAULT_MEASURE
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> PromptOptions:
+    def from_settings(
+        cls, settings: Settings, measure: PromptMeasure = DEFAULT_MEASURE
+    ) -> PromptOptions:
         return cls(
+            max_prompt_tokens=settings.classifier.max_prompt_tokens,
             max_chars=settings.classifier.max_chars,
             strip_accents=settings.classifier.strip_accents,
+            measure=measure,
         )
+
+    def measured_with(self, measure: PromptMeasure) -> PromptOptions:
+        return replace(self, measure=measure)
 
 
 def prefix(departments: Sequence[Department], *, strip_accents: bool = True) -> str:
@@ -100,25 +120,91 @@ def build_prompt(
     sender_domain: str = "",
     options: PromptOptions = PromptOptions(),
 ) -> str:
-    """The full prompt for one email: :func:`prefix` + subject, sender domain and truncated body."""
-    body = " ".join(email_text.split()) if email_text.strip() else "(vide)"
-    if len(body) > options.max_chars:
-        body = body[: options.max_chars].rsplit(" ", 1)[0] + " [...]"
-    head = []
-    if subject.strip():
-        head.append(f"Objet : {' '.join(subject.split())}")
-    if sender_domain.strip():
-        head.append(f"Domaine de l'expediteur : {sender_domain.strip().lower()}")
-    email_part = "\n".join([*head, body])
+    """The full prompt for one email: :func:`prefix`, then subject, sender domain and body, the
+    body (then the subject) cut in the middle until the rendered prompt fits
+    ``options.max_prompt_tokens``."""
+    fixed = prefix(departments, strip_accents=options.strip_accents)
+    limit = options.max_chars
+    subject_text = _clean(_ends(subject, _SUBJECT_CHARS), _SUBJECT_CHARS, options)
+    domain = _clean(sender_domain.strip().lower()[:255], 255, options)
+    body = _clean(_ends(email_text, limit), limit, options) or "(vide)"
+
+    def compose(subject_part: str, body_part: str) -> str:
+        head = [f"Objet : {subject_part}"] if subject_part else []
+        head += [f"Domaine de l'expediteur : {domain}"] if domain else []
+        return fixed + "\n".join([*head, body_part])
+
+    fits = _fitter(options)
+    full = compose(subject_text, body)
+    if fits(full):
+        return full
+    kept = _longest(body, lambda b: fits(compose(subject_text, b)))
+    if kept is not None:
+        return compose(subject_text, kept)
+    kept = _longest(subject_text, lambda s: fits(compose(s, CUT.strip())))
+    if kept is not None:
+        return compose(kept, CUT.strip())
+    raise ConfigError(
+        f"the instruction and the departments alone take {options.measure(fixed)} tokens: "
+        f"raise classifier.max_prompt_tokens ({options.max_prompt_tokens}) or shorten the "
+        "department descriptions"
+    )
+
+
+def _fitter(options: PromptOptions) -> Callable[[str], bool]:
+    return lambda prompt: options.measure(prompt) <= options.max_prompt_tokens
+
+
+def _ends(text: str, limit: int) -> str:
+    """``text`` itself, or its first and last stretches when it is far longer than ``limit``
+    characters (whitespace runs may shrink, so more than ``limit`` is read from each end)."""
+    room = limit * _RAW_CHARS_PER_KEPT
+    return text if len(text) <= 2 * room else text[:room] + CUT + text[-room:]
+
+
+def _clean(text: str, limit: int, options: PromptOptions) -> str:
+    """One line, at most ``limit`` characters (start and end kept), ASCII when configured,
+    control-token look-alikes defused."""
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = _excerpt(text, limit)
     if options.strip_accents:
-        email_part = _ascii(email_part)
-    return prefix(departments, strip_accents=options.strip_accents) + _defuse(email_part)
+        text = _ascii(text)
+    return _defuse(text).strip()
 
 
-def render_chat(prompt: str) -> str:
-    """The prompt as the chat template renders a user turn, without the BOS text.
+def _excerpt(text: str, size: int) -> str:
+    """About ``size`` characters of ``text``: two thirds from its start, one third from its end,
+    cut at spaces when a space is near, joined by :data:`CUT`."""
+    if size <= 0:
+        return CUT.strip()
+    start, end = text[: size - size // 3], text[len(text) - size // 3 :]
+    space = start.rfind(" ")
+    if space > len(start) // 2:
+        start = start[:space]
+    space = end.find(" ")
+    if 0 <= space < len(end) // 2:
+        end = end[space + 1 :]
+    return (start + CUT + end).strip()
 
-    This is the string sent to Ollama with ``raw: true``; mlx-lm produces the same tokens from
-    ``{"prompt": prompt, "completion": label}`` through :data:`CHAT_TEMPLATE`.
-    """
-    return f"[INST] {prompt}[/INST]"
+
+def _longest(text: str, fits: Callable[[str], bool]) -> str | None:
+    """The longest :func:`_excerpt` of ``text`` that ``fits`` (binary search on its size; only a
+    size that was checked is returned), or ``None`` when not even the bare cut mark fits."""
+    best = None
+    low, high = 0, len(text) - 1
+    while low <= high:
+        size = (low + high) // 2
+        candidate = _excerpt(text, size)
+        if fits(candidate):
+            best, low = candidate, size + 1
+        else:
+            high = size - 1
+    return best
+
+
+def render_chat(prompt: str, template: ChatTemplate | None = None) -> str:
+    """The prompt as ``template`` renders a user turn for a runtime that adds the BOS itself
+    (Mistral v0.3's by default): the string sent to Ollama with ``raw: true``. mlx-lm renders the
+    same text from ``{"prompt": prompt, "completion": label}`` with the model's template."""
+    return (template or ChatTemplate.mistral_v3()).serving(prompt)

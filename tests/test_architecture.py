@@ -46,6 +46,8 @@ LAYERS: dict[str, int] = {
             "mailrouter.message",
             "mailrouter.prediction",
             "mailrouter.prompt",
+            "mailrouter.chat_template",
+            "mailrouter.tokens",
             "mailrouter.router",
             "mailrouter.automated",
             "mailrouter.rules",

@@ -13,6 +13,7 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
+from mailrouter.chat_template import MISTRAL_V3
 from mailrouter.errors import TrainingError
 from mailrouter.training import tinymodel as generator
 from tests.conftest import require
@@ -45,7 +46,7 @@ def test_files_and_config(tiny_model: Path) -> None:
     assert config["model_type"] == "mistral"
     assert config["vocab_size"] == 32768
     tok_config = json.loads((tiny_model / "tokenizer_config.json").read_text())
-    assert tok_config["chat_template"] == generator.CHAT_TEMPLATE
+    assert tok_config["chat_template"] == MISTRAL_V3
     assert (tok_config["bos_token"], tok_config["eos_token"]) == ("<s>", "</s>")
     assert (tiny_model / "tokenizer.model").read_bytes() == (
         generator.mistral_tokenizer_path().read_bytes()

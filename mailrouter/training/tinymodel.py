@@ -26,8 +26,8 @@ import numpy as np
 import sentencepiece as spm
 from safetensors.numpy import save_file
 
+from ..chat_template import MISTRAL_V3
 from ..errors import TrainingError
-from ..prompt import CHAT_TEMPLATE
 
 SEED = 0
 
@@ -131,7 +131,7 @@ def tokenizer_config(sp_model_path: Path) -> dict:
         "bos_token": "<s>",
         "eos_token": "</s>",
         "unk_token": "<unk>",
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": MISTRAL_V3,
         "clean_up_tokenization_spaces": False,
         "legacy": False,
         "model_max_length": CONFIG["max_position_embeddings"],
