@@ -257,3 +257,22 @@ def test_doctor_plist_is_the_agents_context_run_once(tmp_path: Path) -> None:
     assert doctor["EnvironmentVariables"]["PATH"] == agent["EnvironmentVariables"]["PATH"]
     assert doctor["StandardOutPath"] == doctor["StandardErrorPath"] == str(t.doctor_output)
     assert t.doctor_plist.parent == t.log_dir  # never in LaunchAgents: it must not run at login
+
+
+def test_an_installed_unit_says_what_it_runs(tmp_path: Path) -> None:
+    for manager in ("launchd", "systemd"):
+        t = _target(tmp_path, manager)  # type: ignore[arg-type]
+        t.unit_file.parent.mkdir(parents=True, exist_ok=True)
+        t.unit_file.write_text(deploy.render(t))
+        found = deploy.read_installed(t.unit_file, t.manager)
+        assert found == deploy.Installed(t.unit_file, t.config, t.workdir), manager
+        assert deploy.installed_services(t) == [found]
+    assert deploy.data_dir_of(tmp_path / "none.toml", None, tmp_path, "linux") is None
+    config = tmp_path / "c.toml"
+    config.write_text("")
+    home = tmp_path / "home"
+    assert deploy.data_dir_of(config, tmp_path, home, "darwin") == (
+        home / "Library" / "Application Support" / "mailrouter"
+    )
+    config.write_text('data_dir = "~/mr"\n')
+    assert deploy.data_dir_of(config, tmp_path, home, "linux") == Path("~/mr").expanduser()

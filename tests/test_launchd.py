@@ -163,7 +163,7 @@ def test_two_files_of_one_name_do_not_replace_each_other(launchd: Path, tmp_path
     second = tmp_path / "b" / "mailrouter.toml"
     for path in (first, second):
         path.parent.mkdir()
-        path.write_text("")
+        path.write_text(f'data_dir = "{path.parent / "data"}"\n')
     assert _service(first, "install").exit_code == 0  # type: ignore[attr-defined]
     res = _service(second, "install")
     assert isinstance(res.exception, ConfigError)  # type: ignore[attr-defined]
@@ -260,3 +260,20 @@ def test_the_stderr_file_launchd_never_rotates_is_capped(tmp_path: Path) -> None
         assert not cap_stderr_file(fd)  # below the limit: left alone
     finally:
         os.close(fd)
+
+
+def test_two_services_on_one_data_folder_are_refused(launchd: Path, tmp_path: Path) -> None:
+    """Both would route every email: the second would be refused at start, every 30 s."""
+    sales = tmp_path / "sales.toml"
+    support = tmp_path / "support.toml"
+    sales.write_text('data_dir = "shared"\n')  # relative to the service's working directory
+    support.write_text(f'data_dir = "{tmp_path / "work" / "shared"}"\n')
+    (tmp_path / "work").mkdir(exist_ok=True)
+    args = ("install", "--workdir", str(tmp_path / "work"))
+    assert _service(sales, *args).exit_code == 0  # type: ignore[attr-defined]
+    res = _service(support, *args)
+    assert isinstance(res.exception, ConfigError)  # type: ignore[attr-defined]
+    message = str(res.exception)  # type: ignore[attr-defined]
+    assert "com.mailrouter.sales.plist" in message and "set another data_dir" in message
+    support.write_text(f'data_dir = "{tmp_path / "support-data"}"\n')
+    assert _service(support, *args).exit_code == 0  # type: ignore[attr-defined]

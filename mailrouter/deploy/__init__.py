@@ -19,6 +19,7 @@ import plistlib
 import re
 import shlex
 import sys
+import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -27,6 +28,7 @@ from string import Template
 from typing import Literal
 from xml.sax.saxutils import escape
 
+from ..config import default_data_dir
 from ..errors import ConfigError
 from ..logs import SERVICE_LOG_ENV
 
@@ -298,34 +300,87 @@ def render(target: Target, templates: Traversable = TEMPLATES) -> str:
     )
 
 
-def installed_config(target: Target) -> Path | None:
-    """The configuration file the installed agent/unit of this name runs, if one is installed:
-    two configuration files with one name (``a/mailrouter.toml``, ``b/mailrouter.toml``) would
-    otherwise replace each other's service."""
+@dataclass(frozen=True)
+class Installed:
+    """A mailrouter service found installed: its file, and the config and folder it runs with."""
+
+    unit_file: Path
+    config: Path
+    workdir: Path | None
+
+
+def _unquote_systemd(value: str) -> str:
+    return value.replace('\\"', '"').replace("\\\\", "\\").replace("%%", "%")
+
+
+def read_installed(unit_file: Path, manager: Manager) -> Installed | None:
+    """What an installed agent/unit runs; None when it is not one of ours or not readable."""
     try:
-        text = target.unit_file.read_text(encoding="utf-8")
+        text = unit_file.read_text(encoding="utf-8")
     except OSError:
         return None
-    if target.manager == "launchd":
+    if manager == "launchd":
         try:
-            args = plistlib.loads(text.encode("utf-8")).get("ProgramArguments", [])
-        except Exception:  # an unreadable plist of ours: install replaces it
+            data = plistlib.loads(text.encode("utf-8"))
+        except Exception:  # an unreadable plist: install replaces it
             return None
-        return Path(args[2]) if len(args) > 2 and args[1] == "--config" else None
+        args = data.get("ProgramArguments", [])
+        if len(args) < 3 or args[1] != "--config":
+            return None
+        workdir = data.get("WorkingDirectory")
+        return Installed(unit_file, Path(args[2]), Path(workdir) if workdir else None)
     match = re.search(r'^ExecStart=".*?" --config "((?:[^"\\]|\\.)*)"', text, re.M)
     if not match:
         return None
-    return Path(match.group(1).replace('\\"', '"').replace("\\\\", "\\").replace("%%", "%"))
+    folder = re.search(r"^WorkingDirectory=(.+)$", text, re.M)
+    workdir = Path(folder.group(1).replace("%%", "%")) if folder else None
+    return Installed(unit_file, Path(_unquote_systemd(match.group(1))), workdir)
 
 
-def check_not_taken(target: Target) -> None:
-    """Refuse to install over the service of another configuration file of the same name."""
-    other = installed_config(target)
-    if other is not None and other != target.config:
-        raise ConfigError(
-            f"{target.unit_file} already runs {other}: give this configuration file another "
-            f"name (the service is named after it), or pass --instance <name>"
-        )
+def installed_services(target: Target) -> list[Installed]:
+    """Every mailrouter agent (``com.mailrouter.*.plist``) or unit (``mailrouter*.service``)."""
+    pattern = "com.mailrouter.*.plist" if target.manager == "launchd" else "mailrouter*.service"
+    found = (
+        read_installed(p, target.manager) for p in sorted(target.unit_file.parent.glob(pattern))
+    )
+    return [s for s in found if s is not None]
+
+
+def data_dir_of(config: Path, workdir: Path | None, home: Path, platform: str) -> Path | None:
+    """The data folder a service of ``config`` uses: its ``data_dir`` (relative to the service's
+    working directory) or the default; None when the file cannot be read. Read from the file
+    alone: the service does not see this shell's ``MAILROUTER_*`` variables."""
+    try:
+        data = tomllib.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    raw = data.get("data_dir")
+    if not isinstance(raw, str):
+        return default_data_dir(platform, {}, home)
+    path = Path(raw).expanduser()
+    return path if path.is_absolute() or workdir is None else workdir / path
+
+
+def check_not_taken(target: Target, platform: str = sys.platform) -> None:
+    """Refuse to install over the service of another configuration file of the same name (two
+    files ``a/mailrouter.toml`` and ``b/mailrouter.toml`` share a label), or beside a service
+    that uses the same data folder (the second would be refused at start, every 30 s)."""
+    mine = data_dir_of(target.config, target.workdir, target.home, platform)
+    for other in installed_services(target):
+        if other.config == target.config:
+            continue
+        if other.unit_file == target.unit_file:
+            raise ConfigError(
+                f"{target.unit_file} already runs {other.config}: give this configuration file "
+                "another name (the service is named after it), or pass --instance <name>"
+            )
+        if mine is not None and mine == data_dir_of(
+            other.config, other.workdir, target.home, platform
+        ):
+            raise ConfigError(
+                f"{other.unit_file.name} ({other.config}) already uses the data folder {mine}: "
+                f"set another data_dir in {target.config} (one router per data folder)"
+            )
 
 
 # --- plans ----------------------------------------------------------------------------------
