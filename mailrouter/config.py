@@ -177,12 +177,7 @@ class ClassifierSettings(_Section):
     target_precision: float = Field(default=0.95, gt=0, le=1)
     strip_accents: bool = True
     #: The body is first cut to this many characters (start and end kept), before tokenizing.
-    #: The body is first cut to this many characters (start and end kept), before tokenizing.
     max_chars: int = Field(default=2000, ge=100)
-    #: Every prompt, rendered with the model's chat template, fits in this many of its tokens
-    #: (the email is cut to fit: prompt.build_prompt); Ollama's context (``num_ctx``) is sized
-    #: from it.
-    max_prompt_tokens: int = Field(default=400, ge=64)
     #: Every prompt, rendered with the model's chat template, fits in this many of its tokens
     #: (the email is cut to fit: prompt.build_prompt); Ollama's context (``num_ctx``) is sized
     #: from it.
