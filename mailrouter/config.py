@@ -203,10 +203,18 @@ class ClassifierSettings(_Section):
         )
 
 
+#: The ``quantize`` values Ollama accepts at ``/api/create`` (it upper-cases them first):
+#: ``ggml.ParseFileType``, ``fs/ggml/type.go`` line 57 in v0.13.0 (the same in v0.12.11); ``""``
+#: publishes the float GGUF as it is.
+OLLAMA_QUANTIZE = ("", "Q4_K_M", "Q4_K_S", "Q8_0", "F16", "F32")
+
+
 class TrainingSettings(_Section):
     schedule: str = "0 2 * * *"
     misfire_grace_seconds: int = Field(default=12 * 3600, ge=0)
     base_model: str = "mlx-community/Mistral-7B-Instruct-v0.3-4bit"
+    #: A commit (or tag) of a Hugging Face ``base_model``: what is downloaded; empty: the newest.
+    base_revision: str = ""
     hf_token: SecretStr | None = None
     lora_rank: int = Field(default=8, ge=1)
     lora_scale: float = 20.0
@@ -227,10 +235,32 @@ class TrainingSettings(_Section):
     min_baseline_gain: float = 0.0
     max_recall_drop: float = Field(default=0.10, ge=0, le=1)
     ollama_tolerance: float = Field(default=0.05, ge=0, le=1)
-    publish: Literal["gguf", "adapter"] = "gguf"
+    publish: Literal["gguf"] = "gguf"
     max_seq_length: int = Field(default=2048, ge=64)
     val_batches: int = Field(default=25, ge=-1)
     nice: int = Field(default=10, ge=0, le=19)
+
+    @field_validator("quantize")
+    @classmethod
+    def _ollama_quantize(cls, value: str) -> str:
+        if value.upper() not in OLLAMA_QUANTIZE:
+            raise ValueError(
+                f"{value!r} is not a quantisation Ollama accepts at /api/create: one of "
+                + ", ".join(q for q in OLLAMA_QUANTIZE if q)
+                + ' (any case), or "" for the float model'
+            )
+        return value
+
+    @field_validator("publish", mode="before")
+    @classmethod
+    def _no_adapter_route(cls, value: Any) -> Any:
+        if value == "adapter":
+            raise ValueError(
+                '"adapter" was removed: Ollama cannot quantise a model created FROM an already '
+                "quantised one (server/create.go, createModel) and newer releases no longer "
+                'convert mlx-lm adapters; use "gguf" (the adapter merged into one GGUF)'
+            )
+        return value
 
 
 class CorrectionsSettings(_Section):

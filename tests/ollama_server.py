@@ -8,8 +8,9 @@ It speaks only Ollama's documented API (``docs/api.md`` and ``docs/openapi.yaml`
 repository): ``GET /api/version``, ``GET /api/tags``, ``POST /api/show``, ``POST /api/generate``
 (raw or templated prompt, options, stop sequences, streaming as NDJSON, ``logprobs`` and
 ``top_logprobs``), ``HEAD``/``POST /api/blobs/sha256:<digest>`` (the digest is checked),
-``POST /api/create`` (a model from a GGUF blob, with template, parameters and quantisation),
-``POST /api/copy`` and ``DELETE /api/delete``. Errors are ``{"error": "..."}`` with Ollama's status
+``POST /api/create`` (a model from a GGUF blob or another model, with template, parameters and
+quantisation, progress streamed as status objects), ``POST /api/copy``, ``DELETE /api/delete``
+and ``GET /api/ps``. Errors are ``{"error": "..."}`` with Ollama's status
 codes (404 ``model 'x' not found``). Requests are validated more strictly than Ollama does: an
 unknown field or option is a 400, so a client that sends something Ollama would silently ignore is
 caught by the tests.
@@ -22,6 +23,21 @@ ids of the last request are exposed for tests at ``GET /_test/last_tokens`` (und
 of Ollama's API), and the generations computing now and at most at once at ``GET /_test/load``.
 
 Models and blobs live under ``--store`` and survive a restart, like Ollama's ``~/.ollama/models``.
+Blobs are accounted for as Ollama does (v0.13.0; the same code in v0.12.11):
+
+* deleting a model removes each of its blobs no other model uses (``DeleteHandler`` →
+  ``Manifest.RemoveLayers`` → ``Layer.Remove``, ``server/routes.go`` line 1011,
+  ``server/manifest.go`` line 49, ``server/layer.go`` line 104), whatever ``OLLAMA_NOPRUNE`` says;
+* creating a model over an existing name removes the old model's blobs no model uses any more,
+  unless ``OLLAMA_NOPRUNE`` is set (``CreateHandler``, ``server/create.go`` line 238);
+* quantising keeps the source blob: ``quantizeLayer`` (``server/create.go`` line 561) writes a new
+  layer and removes nothing, so a GGUF pushed with ``/api/blobs`` and created with ``quantize``
+  stays on disk, used by no model;
+* at start, unless ``OLLAMA_NOPRUNE`` is set, every blob no model uses is removed
+  (``PruneLayers``, ``server/images.go`` line 490, called from ``Serve``, ``server/routes.go``
+  line 1554); there is no API to delete a blob (``/api/blobs`` has HEAD and POST only).
+
+``GET /_test/blobs`` (test-only) lists the blobs and those no model uses.
 
 Load, for benchmarks and concurrency tests:
 
@@ -157,8 +173,11 @@ CREATE_FIELDS = {
     "parser",
 }
 
-#: ``quantize`` values and llama.cpp's ``LLAMA_FTYPE_*`` numbers.
-QUANT_TYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_K_S": 14, "q4_K_M": 15}
+#: The ``quantize`` values Ollama accepts, upper-cased first (``strings.ToUpper`` in
+#: ``createModel``, ``server/create.go`` line 470 of v0.13.0), and their llama.cpp
+#: ``LLAMA_FTYPE_*`` numbers: ``ggml.ParseFileType`` (``fs/ggml/type.go`` line 57) takes F32, F16,
+#: Q8_0, Q4_K_S, Q4_K_M (alias Q4_K) and BF16; anything else is refused with its message.
+QUANT_TYPES = {"F32": 0, "F16": 1, "Q8_0": 7, "Q4_K_S": 14, "Q4_K_M": 15, "Q4_K": 15, "BF16": 32}
 #: ``general.file_type`` → Ollama's ``quantization_level`` label.
 FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1"}
 FILE_TYPES |= {14: "Q4_K_S", 15: "Q4_K_M", 32: "BF16"}
@@ -356,6 +375,27 @@ class Store:
         self.get(name)
         self._record_path(name).unlink()
 
+    def used_blobs(self) -> set[str]:
+        return {r.gguf for r in self.all()}
+
+    def remove_unused(self, digests: set[str]) -> None:
+        """``Layer.Remove`` (``server/layer.go`` line 104): each blob no model uses is deleted."""
+        with self._lock:
+            for digest in digests - self.used_blobs():
+                self.blob_path(digest).unlink(missing_ok=True)
+
+    def prune(self) -> None:
+        """``PruneLayers`` at start (``server/images.go`` line 490): blobs no model uses, and
+        files that are not blobs at all (partial uploads), are removed."""
+        for path in self.blobs.iterdir():
+            if not path.name.startswith("sha256-"):
+                path.unlink(missing_ok=True)
+        self.remove_unused({p.name.removeprefix("sha256-") for p in self.blobs.iterdir()})
+
+    def unused_blobs(self) -> list[str]:
+        found = {p.name.removeprefix("sha256-") for p in self.blobs.glob("sha256-*")}
+        return sorted(found - self.used_blobs())
+
     def all(self) -> list[ModelRecord]:
         records = []
         for path in sorted(self.models.glob("*.json")):
@@ -419,6 +459,7 @@ class Loaded:
     llm: Any
     path: Path
     n_ctx: int
+    record: ModelRecord
     eog: set[int] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
     expires: float | None = None
@@ -466,9 +507,13 @@ class Runtime:
                 )
             except Exception as exc:
                 raise ApiError(500, f"llama runner process has terminated: {exc}") from exc
-            loaded = Loaded(llm=llm, path=path, n_ctx=n_ctx, eog=end_of_generation_tokens(llm))
+            loaded = Loaded(llm, path, n_ctx, record, end_of_generation_tokens(llm))
             self._loaded[record.gguf] = loaded
             return loaded, time.perf_counter() - started
+
+    def loaded(self) -> list[Loaded]:
+        with self._lock:
+            return list(self._loaded.values())
 
     def unload(self, record: ModelRecord) -> None:
         with self._lock:
@@ -803,6 +848,8 @@ class Handler(BaseHTTPRequestHandler):
             ("POST", "/api/create"): self.create,
             ("POST", "/api/copy"): self.copy,
             ("DELETE", "/api/delete"): self.delete,
+            ("GET", "/api/ps"): self.ps,
+            ("GET", "/_test/blobs"): self.blobs,
             ("GET", "/_test/last_tokens"): self.last_tokens,
             ("GET", "/_test/load"): self.load_stats,
         }
@@ -999,7 +1046,31 @@ class Handler(BaseHTTPRequestHandler):
         self.server.store.delete(name)
         if not any(r.gguf == record.gguf for r in self.server.store.all()):
             self.server.runtime.unload(record)
+        self.server.store.remove_unused({record.gguf})  # unconditional: routes.go line 1011
         self._send_json(200, None)
+
+    def ps(self) -> None:
+        """The loaded models (``PsHandler``, ``server/routes.go``), longest to live first."""
+        self._drain()
+        models = []
+        for loaded in self.server.runtime.loaded():
+            r = loaded.record
+            expires = loaded.expires
+            left = 10 * 365 * 86400.0 if expires is None else expires - time.monotonic()
+            at = datetime.fromtimestamp(time.time() + left, UTC).isoformat()
+            models.append(
+                {"name": r.name, "model": r.name, "size": r.size, "digest": r.digest,
+                 "details": self._details(r), "expires_at": at.replace("+00:00", "Z"),
+                 "size_vram": 0, "context_length": loaded.n_ctx, "_left": left}
+            )  # fmt: skip
+        models.sort(key=lambda m: -m.pop("_left"))
+        self._send_json(200, {"models": models})
+
+    def blobs(self) -> None:
+        self._drain()
+        store = self.server.store
+        found = sorted(p.name for p in store.blobs.glob("sha256-*"))
+        self._send_json(200, {"blobs": found, "unused": store.unused_blobs()})
 
     def last_tokens(self) -> None:
         self._drain()
@@ -1020,7 +1091,8 @@ class Handler(BaseHTTPRequestHandler):
             if body.get(unsupported):
                 raise ApiError(400, f"{unsupported!r} is not implemented by this test server")
         record = self._new_record(name, body)
-        self._stream(self._create_events(record, body.get("quantize")), stream)
+        old = self.server.store.get(name) if self.server.store.has_model(name) else None
+        self._stream(self._create_events(record, body.get("quantize"), old), stream)
 
     def _new_record(self, name: str, body: dict[str, Any]) -> ModelRecord:
         store = self.server.store
@@ -1058,7 +1130,9 @@ class Handler(BaseHTTPRequestHandler):
             record.parameters = {**record.parameters, **params}
         return record
 
-    def _create_events(self, record: ModelRecord, quantize_to: Any) -> Iterator[dict[str, Any]]:
+    def _create_events(
+        self, record: ModelRecord, quantize_to: Any, old: ModelRecord | None
+    ) -> Iterator[dict[str, Any]]:
         store = self.server.store
         yield {"status": "parsing GGUF"}
         meta = gguf_metadata(store.blob_path(record.gguf))
@@ -1068,13 +1142,18 @@ class Handler(BaseHTTPRequestHandler):
         record.parameter_count = int(meta.get("general.parameter_count", 0))
         current = FILE_TYPES.get(int(meta.get("general.file_type", 0)), "F32")
         record.quantization = current
-        if quantize_to:
-            kind = {k.lower(): k for k in QUANT_TYPES}.get(str(quantize_to).lower())
-            if kind is None:
-                raise ApiError(400, f"unsupported quantization type {quantize_to!r}")
-            if current not in ("F16", "F32", "BF16"):
-                raise ApiError(400, "quantization is only supported for F16 and F32 models")
-            yield {"status": f"quantizing {current} model to {kind.upper()}"}
+        kind = str(quantize_to or "").upper()
+        if kind:
+            if kind not in QUANT_TYPES:  # ggml.ParseFileType, fs/ggml/type.go line 85
+                raise ApiError(
+                    500,
+                    f"unsupported quantization type {kind} - supported types are "
+                    "F32, F16, Q4_K_S, Q4_K_M, Q8_0",
+                )
+            if current not in ("F16", "F32"):  # createModel, server/create.go line 477
+                raise ApiError(500, "quantization is only supported for F16 and F32 models")
+        if kind and QUANT_TYPES[kind] != QUANT_TYPES.get(current):  # same type: nothing to do
+            yield {"status": f"quantizing {current} model to {kind}"}
             src = store.blob_path(record.gguf)
             fd, tmp = tempfile.mkstemp(dir=store.blobs, prefix=".quantize-", suffix=".gguf")
             os.close(fd)
@@ -1095,6 +1174,8 @@ class Handler(BaseHTTPRequestHandler):
         record.size = store.blob_path(record.gguf).stat().st_size
         yield {"status": "writing manifest"}
         store.save(record)
+        if old is not None and not os.environ.get("OLLAMA_NOPRUNE"):  # create.go line 238
+            store.remove_unused({old.gguf})
         yield {"status": "success"}
 
     def generate(self) -> None:
@@ -1363,6 +1444,8 @@ def main(argv: list[str] | None = None) -> int:
     import llama_cpp  # noqa: F401 - fail now, with the install hint, rather than at first request
 
     store = Store(args.store)
+    if not os.environ.get("OLLAMA_NOPRUNE"):
+        store.prune()
     load = Load(
         parallel=args.parallel,
         latency_ms=args.latency_ms,

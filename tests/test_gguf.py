@@ -171,7 +171,8 @@ def test_llama_cpp_answers_like_mlx(tiny_gguf: Path, tiny_model: Path, prompts: 
 def test_adapter_is_fused(
     tiny_model: Path, tiny_adapter: Path, reader: GGUFReader, tmp_path: Path, prompts: list[str]
 ) -> None:
-    """Base + adapter → ``mlx_lm fuse`` → GGUF answers as MLX with the adapter, then Q8_0 loads."""
+    """Base + adapter merged tensor by tensor → GGUF answers as MLX with the adapter, then Q8_0
+    loads."""
     from mailrouter.classify.mlx import MlxClassifier
     from mailrouter.config import default_departments
 
@@ -232,10 +233,6 @@ def test_refuses_what_it_cannot_export(tiny_model: Path, tmp_path: Path) -> None
     quantised = tmp_path / "q"
     shutil.copytree(tiny_model, quantised)
     config = json.loads((quantised / "config.json").read_text())
-    (quantised / "config.json").write_text(json.dumps({**config, "quantization": {"bits": 4}}))
-    with pytest.raises(TrainingError, match="dequantize"):
-        write_gguf(quantised, tmp_path / "x.gguf")
-
     (quantised / "config.json").write_text(json.dumps({**config, "model_type": "gemma"}))
     with pytest.raises(TrainingError, match="gemma"):
         write_gguf(quantised, tmp_path / "x.gguf")
@@ -275,8 +272,9 @@ def test_f16_export_answers_like_mlx(tiny_model: Path, tmp_path: Path, prompts: 
 def test_quantised_base_is_dequantised(
     tiny_model: Path, tiny_adapter: Path, tmp_path: Path, prompts: list[str]
 ) -> None:
-    """The default base is a 4-bit MLX conversion: fuse dequantises it, and since mlx-lm's
-    conversion drops ``tokenizer.model``, the vocabulary comes from tokenizer.json."""
+    """The default base is a 4-bit MLX conversion: the export dequantises it tensor by tensor,
+    and since mlx-lm's conversion drops ``tokenizer.model``, the vocabulary comes from
+    tokenizer.json. A 3-bit layer (packed across words) is refused by name."""
     import subprocess
     import sys
 
@@ -298,3 +296,24 @@ def test_quantised_base_is_dequantised(
         assert llm.tokenize(render_chat(prompt).encode(), add_bos=True, special=True) == ids
         tokens, _text, _probs = mlx.answer(ids)
         assert _llama_greedy(llm, ids, 2)[: len(tokens)] == tokens
+
+    config = json.loads((base / "config.json").read_text())
+    config["quantization"]["model.layers.0.mlp.up_proj"] = {"bits": 3, "group_size": 64}
+    (base / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TrainingError, match=r"model\.layers\.0\.mlp\.up_proj .* 3 bits"):
+        write_gguf(base, tmp_path / "x.gguf")
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_dequantize_is_mlx_dequantize(bits: int) -> None:
+    """The numpy reading of MLX's packed affine layers gives what ``mx.dequantize`` gives."""
+    import mlx.core as mx
+
+    from mailrouter.training.weights import Quantized, dequantize
+
+    w = mx.random.normal((8, 256), key=mx.random.key(bits))
+    packed, scales, biases = mx.quantize(w, group_size=64, bits=bits)
+    expected = np.array(mx.dequantize(packed, scales, biases, group_size=64, bits=bits))
+    found = dequantize(np.array(packed), np.array(scales), np.array(biases), Quantized(bits, 64))
+    assert found.shape == (8, 256)
+    np.testing.assert_allclose(found, expected, rtol=1e-6, atol=1e-6)

@@ -13,16 +13,14 @@ from pathlib import Path
 import pytest
 
 from mailrouter.config import load_settings
-from mailrouter.errors import TrainingError
+from mailrouter.errors import ConfigError, TrainingError
 from mailrouter.state import State
 from mailrouter.training import registry
-from mailrouter.training.basemodel import download, resolve_base_model
+from mailrouter.training.basemodel import base_record, download, resolve_base_model
 from mailrouter.training.job import settings_payload
 from mailrouter.training.lora import parse_line
 from mailrouter.training.publish import (
-    check_disk,
     client,
-    create_from_adapter,
     float_gguf_bytes,
     gguf_dtype,
     model_names,
@@ -153,7 +151,7 @@ def test_registry_versions_runs_and_stale_runs(tmp_path: Path) -> None:
         assert registry.run(state, mine).metrics == {"a": 1, "b": 2}
 
 
-def test_disk_estimate_and_check(tmp_path: Path) -> None:
+def test_disk_estimate(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"\0" * 1000)
     (tmp_path / "config.json").write_text(json.dumps({"quantization": {"bits": 4}}))
     assert float_gguf_bytes(tmp_path) == 4000  # 4-bit weights become 16-bit
@@ -161,9 +159,6 @@ def test_disk_estimate_and_check(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float32"}))
     assert float_gguf_bytes(tmp_path) == 1000
     assert gguf_dtype(tmp_path) == "f32"
-    check_disk(tmp_path, 1)
-    with pytest.raises(TrainingError, match="not enough disk space"):
-        check_disk(tmp_path, 10**18)
 
 
 def test_child_settings_carry_no_secret() -> None:
@@ -175,16 +170,36 @@ def test_child_settings_carry_no_secret() -> None:
     assert Path(settings_payload(settings)["data_dir"]).is_absolute()
 
 
-def test_adapter_route_refused_by_the_server_points_to_the_gguf_route(
-    tmp_path: Path, tiny_adapter: Path, ollama_test_server
+def test_adapter_route_is_gone_with_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match=r'"adapter" was removed: .* use "gguf"'):
+        load_settings(training={"publish": "adapter"})
+
+
+def test_quantize_is_one_ollama_accepts() -> None:
+    for accepted in ("q4_K_M", "Q4_K_M", "q8_0", "q4_k_s", "f16", ""):
+        assert load_settings(training={"quantize": accepted}).training.quantize == accepted
+    with pytest.raises(ConfigError, match=r"'q4_0' is not a quantisation Ollama accepts"):
+        load_settings(training={"quantize": "q4_0"})
+
+
+def test_base_revision_is_what_is_fetched_and_recorded(
+    hub: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = load_settings(
-        data_dir=tmp_path,
-        classifier={"ollama_host": ollama_test_server.url},
-        training={"publish": "adapter"},
-    )
-    with pytest.raises(TrainingError, match=r'training\.publish = "gguf"'):
-        create_from_adapter(settings, client(settings), "mradapter:v1", tiny_adapter)
+    monkeypatch.setattr(_Hub, "status", 404)
+    monkeypatch.setattr(_Hub, "code", "RevisionNotFound")
+    with pytest.raises(
+        TrainingError, match=r"has no revision 'abc123' \(training\.base_revision\)"
+    ):
+        download("example-org/model", token=None, endpoint=hub, revision="abc123")
+
+    snapshot = tmp_path / "models--o--m" / "snapshots" / "0123abcd"
+    settings = load_settings(training={"base_model": "o/m", "base_revision": "0123abcd"})
+    assert base_record(settings, snapshot) == {"name": "o/m", "revision": "0123abcd"}
+    local = load_settings(training={"base_model": str(tmp_path), "base_revision": "0123abcd"})
+    (tmp_path / "config.json").write_text("{}")
+    assert base_record(local, tmp_path) == {"name": str(tmp_path), "revision": None}
+    with pytest.raises(TrainingError, match="is a local folder: leave base_revision empty"):
+        resolve_base_model(local)
 
 
 def test_old_versions_are_deleted_through_the_api(

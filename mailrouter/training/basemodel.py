@@ -4,13 +4,17 @@
 interrupted download and re-uses a complete snapshot offline. Only what mlx-lm loads is fetched:
 the configuration, the tokenizer and the ``model*.safetensors`` shards. Mistral's own repository
 also carries ``consolidated.safetensors``, the same 14.5 GB of weights in another layout, which
-this skips. Every failure becomes a :class:`TrainingError` that says what to do.
+this skips. ``training.base_revision`` pins the commit (or tag) fetched, so a new upload to the
+repository never changes the model trained on without a configuration change; each run records
+the commit it used (:func:`base_record`). Every failure becomes a :class:`TrainingError` that says
+what to do.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from ..config import Settings, hf_token
 from ..errors import TrainingError
@@ -33,7 +37,13 @@ def resolve_base_model(settings: Settings) -> Path:
     """The folder of ``training.base_model``: the local path, else the cached snapshot."""
     name = settings.training.base_model
     local = Path(name).expanduser()
+    revision = settings.training.base_revision
     if local.exists():
+        if revision:
+            raise TrainingError(
+                f"training.base_revision = {revision!r} is for a Hugging Face model, but "
+                f"training.base_model = {name!r} is a local folder: leave base_revision empty"
+            )
         if not (local / "config.json").is_file():
             raise TrainingError(
                 f"training.base_model = {name!r} is a local path without config.json: "
@@ -45,57 +55,85 @@ def resolve_base_model(settings: Settings) -> Path:
             f"training.base_model = {name!r}: no such folder, and not a Hugging Face id "
             "of the form owner/name"
         )
-    return download(name, token=hf_token(settings))
+    return download(name, token=hf_token(settings), revision=revision or None)
 
 
-def download(repo_id: str, *, token: str | None, endpoint: str | None = None) -> Path:
-    """Fetch (or find in the cache) the needed files of ``repo_id``; errors say how to fix them."""
+def base_record(settings: Settings, base_dir: Path) -> dict[str, Any]:
+    """What a run and the version it publishes record of their base: the name, and the commit of
+    a Hugging Face snapshot (its folder, ``…/snapshots/<commit>``)."""
+    commit = base_dir.name if base_dir.parent.name == "snapshots" else None
+    return {"name": settings.training.base_model, "revision": commit}
+
+
+def download(
+    repo_id: str, *, token: str | None, endpoint: str | None = None, revision: str | None = None
+) -> Path:
+    """Fetch (or find in the cache) the needed files of ``repo_id`` at ``revision`` (a commit,
+    branch or tag; ``None``: the newest); errors say how to fix them."""
     # huggingface_hub's download machinery: ~450 ms and 350 modules, for this step only
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
+    from huggingface_hub.errors import HfHubHTTPError
+
+    event(log, "training.base_model.fetch", repo=repo_id, revision=revision or "newest",
+          token="set" if token else "not set")  # fmt: skip
+    try:
+        path = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=ALLOW_PATTERNS,
+            token=token or None,
+            endpoint=endpoint,
+        )
+    except (HfHubHTTPError, OSError) as exc:
+        raise _failure(exc, repo_id, token, revision) from exc
+    event(log, "training.base_model.ready", repo=repo_id, path=path)
+    return Path(path)
+
+
+def _failure(
+    exc: Exception, repo_id: str, token: str | None, revision: str | None
+) -> TrainingError:
+    """What went wrong fetching ``repo_id``, and what to do about it."""
+    from huggingface_hub.errors import (  # loaded by download() already: for this step only
         GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     page = f"https://huggingface.co/{repo_id}"
-    event(log, "training.base_model.fetch", repo=repo_id, token="set" if token else "not set")
-    try:
-        path = snapshot_download(
-            repo_id, allow_patterns=ALLOW_PATTERNS, token=token or None, endpoint=endpoint
-        )
-    except GatedRepoError as exc:
+    if isinstance(exc, GatedRepoError):
         if token:
-            raise TrainingError(
+            return TrainingError(
                 f"{repo_id} is gated and this Hugging Face token has no access to it: accept the "
                 f"licence at {page} with the account that owns the token, then retry"
-            ) from exc
-        raise TrainingError(
+            )
+        return TrainingError(
             f"{repo_id} is gated: accept its licence at {page}, create a read token at "
             "https://huggingface.co/settings/tokens and export HF_TOKEN=… (or "
             "`keyring set mailrouter huggingface`)"
-        ) from exc
-    except RepositoryNotFoundError as exc:
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return TrainingError(
+            f"{repo_id} has no revision {revision!r} (training.base_revision): give a commit, "
+            f"branch or tag listed at {page}/commits/main"
+        )
+    if isinstance(exc, RepositoryNotFoundError):
         hint = "" if token else " (private or gated models need HF_TOKEN)"
-        raise TrainingError(
-            f"{repo_id}: no such model on Hugging Face, or no access{hint}"
-        ) from exc
-    except LocalEntryNotFoundError as exc:
-        raise TrainingError(
+        return TrainingError(f"{repo_id}: no such model on Hugging Face, or no access{hint}")
+    if isinstance(exc, LocalEntryNotFoundError):
+        return TrainingError(
             f"{repo_id} is not in the Hugging Face cache and the Hub cannot be reached (offline, "
             "or HF_HUB_OFFLINE=1): connect once to download it, or set training.base_model to a "
             "local folder"
-        ) from exc
-    except HfHubHTTPError as exc:
+        )
+    if isinstance(exc, HfHubHTTPError):
         status = exc.response.status_code if exc.response is not None else "?"
         if status in (401, 403):
-            raise TrainingError(
+            return TrainingError(
                 f"{repo_id}: Hugging Face refused access (HTTP {status}): check HF_TOKEN and "
                 f"that the licence is accepted at {page}"
-            ) from exc
-        raise TrainingError(f"{repo_id}: download failed (HTTP {status}): {exc}") from exc
-    except OSError as exc:
-        raise TrainingError(f"{repo_id}: download failed: {exc}") from exc
-    event(log, "training.base_model.ready", repo=repo_id, path=path)
-    return Path(path)
+            )
+        return TrainingError(f"{repo_id}: download failed (HTTP {status}): {exc}")
+    return TrainingError(f"{repo_id}: download failed: {exc}")

@@ -2,16 +2,16 @@
 
 Public entry point::
 
-    export_gguf(base_model, adapter_dir, out_path, *, quantize=None, dtype="f16",
-                timeout=3600) -> GgufExport
+    export_gguf(base_model, adapter_dir, out_path, *, quantize=None, dtype="f16") -> GgufExport
 
 ``base_model`` is a local model folder or a Hugging Face repo id already in the cache (mlx-lm or
-Hugging Face layout, ``model_type`` mistral or llama, quantised or not); ``adapter_dir`` is an
-mlx-lm LoRA adapter folder, or ``None`` to export the base alone. The adapter is first fused into
-the base with ``mlx_lm fuse --dequantize`` in a child process (:func:`fuse`), then the float
-weights are written with llama.cpp's own writer, the ``gguf`` package (:func:`write_gguf`), and
-optionally quantised by llama.cpp (:func:`quantize_gguf`, needs ``llama-cpp-python``). Ollama can
-also quantise at ``/api/create``; a local quantisation only makes the upload smaller.
+Hugging Face layout, ``model_type`` mistral or llama, float or mlx-lm quantised); ``adapter_dir``
+is an mlx-lm LoRA adapter folder, or ``None`` to export the base alone. Each weight is read,
+dequantised and merged with the adapter on its own (:mod:`.weights`) and written at once with
+llama.cpp's own writer, the ``gguf`` package (:func:`write_gguf`): memory for one tensor, not for
+the model, and no fused copy on disk. The file can then be quantised by llama.cpp
+(:func:`quantize_gguf`, needs ``llama-cpp-python``); Ollama can also quantise at ``/api/create``,
+a local quantisation only makes the upload smaller.
 
 Why not ``mlx_lm fuse --export-gguf``: its file is refused by llama.cpp (token types stored as
 UINT32 instead of INT32) and, once repaired, tokenizes most prompts differently (every score is
@@ -29,8 +29,6 @@ piece of text that follows a special token, so with it ``[INST] Bonjour`` become
 tokenizes to exactly the ids mlx-lm trained on (``<s>[INST]▁Bonjour…[/INST]``): the tests check
 it for every starter test email.
 
-Weights are read straight from the safetensors files (float32, float16 or bfloat16; no MLX
-import), one tensor at a time, so exporting a 7B model needs memory for one tensor, not the model.
 Query and key projections are permuted from Hugging Face's rotary layout to llama.cpp's, as
 llama.cpp's ``convert_hf_to_gguf.py`` does for the llama family.
 """
@@ -39,8 +37,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -52,6 +48,7 @@ import numpy as np
 from gguf import TokenType
 
 from ..errors import TrainingError
+from .weights import Weights
 
 #: Quantisations :func:`quantize_gguf` knows, by Ollama's names (lower case).
 QUANT_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
@@ -59,7 +56,6 @@ SUPPORTED_MODEL_TYPES = ("mistral", "llama")
 #: What a cached base model needs here (as mlx-lm fetches it): config, weights, tokenizer.
 CACHED_FILES = ["*.json", "model*.safetensors", "tokenizer.model", "*.jinja"]
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-F]{2}>$")
-_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
 @dataclass(frozen=True)
@@ -79,9 +75,8 @@ def export_gguf(
     *,
     quantize: str | None = None,
     dtype: str = "f16",
-    timeout: float = 3600,
 ) -> GgufExport:
-    """Fuse ``adapter_dir`` into ``base_model`` (if given) and write ``out_path`` as GGUF.
+    """Write ``base_model``, with ``adapter_dir`` merged in (if given), as GGUF at ``out_path``.
 
     ``dtype`` is the float type of the matrices (``f16``, or ``f32`` for exact comparisons);
     ``quantize`` (``q8_0``, ``q4_k_m``) re-encodes them with llama.cpp afterwards. The file appears
@@ -93,14 +88,11 @@ def export_gguf(
     base_dir = model_dir(base_model)
     with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out.parent) as tmp:
         work = Path(tmp)
-        source = base_dir
-        if adapter_dir is not None:
-            source = fuse(base_model, adapter_dir, work / "fused", timeout=timeout)
         written = write_gguf(
-            source,
+            base_dir,
             work / "model.gguf",
+            adapter=Path(adapter_dir) if adapter_dir is not None else None,
             dtype=dtype,
-            tokenizer=find_tokenizer(source, base_dir),
             name=base_dir.name + (" + LoRA" if adapter_dir is not None else ""),
         )
         file_type = dtype
@@ -129,38 +121,9 @@ def model_dir(model: str | Path) -> Path:
         ) from exc
 
 
-def fuse(
-    base_model: str | Path, adapter_dir: str | Path, out_dir: str | Path, *, timeout: float = 3600
-) -> Path:
-    """Merge a LoRA adapter into its base with ``mlx_lm fuse`` (a child process, dequantised).
-
-    ``--dequantize`` is always passed: it is a no-op for a float base and turns a 4-bit base into
-    float weights, which is what a GGUF export needs. A child process keeps MLX out of the caller.
-    """
-    out = Path(out_dir)
-    cmd = [
-        sys.executable, "-m", "mlx_lm", "fuse",
-        "--model", str(base_model),
-        "--adapter-path", str(adapter_dir),
-        "--save-path", str(out),
-        "--dequantize",
-    ]  # fmt: skip
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise TrainingError(f"mlx_lm fuse took longer than {timeout:.0f} s") from exc
-    if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
-        raise TrainingError(
-            f"mlx_lm fuse failed (exit {result.returncode}) for base {base_model} and adapter "
-            f"{adapter_dir}: " + " | ".join(tail)
-        )
-    return out
-
-
 def find_tokenizer(*folders: Path) -> Path:
-    """``tokenizer.model`` from the first folder that has one (``mlx_lm fuse`` does not copy it),
-    else a ``tokenizer.json`` to rebuild the same vocabulary from."""
+    """``tokenizer.model`` from the first folder that has one, else a ``tokenizer.json`` to
+    rebuild the same vocabulary from."""
     for name in ("tokenizer.model", "tokenizer.json"):
         for folder in folders:
             if (folder / name).is_file():
@@ -179,20 +142,20 @@ def write_gguf(
     model_path: str | Path,
     out_path: str | Path,
     *,
+    adapter: Path | None = None,
     dtype: str = "f16",
     tokenizer: str | Path | None = None,
     name: str | None = None,
 ) -> Path:
-    """Write the float model folder ``model_path`` as a llama-architecture GGUF at ``out_path``."""
+    """Write the model folder ``model_path``, with the LoRA ``adapter`` merged in, as a
+    llama-architecture GGUF at ``out_path``, one tensor at a time (:class:`.weights.Weights`)."""
     if dtype not in ("f16", "f32"):
         raise ValueError(f"dtype {dtype!r}: expected f16 or f32")
     folder = Path(model_path)
     config = _read_json(folder / "config.json")
     hp = _hyperparameters(config, folder)
     vocab = load_vocab(Path(tokenizer) if tokenizer else find_tokenizer(folder), hp["vocab_size"])
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise TrainingError(f"{folder}: no .safetensors weights")
+    weights = Weights(folder, config, adapter)
 
     writer = gguf.GGUFWriter(str(out_path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     ftype = gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16
@@ -200,24 +163,23 @@ def write_gguf(
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp["block_count"])
     plan = []
-    for key, (path, info) in _safetensors_index(files).items():
+    for key, shape in sorted(weights.shapes.items(), key=lambda item: _order(item[0])):
         if key.endswith("rotary_emb.inv_freq"):
             continue
         target = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if target is None:
             raise TrainingError(f"{folder}: tensor {key} has no llama.cpp name (unsupported model)")
-        out_dtype = np.float32 if dtype == "f32" or len(info["shape"]) == 1 else np.float16
-        plan.append((target, key, path, info, out_dtype))
-    for target, _key, _path, info, out_dtype in plan:
-        nbytes = int(np.prod(info["shape"])) * np.dtype(out_dtype).itemsize
-        writer.add_tensor_info(target, info["shape"], np.dtype(out_dtype), nbytes)
+        out_dtype = np.float32 if dtype == "f32" or len(shape) == 1 else np.float16
+        plan.append((target, key, out_dtype))
+        nbytes = int(np.prod(shape)) * np.dtype(out_dtype).itemsize
+        writer.add_tensor_info(target, shape, np.dtype(out_dtype), nbytes)
 
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for _target, key, path, info, out_dtype in plan:
-            data = _read_tensor(path, info)
+        for _target, key, out_dtype in plan:  # one tensor in memory at a time
+            data = weights.tensor(key)
             if key.endswith("q_proj.weight"):
                 data = permute_qk(data, hp["head_count"])
             elif key.endswith("k_proj.weight"):
@@ -350,8 +312,6 @@ def _hyperparameters(config: dict[str, Any], folder: Path) -> dict[str, Any]:
             f"{folder}: model_type {model_type!r} cannot be exported to GGUF here "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
-    if config.get("quantization") or config.get("quantization_config"):
-        raise TrainingError(f"{folder}: weights are quantised; fuse with --dequantize first")
     hidden = config["hidden_size"]
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or hidden // heads
@@ -421,27 +381,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise TrainingError(f"{path}: cannot read: {exc}") from exc
 
 
-# --- safetensors, read without a framework ------------------------------------------------------
-
-
-def _safetensors_index(files: list[Path]) -> dict[str, tuple[Path, dict[str, Any]]]:
-    """Every tensor of the files: name → (file, header entry with an absolute data offset)."""
-    index: dict[str, tuple[Path, dict[str, Any]]] = {}
-    for path in files:
-        with path.open("rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(size))
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            if info["dtype"] not in _SAFETENSORS_DTYPES:
-                raise TrainingError(
-                    f"{path}: tensor {key} is {info['dtype']}; only float weights can be exported "
-                    "(fuse with --dequantize)"
-                )
-            start, end = info["data_offsets"]
-            index[key] = (path, {**info, "start": 8 + size + start, "end": 8 + size + end})
-    return dict(sorted(index.items(), key=lambda item: _order(item[0])))
+# --- tensor order -------------------------------------------------------------------------------
 
 
 def _order(key: str) -> tuple[int, int, str]:
@@ -452,16 +392,6 @@ def _order(key: str) -> tuple[int, int, str]:
     if "layers" in parts:
         return (1, int(parts[parts.index("layers") + 1]), key)
     return (2, 0, key)
-
-
-def _read_tensor(path: Path, info: dict[str, Any]) -> np.ndarray:
-    raw = np.memmap(
-        path, dtype=np.uint8, mode="r", offset=info["start"], shape=(info["end"] - info["start"],)
-    )
-    data = raw.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-    if info["dtype"] == "BF16":
-        return (data.astype(np.uint32) << 16).view(np.float32)
-    return np.asarray(data)
 
 
 # --- quantisation -------------------------------------------------------------------------------

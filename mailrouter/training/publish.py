@@ -1,18 +1,21 @@
 """Publish a candidate to Ollama, check it there, put it in service; promote, roll back, prune.
 
-The robust route (``training.publish = "gguf"``) ships the whole fused model: the adapter is fused
-into the base and written as one GGUF with correct tokenizer metadata (:mod:`.gguf`), pushed with
-``/api/blobs`` and created with ``/api/create`` (our chat template, stop sequences, temperature 0,
-``training.quantize``) under a versioned name ``mailrouter:vN``. The new version is then evaluated
+The candidate ships as one model file: the adapter is merged into the base tensor by tensor and
+written as one GGUF with correct tokenizer metadata (:mod:`.gguf`), pushed with ``/api/blobs`` and
+created with ``/api/create`` (our chat template, stop sequences, temperature 0,
+``training.quantize``, progress streamed) under a versioned name ``mailrouter:vN``, leaving no blob
+in Ollama's store that no model uses (:func:`create_from_gguf`). The new version is then evaluated
 **through Ollama** on the test split, and only when its accuracy matches the in-process MLX
 evaluation (``training.ollama_tolerance``) is it copied to ``mailrouter:latest``, the name the
 router uses. A mismatch means the published file is not the model that was evaluated: it is
 deleted and the model in service stays.
 
-``training.publish = "adapter"`` is the tutorial's Modelfile route (``FROM <zero_shot_model>`` +
-``ADAPTER``): a few megabytes instead of gigabytes, but only some Ollama versions convert an
-mlx-lm safetensors adapter, and they ignore its ``scale``; the same Ollama check guards it.
+The tutorial's Modelfile route (``FROM <model>`` + ``ADAPTER``) is gone: Ollama refuses to
+quantise a model created from an already quantised one ("quantization is only supported for F16
+and F32 models", ``createModel`` in ``server/create.go``), and newer releases no longer convert an
+mlx-lm safetensors adapter.
 
+Before training, :func:`unload_models` asks Ollama to free the memory of every loaded model.
 Only the last ``training.keep_versions`` versions are kept (plus the one in service); older ones
 are deleted through the API. ``promote`` and ``rollback`` switch ``latest`` with ``/api/copy``.
 """
@@ -21,8 +24,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +49,8 @@ from .recorder import Recorder
 
 log = logging.getLogger(__name__)
 
-#: Room for the fused folder, the GGUF and Ollama's own copy and quantisation of it.
-DISK_FACTOR = 3.2
+#: The tag suffix of the float model a version is quantised from, deleted once it is.
+STAGING_SUFFIX = "-f16"
 
 
 @dataclass(frozen=True)
@@ -118,30 +122,67 @@ def gguf_dtype(base_dir: Path) -> str:
     return "f32" if config.get("torch_dtype") == "float32" else "f16"
 
 
-def check_disk(where: Path, needed: int) -> None:
-    where.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(where).free
-    if free < needed:
-        raise TrainingError(
-            f"not enough disk space to publish: about {needed / 1e9:.1f} GB needed at {where}, "
-            f"{free / 1e9:.1f} GB free (free some space or lower training.keep_versions)"
-        )
+def ollama_models_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where Ollama keeps its blobs: ``OLLAMA_MODELS``, else ``~/.ollama/models``
+    (``envconfig.Models``, ``envconfig/config.go`` line 87 of v0.13.0). Ollama reads its own
+    environment: one that sets ``OLLAMA_MODELS`` must give mailrouter the same value."""
+    found = environ.get("OLLAMA_MODELS")
+    return Path(found).expanduser() if found else Path.home() / ".ollama" / "models"
+
+
+def disk_needs(settings: Settings, run_dir: Path, gguf_bytes: int) -> dict[Path, int]:
+    """Bytes a publish writes, by folder: the GGUF in the run folder (removed once pushed), and,
+    with a local Ollama, its copy plus the quantised one beside it until the copy is deleted."""
+    needs = {run_dir: gguf_bytes}
+    host = normalize_host(settings.classifier.ollama_host)
+    if any(f"//{local}" in host for local in ("127.0.0.1", "localhost", "[::1]")):
+        needs[ollama_models_dir()] = gguf_bytes * (2 if settings.training.quantize else 1)
+    return needs
+
+
+def check_disk(needs: Mapping[Path, int]) -> None:
+    """Refuse to publish without room, naming each folder and what it needs (folders on one
+    file system add up)."""
+    by_device: dict[int, list[tuple[Path, int]]] = {}
+    for path, needed in needs.items():
+        by_device.setdefault(_existing(path).stat().st_dev, []).append((path, needed))
+    for entries in by_device.values():
+        total = sum(n for _, n in entries)
+        free = shutil.disk_usage(_existing(entries[0][0])).free
+        if free < total:
+            where = " and ".join(f"{n / 1e9:.1f} GB at {p}" for p, n in entries)
+            raise TrainingError(
+                f"not enough disk space to publish: {where} (the GGUF, and Ollama's copy and "
+                f"quantisation of it), {free / 1e9:.1f} GB free there; free some space, or "
+                "lower training.keep_versions"
+            )
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent (Ollama creates its folder on first use)."""
+    return next(p for p in (path, *path.parents) if p.exists())
 
 
 # --- create --------------------------------------------------------------------------------
 
 
-def _create(settings: Settings, api: ollama.Client, name: str, **body: Any) -> None:
-    quantize = settings.training.quantize or None
+def _create(
+    settings: Settings,
+    api: ollama.Client,
+    name: str,
+    report: Callable[[str], None] | None = None,
+    **body: Any,
+) -> None:
+    """``/api/create`` streamed: its progress is logged and reported, an error ends it."""
     try:
-        api.create(
+        stream = api.create(
             model=name,
             template=OLLAMA_TEMPLATE,
             parameters={"stop": list(STOP), "temperature": 0},
-            quantize=quantize,
-            stream=False,
+            stream=True,
             **body,
         )
+        follow_create(stream, name, report)
     except ollama.ResponseError as exc:
         raise TrainingError(f"Ollama refused to create {name}: {exc.error}") from exc
     except (httpx.HTTPError, ConnectionError) as exc:
@@ -155,23 +196,78 @@ def _blob(api: ollama.Client, path: Path) -> str:
         raise TrainingError(f"Ollama: uploading {path.name} failed: {exc}") from exc
 
 
-def create_from_gguf(settings: Settings, api: ollama.Client, name: str, gguf: Path) -> None:
-    _create(settings, api, name, files={gguf.name: _blob(api, gguf)})
+def follow_create(
+    stream: Iterable[ollama.ProgressResponse], name: str, report: Callable[[str], None] | None
+) -> None:
+    """Log and report each new status of a streamed create; quantisation, which sends its
+    progress as ``completed``/``total``, in steps of 10 %. An error line raises (the client turns
+    it into :class:`ollama.ResponseError`)."""
+    last = ""
+    for part in stream:
+        status = part.status or ""
+        if part.total and part.completed is not None:
+            status += f" {10 * int(10 * part.completed / part.total)}%"
+        if status and status != last:
+            last = status
+            event(log, "training.ollama_create", model=name, status=status)
+            if report is not None:
+                report(f"Ollama: {status}")
 
 
-def create_from_adapter(settings: Settings, api: ollama.Client, name: str, adapter: Path) -> None:
-    """The Modelfile route: ``FROM <zero_shot_model>`` + ``ADAPTER`` (where Ollama supports it)."""
-    files = {
-        p.name: _blob(api, p)
-        for p in (adapter / "adapters.safetensors", adapter / "adapter_config.json")
-    }
+def staging_name(name: str) -> str:
+    """``mailrouter:v3`` → ``mailrouter:v3-f16``: the float model ``name`` is quantised from."""
+    return name + STAGING_SUFFIX
+
+
+def create_from_gguf(
+    settings: Settings,
+    api: ollama.Client,
+    name: str,
+    gguf: Path,
+    report: Callable[[str], None] | None = None,
+) -> None:
+    """Push ``gguf`` (then remove it here) and create ``name`` from it, leaving in Ollama's store
+    no blob that no model uses.
+
+    Quantising writes a new blob and keeps the one it read (``quantizeLayer``,
+    ``server/create.go`` line 561 of v0.13.0), and no API deletes a blob (``/api/blobs`` is HEAD
+    and POST only, ``server/routes.go`` line 1509): a GGUF pushed and created with ``quantize``
+    stays on disk, used by no model, until Ollama restarts (``PruneLayers``, ``server/images.go``
+    line 490; never with ``OLLAMA_NOPRUNE``). So the float file is created as a model of its own,
+    ``<name>-f16``, ``name`` is created from it with ``quantize``, and ``<name>-f16`` is deleted:
+    deleting a model removes each of its blobs no other model uses (``DeleteHandler`` →
+    ``Manifest.RemoveLayers`` → ``Layer.Remove``, ``server/routes.go`` line 1011,
+    ``server/layer.go`` line 104), whatever ``OLLAMA_NOPRUNE`` says.
+    """
+    files = {gguf.name: _blob(api, gguf)}
+    gguf.unlink()  # Ollama has its own copy; this one is gigabytes
+    quantize = settings.training.quantize
+    if not quantize:
+        _create(settings, api, name, report, files=files)
+        return
+    staging = staging_name(name)
     try:
-        _create(settings, api, name, from_=settings.classifier.zero_shot_model, adapters=files)
-    except TrainingError as exc:
-        raise TrainingError(
-            f"{exc}. This Ollama does not take an mlx-lm adapter: set training.publish = "
-            '"gguf" (the full fused model, supported everywhere)'
-        ) from exc
+        _create(settings, api, staging, report, files=files)
+        _create(settings, api, name, report, from_=staging, quantize=quantize)
+    finally:
+        _delete(api, staging)
+
+
+def unload_models(settings: Settings) -> list[str]:
+    """Ask Ollama to unload every model it holds (``/api/ps``, then ``/api/generate`` with no
+    prompt and ``keep_alive: 0``, which ``GenerateHandler`` answers by expiring the runner,
+    ``server/routes.go`` line 316 of v0.13.0): training then has that memory. The router loads its
+    model again at its next email."""
+    api = client(settings)
+    try:
+        names = [m.model or "" for m in api.ps().models]
+        for name in names:
+            api.generate(model=name, keep_alive=0)
+    except (ollama.ResponseError, httpx.HTTPError, ConnectionError) as exc:
+        raise TrainingError(f"Ollama: unloading its models before training failed: {exc}") from exc
+    if names:
+        event(log, "training.ollama_unloaded", models=",".join(names))
+    return names
 
 
 # --- evaluate through Ollama -----------------------------------------------------------------
@@ -213,33 +309,27 @@ def publish(
     metrics: dict[str, Any],
     progress: Callable[[int, int], None] | None = None,
     valid_examples: Sequence[Example] = (),
+    status: Callable[[str], None] | None = None,
 ) -> Published:
     """Create ``vN``, check it through Ollama, calibrate its thresholds on ``valid_examples``,
-    put it in service, prune old versions."""
+    put it in service, prune old versions. ``status`` hears Ollama's create progress."""
     from .gguf import export_gguf  # numpy and the GGUF writer: heavy, for this step only
 
     api = client(settings)
     version = registry.next_version(state)
     name = version_name(settings, version)
-    size = 0
-    if settings.training.publish == "gguf":
-        check_disk(run_dir, int(float_gguf_bytes(base_dir) * DISK_FACTOR))
-        gguf = run_dir / "model.gguf"
-        exported = export_gguf(
-            base_dir,
-            adapter_dir,
-            gguf,
-            dtype=gguf_dtype(base_dir),
-            timeout=settings.training.timeout_seconds,
-        )
-        size = exported.size_bytes
-        event(log, "training.gguf", path=gguf, mb=round(size / 1e6, 1), seconds=exported.seconds)
-        try:
-            create_from_gguf(settings, api, name, gguf)
-        finally:
-            gguf.unlink(missing_ok=True)  # Ollama keeps its own copy; this one is gigabytes
-    else:
-        create_from_adapter(settings, api, name, adapter_dir)
+    for leftover in model_names(api):  # a publish killed between its two creates
+        if leftover.startswith(name.rsplit(":", 1)[0] + ":") and leftover.endswith(STAGING_SUFFIX):
+            _delete(api, leftover)
+    check_disk(disk_needs(settings, run_dir, float_gguf_bytes(base_dir)))
+    gguf = run_dir / "model.gguf"
+    exported = export_gguf(base_dir, adapter_dir, gguf, dtype=gguf_dtype(base_dir))
+    size = exported.size_bytes
+    event(log, "training.gguf", path=gguf, mb=round(size / 1e6, 1), seconds=exported.seconds)
+    try:
+        create_from_gguf(settings, api, name, gguf, status)
+    finally:
+        gguf.unlink(missing_ok=True)
     registry.add_version(state, version, name, {**metrics, "run": run_id})
     event(log, "training.created", model=name)
 

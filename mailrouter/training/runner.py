@@ -47,12 +47,20 @@ from ..logs import event, setup_logging
 from ..prompt import PromptOptions
 from ..state import State, open_state
 from . import registry
-from .basemodel import resolve_base_model
+from .basemodel import base_record, resolve_base_model
 from .config import build_run
 from .evaluation import Report, evaluate
 from .gate import Decision, GateRules, Scores, decide
 from .lora import LoraResult, Progress, run_lora
-from .publish import client, evaluate_on_ollama, latest_name, model_names, publish, server_version
+from .publish import (
+    client,
+    evaluate_on_ollama,
+    latest_name,
+    model_names,
+    publish,
+    server_version,
+    unload_models,
+)
 from .recorder import Recorder, agreement, differences
 from .testpin import TestPin, check_pin, pin_path
 
@@ -226,6 +234,7 @@ class _Run:
         started = time.monotonic()
         base_dir = resolve_base_model(settings)
         self._timed("base_model", started)
+        self.metrics["base_model"] = base_record(settings, base_dir)
 
         adapter_dir = self.dir / "adapters"
         lora_run = build_run(
@@ -240,8 +249,14 @@ class _Run:
         config_path = lora_run.write(self.dir / "run.yaml")
         params = {k: v for k, v in asdict(lora_run).items() if k != "model"}
         registry.update_run(
-            self.state, self.id, base_model=settings.training.base_model, params=params
+            self.state,
+            self.id,
+            base_model=settings.training.base_model,
+            params=params,
+            metrics={"base_model": self.metrics["base_model"]},
         )
+        self.hooks.stage("unloading Ollama's models")
+        self.metrics["ollama_unloaded"] = unload_models(settings)
 
         self.hooks.stage(f"training ({lora_run.iters} iterations)")
         trained = run_lora(
@@ -293,9 +308,11 @@ class _Run:
                 "mlx": self.metrics["candidate"],
                 "baseline": self.metrics["baseline"],
                 "test_pin": self.metrics["test_pin"]["digest"],
+                "base_model": self.metrics["base_model"],
             },
             progress=self.hooks.evaluation,
             valid_examples=valid,
+            status=self.hooks.stage,
         )
         self._timed("publish", started)
         self.metrics["ollama"] = published.ollama.summary()
