@@ -162,9 +162,8 @@ def wait_exited(
 
 
 def _write(step: WriteFile) -> None:
-    """Write the file and set its mode whatever the umask (launchd refuses a group- or
-    world-writable plist; a umask of 077 would leave it unreadable to nobody but us, fine too,
-    but the mode is the plan's)."""
+    """Write the file, with the plan's mode whatever the umask (a umask of 002 would leave the
+    plist group-writable, which launchd refuses), and put it in place in one rename."""
     tmp = step.path.with_name(f".{step.path.name}.tmp")
     tmp.write_text(step.text, encoding="utf-8")
     os.chmod(tmp, step.mode)
