@@ -7,6 +7,7 @@ model uses, only a restart prunes the rest (see the server's docstring for the s
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from mailrouter.training.publish import (
     model_names,
     ollama_models_dir,
     unload_models,
+    unused_blobs,
 )
 from tests.fixtures.ollama import OllamaEndpoint, start_test_server
 
@@ -114,3 +116,17 @@ def test_disk_check_names_ollama_store_and_the_need(
         check_disk(disk_needs(local, tmp_path / "run", 10**17))
     assert f"at {tmp_path / 'ollama-models'}" in str(err.value)
     assert "200000000.0 GB" in str(err.value)
+
+
+def test_unused_blobs_of_a_real_ollama_store(tmp_path: Path) -> None:
+    """Read in Ollama's own layout (what a real Ollama keeps under OLLAMA_MODELS)."""
+    used, config, stray = ("sha256:" + c * 64 for c in "abc")
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for digest in (used, config, stray):
+        (blobs / digest.replace(":", "-")).write_bytes(b"x")
+    manifest = tmp_path / "manifests" / "registry.ollama.ai" / "library" / "mailrouter" / "v1"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"config": {"digest": config}, "layers": [{"digest": used}]}))
+    assert unused_blobs(tmp_path) == [stray]
+    assert unused_blobs(tmp_path / "nothing-here") == []

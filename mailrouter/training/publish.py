@@ -130,6 +130,22 @@ def ollama_models_dir(environ: Mapping[str, str] = os.environ) -> Path:
     return Path(found).expanduser() if found else Path.home() / ".ollama" / "models"
 
 
+def unused_blobs(models_dir: Path) -> list[str]:
+    """Digests (``sha256:…``) of the blobs in an Ollama store that no model's manifest uses:
+    what Ollama's ``PruneLayers`` would remove at its next start (``server/images.go`` line 490
+    of v0.13.0). Manifests are ``manifests/<host>/<namespace>/<model>/<tag>`` (``Manifests``,
+    ``server/manifest.go`` line 126), blobs ``blobs/sha256-<hex>`` (``GetBlobsPath``,
+    ``server/modelpath.go`` line 125). After a publish this is empty."""
+    used: set[str] = set()
+    for path in (models_dir / "manifests").glob("*/*/*/*"):
+        if path.is_file():
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            used.update(m.get("digest", "") for m in [manifest.get("config", {})])
+            used.update(layer.get("digest", "") for layer in manifest.get("layers", []))
+    found = (p.name.replace("-", ":", 1) for p in (models_dir / "blobs").glob("sha256-*"))
+    return sorted(set(found) - used)
+
+
 def disk_needs(settings: Settings, run_dir: Path, gguf_bytes: int) -> dict[Path, int]:
     """Bytes a publish writes, by folder: the GGUF in the run folder (removed once pushed), and,
     with a local Ollama, its copy plus the quantised one beside it until the copy is deleted."""
