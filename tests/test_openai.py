@@ -8,18 +8,21 @@ checked in code: a label is a configured department or ``None``, confidences are
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from mailrouter.classify import make_classifier
 from mailrouter.classify.concurrent import classify_in_order
 from mailrouter.classify.logprobs import TokenChoice
 from mailrouter.classify.ollama import OllamaClassifier
 from mailrouter.classify.openai import OpenAIClassifier, completion_steps, normalize_base_url
+from mailrouter.cli import app
 from mailrouter.config import Settings, load_settings, masked_dump
 from mailrouter.dataset import Dataset
 from mailrouter.doctor import check_openai
@@ -281,3 +284,21 @@ def test_doctor_lists_the_model_and_its_logprobs(server: OpenAIEndpoint) -> None
     assert not missing[1].ok and TRAINED in missing[1].detail and missing[1].fix
     down = check_openai(settings_for(f"http://127.0.0.1:{free_port()}"))
     assert [(c.name, c.ok, c.required) for c in down] == [("OpenAI server", False, True)]
+
+
+def test_cli_classify_with_the_openai_backend(server: OpenAIEndpoint, tmp_path: Path) -> None:
+    eml = tmp_path / "mail.eml"
+    eml.write_bytes(
+        b"From: Jeanne <jeanne@client.fr>\r\nTo: contact@example.com\r\n"
+        b"Subject: Demande de devis\r\nMessage-ID: <1@client.fr>\r\n\r\n"
+        b"Bonjour, pourriez-vous m'envoyer un devis pour 20 licences ?\r\n"
+    )
+    env = {"MAILROUTER_CLASSIFIER__OPENAI_BASE_URL": server.url,
+           "MAILROUTER_CLASSIFIER__OPENAI_MODEL": TRAINED}  # fmt: skip
+    result = CliRunner().invoke(
+        app, ["classify", str(eml), "--backend", "openai", "--json"], env=env
+    )
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.stdout)
+    assert line["department"] in load_settings(None).labels
+    assert 0.0 <= line["confidence"] <= 1.0 and line["backend"] == TRAINED
