@@ -11,6 +11,8 @@ baseline, a zero-shot model pulled by hand) :func:`estimate` stands in for one.
 from __future__ import annotations
 
 import math
+import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,3 +77,44 @@ class PromptMeasure:
 
 #: No model folder known: the Mistral v0.3 template and the estimate.
 DEFAULT_MEASURE = PromptMeasure(ChatTemplate.mistral_v3())
+
+
+# --- kept with each published version -------------------------------------------------------
+
+#: The files of a model folder that say how its prompts are rendered and counted.
+PROMPT_FILES = (
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "tokenizer.json",
+)
+
+
+def kept_dir(models_dir: Path, digest: str) -> Path:
+    """Where the prompt files of the Ollama model with ``digest`` are kept: keyed by content, as
+    its calibration, so ``latest`` (a copy of ``vN``) finds them and a model replaced by hand
+    does not."""
+    key = re.sub(r"[^0-9a-f]", "", digest.lower().removeprefix("sha256:"))[:64]
+    return models_dir / "prompt" / f"ollama-{key or 'none'}"
+
+
+def keep(model_dir: Path, dest: Path) -> Path:
+    """Copy ``model_dir``'s :data:`PROMPT_FILES` to ``dest`` (replaced whole, never half)."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in PROMPT_FILES:
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, tmp / name)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+def measure_for_kept(models_dir: Path, digest: str) -> PromptMeasure:
+    """The measure of a served model: its kept files, else :data:`DEFAULT_MEASURE`."""
+    folder = kept_dir(models_dir, digest) if digest else None
+    if folder is None or not folder.is_dir():
+        return DEFAULT_MEASURE
+    return PromptMeasure.for_model_dir(folder)

@@ -1,6 +1,6 @@
 """Classification through Ollama: the one prompt, a checked label and a real confidence.
 
-The model gets exactly the string it was trained on: ``prompt.render_chat(build_prompt(...))``
+The model gets exactly the string it was trained on: ``template.serving(build_prompt(...))``
 sent with ``raw: true`` (Ollama then adds the BOS token itself, as the training tokenizer did),
 greedy decoding, a few tokens and the prompt's stop sequences. Whatever comes back is only ever
 turned into a label by :func:`map_label`; anything else is ``label=None`` (triage).
@@ -34,7 +34,8 @@ from ..config import ClassifierSettings, Settings
 from ..errors import ClassifierError, ClassifierRequestError, ModelMissingError
 from ..logs import event
 from ..prediction import ClassifyInput, Prediction
-from ..prompt import STOP, PromptOptions, render_chat
+from ..prompt import PromptOptions
+from ..tokens import DEFAULT_MEASURE, measure_for_kept
 from .concurrent import classify_in_order
 from .logprobs import TokenChoice, prediction, read_answer
 
@@ -131,6 +132,8 @@ class OllamaClassifier:
         self.client = client or ollama.Client(host=self.host, timeout=conf.timeout_seconds)
         self.departments = list(settings.departments)
         self.prompt_options = PromptOptions.from_settings(settings)
+        #: The chat template of the model answering (its kept files: tokens.kept_dir).
+        self.template = DEFAULT_MEASURE.template
         self.server: ServerInfo | None = None
         self._model: str | None = None
         self._digest = ""
@@ -228,6 +231,9 @@ class OllamaClassifier:
             self.calibration = (
                 load(ollama_path(self.settings.models_dir, digest)) if digest else None
             )
+            measure = measure_for_kept(self.settings.models_dir, digest)
+            self.template = measure.template
+            self.prompt_options = self.prompt_options.measured_with(measure)
             event(
                 log,
                 "ollama_model",
@@ -248,7 +254,7 @@ class OllamaClassifier:
 
     def render(self, item: ClassifyInput) -> str:
         """The raw string sent to Ollama: the chat-templated prompt without the BOS text."""
-        return render_chat(item.prompt(self.departments, self.prompt_options))
+        return self.template.serving(item.prompt(self.departments, self.prompt_options))
 
     def request(self, model: str, item: ClassifyInput) -> tuple[str, bool]:
         """The prompt sent to ``model`` and whether it is raw.
@@ -295,7 +301,7 @@ class OllamaClassifier:
                 options={
                     **model_options(conf),
                     "num_predict": conf.num_predict,
-                    "stop": list(STOP),
+                    "stop": self.template.stop,
                 },
                 keep_alive=conf.keep_alive,
                 **extra,

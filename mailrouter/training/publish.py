@@ -42,6 +42,7 @@ from ..errors import MailRouterError, TrainingError
 from ..logs import event
 from ..prompt import OLLAMA_TEMPLATE, STOP
 from ..state import State
+from ..tokens import keep, kept_dir
 from . import registry
 from .calibrate import from_report, record
 from .evaluation import Report, evaluate
@@ -347,6 +348,8 @@ def publish(
     finally:
         gguf.unlink(missing_ok=True)
     registry.add_version(state, version, name, {**metrics, "run": run_id})
+    # The base's chat template and tokenizer: how the router renders and bounds its prompts.
+    keep(base_dir, kept_dir(settings.models_dir, model_digests(api).get(name, "")))
     event(log, "training.created", model=name)
 
     try:

@@ -46,6 +46,7 @@ from ..files import private_umask, tighten
 from ..logs import event, setup_logging
 from ..prompt import PromptOptions
 from ..state import State, open_state
+from ..tokens import PromptMeasure
 from . import registry
 from .basemodel import base_record, resolve_base_model
 from .config import build_run
@@ -95,6 +96,12 @@ class Hooks:
 
 def lock_path(settings: Settings) -> Path:
     return settings.models_dir / LOCK_NAME
+
+
+def prompt_options(settings: Settings, base_dir: Path) -> PromptOptions:
+    """The one prompt as the base model sees it: cut to ``max_prompt_tokens`` of its own chat
+    template and tokenizer, which the published version keeps (so serving cuts it the same)."""
+    return PromptOptions.from_settings(settings, PromptMeasure.for_model_dir(base_dir))
 
 
 def run_dir(settings: Settings, run_id: int) -> Path:
@@ -225,16 +232,16 @@ class _Run:
         """Export the splits, fetch the base model, write ``run.yaml`` and run LoRA; returns
         the base model's folder and the adapter's."""
         settings = self.settings
-        self.hooks.stage("exporting the dataset")
-        data_dir = self.dir / "data"
-        exported = dataset.export(
-            data_dir, settings.departments, PromptOptions.from_settings(settings)
-        )
         self.hooks.stage("fetching the base model")
         started = time.monotonic()
         base_dir = resolve_base_model(settings)
         self._timed("base_model", started)
         self.metrics["base_model"] = base_record(settings, base_dir)
+        self.hooks.stage("exporting the dataset")
+        data_dir = self.dir / "data"
+        exported = dataset.export(
+            data_dir, settings.departments, prompt_options(settings, base_dir)
+        )
 
         adapter_dir = self.dir / "adapters"
         lora_run = build_run(
@@ -391,7 +398,7 @@ class _Run:
         from ..classify.baseline import BaselineClassifier  # numpy: heavy for `mailrouter`
 
         settings, state = self.settings, self.state
-        options = PromptOptions.from_settings(settings)
+        options = prompt_options(settings, base_dir)
         threshold = settings.classifier.confidence_threshold
 
         self.hooks.stage(f"evaluating the candidate on {len(test)} test emails (MLX)")
@@ -417,7 +424,9 @@ class _Run:
         self.hooks.stage("evaluating the baseline")
         started = time.monotonic()
         train = [e for e in examples if e.split in ("train", "valid")]
-        baseline_model = BaselineClassifier.fit(train, settings.departments, options)
+        baseline_model = BaselineClassifier.fit(
+            train, settings.departments, PromptOptions.from_settings(settings)
+        )
         baseline = evaluate(
             baseline_model,
             test,
