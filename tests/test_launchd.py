@@ -277,3 +277,14 @@ def test_two_services_on_one_data_folder_are_refused(launchd: Path, tmp_path: Pa
     assert "com.mailrouter.sales.plist" in message and "set another data_dir" in message
     support.write_text(f'data_dir = "{tmp_path / "support-data"}"\n')
     assert _service(support, *args).exit_code == 0  # type: ignore[attr-defined]
+
+
+def test_log_file_of_the_configuration_is_the_agents_log(launchd: Path, tmp_path: Path) -> None:
+    config = _config(tmp_path, "sales.toml")
+    log = tmp_path / "var" / "sales.log"
+    config.write_text(config.read_text() + f'[log]\nfile = "{log}"\n')
+    assert _service(config, "install").exit_code == 0  # type: ignore[attr-defined]
+    plist = plistlib.loads(deploy.target_for(config).unit_file.read_bytes())
+    assert plist["EnvironmentVariables"]["MAILROUTER_SERVICE_LOG"] == str(log)
+    res = _service(config, "logs", "-n", "5", "--dry-run")
+    assert f"$ tail -n 5 {log} " in res.output  # type: ignore[attr-defined]

@@ -11,7 +11,7 @@ import typer
 from .. import deploy
 from ..config import resolve_config_path
 from ..deploy import run as deploy_run
-from .app import console, state
+from .app import console, settings, state
 
 group = typer.Typer(
     help="Run `mailrouter serve` as a launchd agent (macOS) or a systemd user unit (Linux).",
@@ -33,7 +33,11 @@ runner: deploy_run.Runner = deploy_run.subprocess_runner
 
 
 def _target(instance: str | None, workdir: Path | None = None) -> deploy.Target:
-    return deploy.target_for(resolve_config_path(state.config), workdir=workdir, instance=instance)
+    """The service of the configuration file in use; the file is read (and checked) once
+    there is one: the service's log is ``log.file`` when it sets one."""
+    path = resolve_config_path(state.config)
+    log_file = settings().log.file if path is not None else None
+    return deploy.target_for(path, workdir=workdir, instance=instance, log_file=log_file)
 
 
 def _run(

@@ -90,6 +90,7 @@ class Target:
     uid: int
     config_home: Path  # $XDG_CONFIG_HOME (systemd user units live below it)
     instance: str = ""  # one service per configuration file: "" is the default one
+    log_file: Path | None = None  # the configuration's log.file, when set
 
     @property
     def label(self) -> str:
@@ -115,7 +116,10 @@ class Target:
 
     @property
     def service_log(self) -> Path:
-        """The log the agent writes and rotates itself (launchd never rotates a file)."""
+        """The log the agent writes and rotates itself (launchd never rotates a file):
+        ``log.file`` when the configuration sets one (relative to the working directory)."""
+        if self.log_file is not None:
+            return self.workdir / self.log_file.expanduser()
         return self.log_dir / f"{self.log_name}.log"
 
     @property
@@ -168,6 +172,7 @@ def target_for(
     program: Path | None = None,
     environ: dict[str, str] | None = None,
     instance: str | None = None,
+    log_file: Path | None = None,
 ) -> Target:
     """Resolve the real paths; a missing config file is an error that names ``mailrouter init``.
 
@@ -195,6 +200,7 @@ def target_for(
         uid=os.getuid(),
         config_home=Path(env.get("XDG_CONFIG_HOME") or home / ".config"),
         instance=instance,
+        log_file=log_file,
     )
 
 
