@@ -14,6 +14,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -129,6 +130,24 @@ def test_the_key_is_never_sent_in_clear_nor_shown(monkeypatch: pytest.MonkeyPatc
     assert KEY not in repr(settings)
     monkeypatch.delenv("MAILROUTER_CLASSIFIER__OPENAI_API_KEY")
     assert "Authorization" not in OpenAIClassifier(settings_for("http://10.0.0.5")).client.headers
+
+
+def test_no_logprobs_policy(caplog: pytest.LogCaptureFixture) -> None:
+    """A server that answers without log-probabilities: the Ollama backend's policy, said once."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"choices": [{"text": " RH", "logprobs": None}]})
+
+    def classifier(**conf: object) -> OpenAIClassifier:
+        client = httpx.Client(base_url="http://127.0.0.1:1", transport=httpx.MockTransport(answer))
+        return OpenAIClassifier(settings_for("http://127.0.0.1:1", **conf), client=client)
+
+    accept = classifier()
+    with caplog.at_level(logging.INFO, logger="mailrouter.classify.openai"):
+        first, second = accept.classify(EMAIL), accept.classify(EMAIL)
+    assert (first.label, first.confidence) == (second.label, second.confidence) == ("RH", 1.0)
+    assert [r.getMessage() for r in caplog.records] == ["openai_no_logprobs"]
+    assert classifier(no_logprobs="triage").classify(EMAIL).label is None
 
 
 def test_the_backend_is_chosen_by_the_configuration() -> None:

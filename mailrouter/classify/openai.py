@@ -83,6 +83,7 @@ class OpenAIClassifier:
         self.departments = list(settings.departments)
         self.prompt_options = PromptOptions.from_settings(settings)
         self.client = client or self._client(openai_api_key(settings))
+        self._warned_no_logprobs = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OpenAIClassifier:
@@ -165,7 +166,8 @@ class OpenAIClassifier:
         if reading.label is None:
             event(log, "openai_unmapped_answer", logging.WARNING, answer=reading.answer[:80],
                   model=self.name)  # fmt: skip
-        elif reading.confidence is None:
+        elif reading.confidence is None and not self._warned_no_logprobs:
+            self._warned_no_logprobs = True  # once: every answer of such a server lacks them
             event(log, "openai_no_logprobs", logging.WARNING, model=self.name,
                   policy=self.settings.classifier.no_logprobs)  # fmt: skip
         return prediction(reading, model=self.name, threshold=None,
