@@ -1,15 +1,17 @@
 """What one classification costs: prompt tokens per email and latency through the Ollama API.
 
-Token counts use Mistral-7B-Instruct-v0.3's own tokenizer (``mistral-common``) on the chat-templated
-prompt of every test-split email of the starter data, at the configured truncation
-(``classifier.max_chars``). The fixed prefix (instruction and departments) is the longest token
-prefix all prompts share; ``prefix_identical=yes`` when it covers the whole fixed text, so Ollama
-reuses its cached evaluation from one email to the next. Latency is measured through
+Token counts use Mistral-7B-Instruct-v0.3's own tokenizer (``mistral-common``) on the
+chat-templated prompt of every test-split email of the starter data, cut as a Mistral v0.3
+version cuts it (``classifier.max_prompt_tokens`` of its own template and tokenizer), and of the
+same emails 200 times as long (``tokens_max`` covers both: it must stay at or under the bound).
+The fixed prefix (instruction and departments) is the longest token prefix all prompts share;
+``prefix_identical=yes`` when it covers the whole fixed text, so Ollama reuses its cached
+evaluation from one email to the next. Latency is measured through
 :class:`~mailrouter.classify.ollama.OllamaClassifier` against the llama.cpp test server running
 the tiny test model (so it measures the service path, not a 7B model), and against a real Ollama
-when one answers at ``$OLLAMA_HOST`` (default ``127.0.0.1:11434``) with the configured model or the
-zero-shot one. Prints, last:
-``classify: tokens_mean=…, tokens_p95=…, prefix_tokens=…, prefix_identical=…, ms_per_email=…``.
+when one answers at ``$OLLAMA_HOST`` (default ``127.0.0.1:11434``) with the configured model or
+the zero-shot one. Prints, last: ``classify: tokens_mean=…, tokens_p95=…, tokens_max=…,
+prefix_tokens=…, prefix_identical=…, ms_per_email=…``.
 Targets: at most 400 prompt tokens per email, the fixed prefix identical across emails.
 
     python bench/classify.py [--config FILE]
@@ -24,17 +26,21 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from mailrouter.chat_template import ChatTemplate  # noqa: E402
 from mailrouter.classify.ollama import OllamaClassifier, normalize_host  # noqa: E402
 from mailrouter.config import Settings, load_settings  # noqa: E402
 from mailrouter.dataset import Dataset, example_prompt  # noqa: E402
 from mailrouter.errors import ClassifierError  # noqa: E402
 from mailrouter.prediction import ClassifyInput  # noqa: E402
 from mailrouter.prompt import PromptOptions, prefix  # noqa: E402
+from mailrouter.tokens import PromptMeasure, sentencepiece_counter  # noqa: E402
+from mailrouter.training.tinymodel import mistral_tokenizer_path  # noqa: E402
 
 STARTER = REPO / "data" / "examples.jsonl"
 
@@ -68,11 +74,27 @@ def p95(values: list[int]) -> float:
     return float(ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))])
 
 
+def mistral_options(settings: Settings) -> PromptOptions:
+    """The prompt as served by a Mistral v0.3 version: its template, its tokenizer."""
+    counter = sentencepiece_counter(mistral_tokenizer_path())
+    measure = PromptMeasure(ChatTemplate.mistral_v3(), counter, "tokenizer")
+    return PromptOptions.from_settings(settings, measure)
+
+
+def long_versions(examples: list) -> list:
+    """Each email with its body 200 times over (about 40-100 KB): what the token bound cuts."""
+    return [replace(e, text=" ".join([e.text] * 200)) for e in examples]
+
+
 def token_figures(settings: Settings, examples: list) -> dict[str, object]:
-    options = PromptOptions.from_settings(settings)
+    options = mistral_options(settings)
     prompts = [example_prompt(e, settings.departments, options) for e in examples]
     ids = chat_ids(prompts)
     counts = [len(i) for i in ids]
+    long_prompts = [
+        example_prompt(e, settings.departments, options) for e in long_versions(examples)
+    ]
+    long_max = max(len(i) for i in chat_ids(long_prompts))
     shared = common_prefix(ids)
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
@@ -84,6 +106,7 @@ def token_figures(settings: Settings, examples: list) -> dict[str, object]:
         "tokens_mean": round(mean),
         "tokens_p95": round(p95(counts)),
         "tokens_max": max(counts),
+        "tokens_max_long": long_max,
         "prefix_tokens": shared,
         "prefix_share": f"{shared / mean:.0%}",
         "prefix_identical": "yes" if decoded.strip().startswith(fixed.strip()) else "no",
@@ -147,8 +170,11 @@ def main() -> int:
         f"prompt tokens on {figures['n']} test emails: mean {figures['tokens_mean']}, "
         f"p95 {figures['tokens_p95']}, max {figures['tokens_max']}; fixed prefix "
         f"{figures['prefix_tokens']} tokens ({figures['prefix_share']} of the mean), "
-        f"identical: {figures['prefix_identical']}"
+        f"identical: {figures['prefix_identical']}; the same emails 200 times as long: max "
+        f"{figures['tokens_max_long']} (bound: classifier.max_prompt_tokens = "
+        f"{settings.classifier.max_prompt_tokens})"
     )
+    tokens_max = max(figures["tokens_max"], figures["tokens_max_long"])  # type: ignore[type-var]
     ms = test_server_latency(settings, examples)
     print(f"test server (llama.cpp, tiny model): {ms:.1f} ms per email")
     real = real_ollama_latency(settings, examples)
@@ -158,6 +184,7 @@ def main() -> int:
         extra = f", ollama_ms_per_email={real:.0f}"
     print(
         f"classify: tokens_mean={figures['tokens_mean']}, tokens_p95={figures['tokens_p95']}, "
+        f"tokens_max={tokens_max}, "
         f"prefix_tokens={figures['prefix_tokens']}, "
         f"prefix_identical={figures['prefix_identical']}, ms_per_email={ms:.0f}{extra}"
     )
