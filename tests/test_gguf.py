@@ -317,3 +317,24 @@ def test_dequantize_is_mlx_dequantize(bits: int) -> None:
     found = dequantize(np.array(packed), np.array(scales), np.array(biases), Quantized(bits, 64))
     assert found.shape == (8, 256)
     np.testing.assert_allclose(found, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_rows_written_in_chunks_are_the_whole_tensor(
+    tiny_model: Path, tiny_adapter: Path, tmp_path: Path
+) -> None:
+    """The writer gets big tensors a few rows at a time: the bytes are those of the whole."""
+    from mailrouter.training.weights import RowChunks, Weights
+
+    config = json.loads((tiny_model / "config.json").read_text())
+    weights = Weights(tiny_model, config, tiny_adapter)
+    for key in ("model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight"):
+        chunks = RowChunks(weights, key, np.dtype(np.float16), chunk_bytes=4096)
+        assert chunks.step < weights.shapes[key][0]
+        with (tmp_path / "rows").open("wb") as out:  # a real file, as the writer's
+            chunks.tofile(out)
+        whole = weights.tensor(key).astype(np.float16)
+        rows = np.fromfile(tmp_path / "rows", dtype=np.float16).reshape(whole.shape)
+        assert chunks.nbytes == whole.nbytes
+        # the merge's product, blocked differently by BLAS, may move the last bit of a value
+        np.testing.assert_allclose(rows, whole, rtol=2e-3, atol=1e-6)
+    assert "model.layers.1.mlp.down_proj.weight" in weights.lora  # the merge is chunked too

@@ -48,7 +48,7 @@ import numpy as np
 from gguf import TokenType
 
 from ..errors import TrainingError
-from .weights import Weights
+from .weights import RowChunks, Weights
 
 #: Quantisations :func:`quantize_gguf` knows, by Ollama's names (lower case).
 QUANT_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
@@ -178,16 +178,26 @@ def write_gguf(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for _target, key, out_dtype in plan:  # one tensor in memory at a time
-            data = weights.tensor(key)
-            if key.endswith("q_proj.weight"):
-                data = permute_qk(data, hp["head_count"])
-            elif key.endswith("k_proj.weight"):
-                data = permute_qk(data, hp["head_count_kv"])
+        for _target, key, out_dtype in plan:  # one tensor in memory at a time, or less
+            heads = _rotary_heads(key, hp)
+            if heads is None:  # rows in order: computed and written some at a time
+                chunks = RowChunks(weights, key, np.dtype(out_dtype))
+                writer.write_tensor_data(chunks)  # type: ignore[arg-type]  # duck-typed array
+                continue
+            data = permute_qk(weights.tensor(key), heads)  # rows reordered: the whole tensor
             writer.write_tensor_data(np.ascontiguousarray(data, dtype=out_dtype))
     finally:
         writer.close()
     return Path(out_path)
+
+
+def _rotary_heads(key: str, hp: dict[str, Any]) -> int | None:
+    """The head count whose rotary halves :func:`permute_qk` interleaves, for q and k only."""
+    if key.endswith("q_proj.weight"):
+        return int(hp["head_count"])
+    if key.endswith("k_proj.weight"):
+        return int(hp["head_count_kv"])
+    return None
 
 
 def permute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:

@@ -76,11 +76,18 @@ def safetensors_index(files: list[Path]) -> dict[str, Stored]:
     return index
 
 
-def read(stored: Stored) -> np.ndarray:
-    """One tensor, read into its own buffer (float32 for bfloat16, which numpy lacks)."""
+def read(stored: Stored, rows: slice = slice(None)) -> np.ndarray:
+    """One tensor (or its ``rows``), read into its own buffer (float32 for bfloat16, which numpy
+    lacks)."""
+    start, stop, _ = rows.indices(stored.shape[0])
+    per_row = stored.count // stored.shape[0]
+    dtype = np.dtype(_DTYPES[stored.dtype])
     data = np.fromfile(
-        stored.path, dtype=_DTYPES[stored.dtype], count=stored.count, offset=stored.start
-    ).reshape(stored.shape)
+        stored.path,
+        dtype=dtype,
+        count=(stop - start) * per_row,
+        offset=stored.start + start * per_row * dtype.itemsize,
+    ).reshape(stop - start, *stored.shape[1:])
     if stored.dtype == "BF16":
         return (data.astype(np.uint32) << 16).view(np.float32)
     return data
@@ -103,7 +110,8 @@ def dequantize(
 
 class Weights:
     """The float tensors of ``folder`` (quantised layers read dequantised), with an mlx-lm LoRA
-    adapter merged in when ``adapter_dir`` is given. :meth:`tensor` computes one at a time."""
+    adapter merged in when ``adapter_dir`` is given. :meth:`tensor` computes one at a time, or
+    some of its rows."""
 
     def __init__(
         self, folder: Path, config: dict[str, Any], adapter_dir: Path | None = None
@@ -153,25 +161,47 @@ class Weights:
             raise TrainingError(f"{self.folder}: {key} is packed but has no scales")
         return stored.shape
 
-    def tensor(self, key: str) -> np.ndarray:
-        """Tensor ``key`` as float: dequantised if stored quantised, plus its LoRA delta."""
+    def tensor(self, key: str, rows: slice = slice(None)) -> np.ndarray:
+        """Rows ``rows`` of tensor ``key`` as float: dequantised if stored quantised, plus their
+        LoRA delta (rows of ``scale * lora_b.T @ lora_a.T``)."""
         module = key.removesuffix(".weight")
         if key.endswith(".weight") and self._is_quantized(module):
             data = dequantize(
-                read(self.stored[key]),
-                read(self.stored[f"{module}.scales"]),
-                read(self.stored[f"{module}.biases"]),
+                read(self.stored[key], rows),
+                read(self.stored[f"{module}.scales"], rows),
+                read(self.stored[f"{module}.biases"], rows),
                 self._quantized(module),
             )
         else:
-            data = read(self.stored[key])
+            data = read(self.stored[key], rows)
         pair = self.lora.get(key)
         if pair is None:
             return data
         lora_a, lora_b = (read(p).astype(np.float32) for p in pair)
         merged = data.astype(np.float32, copy=False)  # a buffer of our own: added in place
-        merged += self.scale * (lora_b.T @ lora_a.T)
+        merged += self.scale * (lora_b.T[rows] @ lora_a.T)
         return merged
+
+
+class RowChunks:
+    """A tensor the GGUF writer takes as if it were an array (``nbytes`` and ``tofile``, all
+    that ``GGUFWriter.write_tensor_data`` of the ``gguf`` package uses of it when the byte order
+    is native) but computes and writes ``chunk_bytes`` of float32 rows at a time: for the
+    embeddings of a 7B model, tens of megabytes instead of gigabytes."""
+
+    def __init__(
+        self, weights: Weights, key: str, dtype: np.dtype[Any], chunk_bytes: int = 16 << 20
+    ) -> None:
+        self.weights, self.key, self.dtype = weights, key, dtype
+        self.shape = weights.shapes[key]
+        per_row = int(np.prod(self.shape[1:]))
+        self.nbytes = int(np.prod(self.shape)) * dtype.itemsize
+        self.step = max(1, chunk_bytes // (4 * per_row))
+
+    def tofile(self, out: Any) -> None:
+        for start in range(0, self.shape[0], self.step):
+            rows = slice(start, min(start + self.step, self.shape[0]))
+            np.ascontiguousarray(self.weights.tensor(self.key, rows), dtype=self.dtype).tofile(out)
 
 
 def load_adapter(adapter_dir: Path) -> tuple[float, dict[str, tuple[Stored, Stored]]]:
