@@ -278,7 +278,12 @@ def _cache_key(data_hash: str, departments: Sequence[Department], options: Promp
             compact.FORMAT,
             data_hash,
             [d.model_dump(include={"name", "description"}) for d in departments],
-            [options.max_chars, options.strip_accents],
+            [
+                options.max_chars,
+                options.max_prompt_tokens,
+                options.measure.name,
+                options.strip_accents,
+            ],
         ],
         sort_keys=True,
     )

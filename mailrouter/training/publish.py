@@ -35,12 +35,12 @@ import httpx
 import ollama
 
 from ..calibration import Calibration
+from ..chat_template import ChatTemplate
 from ..classify.ollama import OllamaClassifier, full_name, normalize_host
 from ..config import Settings
 from ..dataset import Example
 from ..errors import MailRouterError, TrainingError
 from ..logs import event
-from ..prompt import OLLAMA_TEMPLATE, STOP
 from ..state import State
 from ..tokens import keep, kept_dir
 from . import registry
@@ -49,6 +49,9 @@ from .evaluation import Report, evaluate
 from .recorder import Recorder
 
 log = logging.getLogger(__name__)
+
+#: The chat template of a model created without a base folder at hand: Mistral v0.3's.
+DEFAULT_CHAT = ChatTemplate.mistral_v3()
 
 #: The tag suffix of the float model a version is quantised from, deleted once it is.
 STAGING_SUFFIX = "-f16"
@@ -188,14 +191,17 @@ def _create(
     api: ollama.Client,
     name: str,
     report: Callable[[str], None] | None = None,
+    chat: ChatTemplate = DEFAULT_CHAT,
     **body: Any,
 ) -> None:
-    """``/api/create`` streamed: its progress is logged and reported, an error ends it."""
+    """``/api/create`` streamed: its progress is logged and reported, an error ends it. The
+    model's ``TEMPLATE`` is ``chat``'s user turn (for ``ollama run`` by hand: the router sends
+    raw text), its stop sequences ``chat``'s."""
     try:
         stream = api.create(
             model=name,
-            template=OLLAMA_TEMPLATE,
-            parameters={"stop": list(STOP), "temperature": 0},
+            template=chat.ollama_template(),
+            parameters={"stop": chat.stop, "temperature": 0},
             stream=True,
             **body,
         )
@@ -242,8 +248,10 @@ def create_from_gguf(
     name: str,
     gguf: Path,
     report: Callable[[str], None] | None = None,
+    chat: ChatTemplate = DEFAULT_CHAT,
 ) -> None:
-    """Push ``gguf`` (then remove it here) and create ``name`` from it, leaving in Ollama's store
+    """Push ``gguf`` (then remove it here) and create ``name`` from it, with ``chat`` (the
+    base model's chat template), leaving in Ollama's store
     no blob that no model uses.
 
     Quantising writes a new blob and keeps the one it read (``quantizeLayer``,
@@ -260,12 +268,12 @@ def create_from_gguf(
     gguf.unlink()  # Ollama has its own copy; this one is gigabytes
     quantize = settings.training.quantize
     if not quantize:
-        _create(settings, api, name, report, files=files)
+        _create(settings, api, name, report, chat, files=files)
         return
     staging = staging_name(name)
     try:
-        _create(settings, api, staging, report, files=files)
-        _create(settings, api, name, report, from_=staging, quantize=quantize)
+        _create(settings, api, staging, report, chat, files=files)
+        _create(settings, api, name, report, chat, from_=staging, quantize=quantize)
     finally:
         _delete(api, staging)
 
@@ -344,7 +352,7 @@ def publish(
     size = exported.size_bytes
     event(log, "training.gguf", path=gguf, mb=round(size / 1e6, 1), seconds=exported.seconds)
     try:
-        create_from_gguf(settings, api, name, gguf, status)
+        create_from_gguf(settings, api, name, gguf, status, ChatTemplate.from_model_dir(base_dir))
     finally:
         gguf.unlink(missing_ok=True)
     registry.add_version(state, version, name, {**metrics, "run": run_id})
