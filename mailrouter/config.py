@@ -169,6 +169,10 @@ class ClassifierSettings(_Section):
     openai_api_key: SecretStr | None = None
     #: A private CA for an ``https`` server (certificates and host names are always verified).
     openai_ca_file: Path | None = None
+    #: The chat template the served model was trained with: empty (Mistral v0.3, as for Ollama
+    #: without kept files), a built-in name (mistral, chatml, llama3, gemma) or a model folder
+    #: (its chat template and tokenizer, e.g. a version's kept ``models/prompt/ollama-<digest>``).
+    openai_template: str = ""
     model: str = "mailrouter:latest"
     zero_shot_model: str = "mistral"
     confidence_threshold: float = Field(default=0.6, ge=0, le=1)

@@ -150,6 +150,17 @@ def test_no_logprobs_policy(caplog: pytest.LogCaptureFixture) -> None:
     assert classifier(no_logprobs="triage").classify(EMAIL).label is None
 
 
+def test_the_template_the_served_model_was_trained_with() -> None:
+    mistral = OpenAIClassifier(settings_for("http://127.0.0.1:1"))
+    assert mistral.render(EMAIL).startswith("[INST]") and "</s>" in mistral.template.stop
+    chatml = OpenAIClassifier(settings_for("http://127.0.0.1:1", openai_template="chatml"))
+    assert chatml.render(EMAIL).startswith("<|im_start|>user\n")
+    assert chatml.render(EMAIL).endswith("<|im_start|>assistant\n")
+    assert "<|im_end|>" in chatml.template.stop
+    with pytest.raises(ConfigError, match="openai_template = 'vicuna'"):
+        OpenAIClassifier(settings_for("http://127.0.0.1:1", openai_template="vicuna"))
+
+
 def test_the_backend_is_chosen_by_the_configuration() -> None:
     classifier = make_classifier(settings_for("http://127.0.0.1:8000", concurrency=3))
     assert isinstance(classifier, OpenAIClassifier) and classifier.concurrency == 3

@@ -1,8 +1,8 @@
 """Classification through an OpenAI-compatible server (vLLM, llama.cpp's server, a shared cluster).
 
 The same request as the Ollama backend, in the OpenAI completions API: the one prompt rendered
-as the model was trained on it (``prompt.render_chat``; the server adds the BOS token, as Ollama
-does with ``raw``), greedy decoding, ``classifier.num_predict`` tokens, the prompt's stop
+with the chat template the model was trained with (``classifier.openai_template``; the server adds
+the BOS token, as Ollama does with ``raw``), greedy decoding, ``classifier.num_predict`` tokens, the prompt's stop
 sequences and ``logprobs: N`` alternatives per generated token. The answer becomes a label only
 through :func:`~.logprobs.read_answer`, with the confidence computed as for Ollama.
 
@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
+from ..chat_template import ChatTemplate, ChatTemplateError
 from ..config import Settings, openai_api_key
 from ..errors import ClassifierError, ClassifierRequestError, ConfigError, ModelMissingError
 from ..logs import event
 from ..mail.tls import is_loopback, tls_context
 from ..prediction import ClassifyInput, Prediction
-from ..prompt import STOP, PromptOptions, render_chat
+from ..prompt import PromptOptions
+from ..tokens import DEFAULT_MEASURE, PromptMeasure
 from .concurrent import classify_in_order
 from .logprobs import TokenChoice, prediction, read_answer
 
@@ -43,6 +46,23 @@ def normalize_base_url(url: str) -> str:
     if "://" not in text:
         text = "http://" + text
     return text.removesuffix("/v1")
+
+
+def prompt_measure(template: str) -> PromptMeasure:
+    """``classifier.openai_template``: the served model's chat template and prompt counter.
+
+    The server is only sent raw text, so the router renders it: with the template the model was
+    trained with, which no OpenAI-compatible API reports. Empty: Mistral v0.3, the Ollama
+    backend's own fallback; a built-in name; or a model folder (its template and tokenizer).
+    """
+    if not template:
+        return DEFAULT_MEASURE
+    try:
+        if Path(template).expanduser().is_dir():
+            return PromptMeasure.for_model_dir(Path(template).expanduser())
+        return PromptMeasure(ChatTemplate.builtin(template))
+    except ChatTemplateError as exc:
+        raise ConfigError(f"classifier.openai_template = {template!r}: {exc}") from exc
 
 
 def completion_steps(logprobs: Any) -> list[TokenChoice]:
@@ -81,7 +101,9 @@ class OpenAIClassifier:
         self.base_url = normalize_base_url(conf.openai_base_url)
         self.model = conf.openai_model or conf.model
         self.departments = list(settings.departments)
-        self.prompt_options = PromptOptions.from_settings(settings)
+        measure = prompt_measure(conf.openai_template)
+        self.template = measure.template
+        self.prompt_options = PromptOptions.from_settings(settings, measure)
         self.client = client or self._client(openai_api_key(settings))
         self._warned_no_logprobs = False
 
@@ -125,7 +147,7 @@ class OpenAIClassifier:
             "prompt": prompt,
             "max_tokens": max_tokens,
             "temperature": 0,
-            "stop": list(STOP),
+            "stop": self.template.stop,
             "logprobs": TOP_LOGPROBS,
             # No penalty on tokens already seen, the prompt's among them (a department the email
             # names): llama-cpp-python's server defaults to 1.1 (``repeat_penalty_field``,
@@ -155,7 +177,7 @@ class OpenAIClassifier:
 
     def render(self, item: ClassifyInput) -> str:
         """The raw string sent: the chat-templated prompt without the BOS text."""
-        return render_chat(item.prompt(self.departments, self.prompt_options))
+        return self.template.serving(item.prompt(self.departments, self.prompt_options))
 
     def classify(self, item: ClassifyInput) -> Prediction:
         data = self.complete(self.render(item), self.settings.classifier.num_predict)
