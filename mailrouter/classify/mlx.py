@@ -24,7 +24,8 @@ from typing import Any
 from ..config import Department, Settings
 from ..errors import ClassifierError
 from ..prediction import ClassifyInput, Prediction, map_label
-from ..prompt import STOP, PromptOptions
+from ..prompt import PromptOptions
+from ..tokens import DEFAULT_MEASURE, PromptMeasure
 
 
 class MlxClassifier:
@@ -70,11 +71,13 @@ class MlxClassifier:
         cls, settings: Settings, adapter_path: str | Path | None = None
     ) -> MlxClassifier:
         """``training.base_model`` with ``adapter_path``: the candidate, or the model in service."""
+        folder = Path(settings.training.base_model).expanduser()
+        measure = PromptMeasure.for_model_dir(folder) if folder.is_dir() else DEFAULT_MEASURE
         return cls(
             settings.training.base_model,
             settings.departments,
             adapter_path=adapter_path,
-            options=PromptOptions.from_settings(settings),
+            options=PromptOptions.from_settings(settings, measure),
             max_tokens=settings.classifier.num_predict,
         )
 
@@ -145,11 +148,11 @@ class MlxClassifier:
                 break
             tokens.append(token)
             text = self.tokenizer.decode(tokens)
-            if any(stop in text for stop in STOP):
+            if any(stop in text for stop in self.options.measure.template.stop):
                 break
             step = self._last_logits(mx.array([[token]]), cache)
         text = self.tokenizer.decode(tokens)
-        for stop in STOP:
+        for stop in self.options.measure.template.stop:
             text = text.split(stop, 1)[0]
         return tokens, text, probs
 
