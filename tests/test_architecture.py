@@ -72,6 +72,7 @@ LAYERS: dict[str, int] = {
             "mailrouter.status",
             "mailrouter.doctor",
             "mailrouter.demo",
+            "mailrouter.selftest",
             "mailrouter.deploy",
             "mailrouter.localservers",
         ),

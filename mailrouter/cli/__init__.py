@@ -25,6 +25,7 @@ from . import (
     models,
     reprocess,
     rules,
+    selftest,
     serve,
     service,
     status,
@@ -41,6 +42,7 @@ for command in (
     reprocess.reprocess,
     history.history,
     doctor.doctor,
+    selftest.selftest,
     status.status,
     train.train,
 ):
