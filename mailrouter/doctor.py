@@ -30,8 +30,9 @@ from .mail.smtp import SmtpSender
 from .prediction import ClassifyInput
 from .training import blas
 
-# A 7B model fused back to float16 (14.5 GB), its GGUF (14.5 GB) and the quantised copy Ollama
-# keeps (4.4 GB) are on disk at once while a candidate is published.
+# Publishing a 7B model writes its float16 GGUF (14.5 GB), Ollama's copy of it (14.5 GB) and the
+# quantised version (4.4 GB); the local GGUF goes once uploaded, Ollama's copy once quantised
+# (training/publish.py, create_from_gguf), so less is on disk at once.
 TRAINING_DISK_GB = 35.0
 LOGPROBS_VERSION = (0, 12, 11)
 
