@@ -15,13 +15,15 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from mailrouter.classify.logprobs import TokenChoice, label_mass, read_answer
 from mailrouter.classify.ollama import OllamaClassifier
+from mailrouter.classify.openai import OpenAIClassifier
 from mailrouter.config import Settings, default_departments, load_settings
 from mailrouter.localservers import ImapAccount, SmtpSink
 from mailrouter.mail.parse import parse_email
@@ -235,3 +237,56 @@ def test_an_injected_instruction_only_ever_yields_a_configured_department_or_tri
     assert route.kind in {"department", "triage", "spam"}
     if route.forwards:
         check_forward(raw, email, route, settings, prediction.model)
+
+
+# --- the same model behind llama.cpp's own OpenAI-compatible server ---------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_smollm2(
+    tmp_path_factory: pytest.TempPathFactory, zero_shot_settings: Settings
+) -> Iterator[Settings]:
+    """``llama_cpp.server`` serving SmolLM2; settings of the ``openai`` backend that use it."""
+    from tests.conftest import require
+    from tests.fixtures.openai import start_llama_cpp_server
+    from tests.fixtures.smollm2 import INSTALL, smollm2_gguf
+
+    gguf = smollm2_gguf()
+    require(gguf is not None, INSTALL)
+    assert gguf is not None
+    work = tmp_path_factory.mktemp("llama-cpp-smollm2")
+    server = start_llama_cpp_server(work, {"smollm2": gguf}, api_key="test-key", n_ctx=1024)
+    update = {"backend": "openai", "openai_base_url": server.url, "openai_model": "smollm2",
+              "openai_api_key": SecretStr("test-key")}  # fmt: skip
+    settings = zero_shot_settings
+    try:
+        yield settings.model_copy(
+            update={"classifier": settings.classifier.model_copy(update=update)}
+        )
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("number", ["24"])
+def test_llama_cpp_server_answers_give_checked_labels_and_probabilities(
+    number: str, llama_cpp_smollm2: Settings
+) -> None:
+    settings = llama_cpp_smollm2
+    classifier = OpenAIClassifier.from_settings(settings)
+    (path,) = [p for p in CORPUS if p.name.startswith(f"{number}-")]
+    _, starter = one_per_department(examples_for_mail(settings.data_dir, "test"), 1)[0]
+    for raw in (starter, path.read_bytes()):
+        email = parse_email(raw)
+        prediction = classifier.classify(ClassifyInput.from_email(email))
+        check_prediction(prediction, settings, "smollm2")
+        assert prediction.probabilities, "llama_cpp.server returns log-probabilities"
+        assert decide(prediction, email, settings).kind in {"department", "triage", "spam"}
+
+
+def test_a_shared_token_the_answer_stopped_on_is_split_not_counted_for_every_label() -> None:
+    # llama_cpp.server reports the "\n" an answer stopped on; it could start any label.
+    steps = [step("\n", ("\n", 0.4), ("La", 0.4), ("RH", 0.1), ("Support", 0.1))]
+    reading = read_answer("", steps, DEPS)
+    assert sum(reading.probabilities.values()) == pytest.approx(0.6)
+    assert reading.label == "RH"  # RH and Support tie at 0.1 + 0.4 / 5; the first configured
+    assert reading.confidence == pytest.approx(0.18)

@@ -63,7 +63,8 @@ def label_confidence(
 
     def share(i: int, prefix: str) -> float | None:
         if i >= len(steps):
-            return 1.0
+            # No token to resolve a shared one (the answer stopped at a newline, say): split.
+            return 1.0 if i == 0 else 1.0 / len(starts(prefix))
         step = steps[i]
         alive = starts(prefix)
         if alive == {chosen}:
