@@ -148,3 +148,33 @@ def test_errors_name_the_template() -> None:
         ChatTemplate.builtin("nope")
     with pytest.raises(ChatTemplateError, match="does not parse"):
         ChatTemplate("{% if %}").user_turn("P")
+
+
+def test_chatml_serving_ids_are_the_prefix_mlx_lm_masks() -> None:
+    """SmolLM2-135M-Instruct's own ChatML template and tokenizer (its GGUF, read by llama.cpp):
+    the serving ids are the user turn's ids of the training row, and the rest is the answer."""
+    from llama_cpp import Llama
+
+    from tests.conftest import require
+    from tests.fixtures.smollm2 import INSTALL, gguf_chat_template, smollm2_gguf
+
+    path = smollm2_gguf()
+    require(path is not None, INSTALL)
+    assert path is not None
+    template = gguf_chat_template(path)
+    assert "<|im_start|>" in template.source and not template.add_bos
+    llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    for prompt in starter_test_prompts()[:10]:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": "RH"}]
+        full = template.training_text(prompt, "RH")
+        assert (
+            full
+            == render_jinja_template(
+                [messages], chat_template=template.source, eos_token=template.eos_token
+            )[0][0]
+        )
+        trained = llm.tokenize(full.encode(), add_bos=False, special=True)
+        served = llm.tokenize(template.serving(prompt).encode(), add_bos=False, special=True)
+        assert trained[: len(served)] == served
+        answer = llm.tokenize(b"RH<|im_end|>\n", add_bos=False, special=True)
+        assert trained[len(served) :] == answer and answer[1] == llm.token_eos()
