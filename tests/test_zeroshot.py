@@ -113,9 +113,9 @@ def test_only_configured_labels_are_ever_chosen() -> None:
 
 #: A fine-tuned model that does not exist yet: the classifier falls back to the zero-shot model.
 NOT_TRAINED = "mailrouter-not-trained-yet:latest"
-#: Injection emails that play with the answer itself (fake turns, label lists, a label on its own
-#: line, names that are not departments); the whole corpus runs in ``bench/zeroshot.py``.
-INJECTION = ("03", "05", "17", "24")
+#: Injection emails that play with the answer itself (fake Mistral and ChatML turns, a label on its
+#: own line, label lists); the whole corpus runs in ``bench/zeroshot.py``.
+INJECTION = ("03", "17", "24", "25")
 
 
 def zero_shot_classifier(url: str, model: str) -> dict[str, object]:
