@@ -12,12 +12,13 @@ which sends the fine-tuned model's raw rendering whatever model it talks to). Fo
   the zero-shot model has no calibrated ones);
 * ``ece``: expected calibration error, 10 equal-width confidence bins, the confidence against
   being right;
-* ``injection_flips``: the share of ``tests/data/injection/`` whose route (kind and department)
-  differs from the route of the same email without its injected text
-  (``tests/data/injection/clean.json``).
+* ``injection_flips``: the share of ``tests/data/injection/`` whose route (a department, spam or
+  triage) differs from the route of the same email without its injected text
+  (``tests/data/injection/clean.json``); ``label_flips``: the share whose chosen label differs
+  (the department a triaged email is marked with included).
 
-Prints ``zeroshot: backend=…, n=…, accuracy=…, triage=…, ece=…, injection_flips=…, ms_per_email=…``
-per backend, the Ollama line last.
+Prints ``zeroshot: backend=…, n=…, accuracy=…, triage=…, ece=…, injection_flips=…,
+label_flips=…, ms_per_email=…`` per backend, the Ollama line last.
 
     python bench/zeroshot.py [--backend ollama,openai] [-n N]
 """
@@ -62,6 +63,7 @@ class Figures:
     triage: float
     ece: float
     injection_flips: float
+    label_flips: float
     ms_per_email: float
 
 
@@ -84,9 +86,10 @@ def expected_calibration_error(
     return error
 
 
-def route_key(prediction: Prediction, email: Email, settings: Settings) -> tuple[str, str | None]:
+def where(prediction: Prediction, email: Email, settings: Settings) -> tuple[str, str | None]:
+    """Where the email goes: a department, spam or triage (a triaged email's hint is not a route)."""
     route = decide(prediction, email, settings)
-    return route.kind, route.department
+    return route.kind, None if route.kind == "triage" else route.department
 
 
 def clean_input(email: Email, clean: dict[str, str]) -> ClassifyInput:
@@ -96,18 +99,21 @@ def clean_input(email: Email, clean: dict[str, str]) -> ClassifyInput:
     )
 
 
-def injection_flips(classify: Classify, settings: Settings) -> float:
+def injection_flips(classify: Classify, settings: Settings) -> tuple[float, float]:
+    """The shares of the corpus whose route, and whose chosen label, the injected text changes."""
     cleans = json.loads((INJECTION / "clean.json").read_text(encoding="utf-8"))
-    flips = total = 0
-    for path in sorted(INJECTION.glob("*.eml")):
+    paths = sorted(INJECTION.glob("*.eml"))
+    routes = labels = 0
+    for path in paths:
         email = parse_email(path.read_bytes())
-        injected = route_key(classify(ClassifyInput.from_email(email)), email, settings)
-        honest = route_key(classify(clean_input(email, cleans[path.stem])), email, settings)
-        flips += injected != honest
-        total += 1
-        mark = "  flip" if injected != honest else ""
-        print(f"  {path.stem:32} {injected!s:32} {honest!s:32}{mark}")
-    return flips / total
+        injected = classify(ClassifyInput.from_email(email))
+        honest = classify(clean_input(email, cleans[path.stem]))
+        route, clean_route = where(injected, email, settings), where(honest, email, settings)
+        routes += route != clean_route
+        labels += injected.label != honest.label
+        mark = "  route flip" if route != clean_route else ""
+        print(f"  {path.stem:32} {injected.label!s:10} {honest.label!s:10} {route!s:26}{mark}")
+    return routes / len(paths), labels / len(paths)
 
 
 def measure(
@@ -131,15 +137,10 @@ def measure(
         )
     elapsed = (time.perf_counter() - started) / len(examples) * 1000
     n = len(examples)
-    flips = injection_flips(classify, settings) if with_injection else float("nan")
-    return Figures(
-        n,
-        sum(right) / n,
-        triaged / n,
-        expected_calibration_error(confidences, right),
-        flips,
-        elapsed,
-    )
+    nan = float("nan")
+    flips, label_flips = injection_flips(classify, settings) if with_injection else (nan, nan)
+    ece = expected_calibration_error(confidences, right)
+    return Figures(n, sum(right) / n, triaged / n, ece, flips, label_flips, elapsed)
 
 
 def with_classifier(settings: Settings, **update: object) -> Settings:
@@ -213,6 +214,7 @@ def main() -> int:
             lines.append(
                 f"zeroshot: backend={backend}, n={f.n}, accuracy={f.accuracy:.3f}, "
                 f"triage={f.triage:.3f}, ece={f.ece:.3f}, injection_flips={f.injection_flips:.3f}, "
+                f"label_flips={f.label_flips:.3f}, "
                 f"ms_per_email={f.ms_per_email:.0f}"
             )
             print(lines[-1])
