@@ -87,7 +87,7 @@ def expected_calibration_error(
 
 
 def where(prediction: Prediction, email: Email, settings: Settings) -> tuple[str, str | None]:
-    """Where the email goes: a department, spam or triage (a triaged email's hint is not a route)."""
+    """Where the email goes: a department, spam or triage (the hint of a triaged one is not)."""
     route = decide(prediction, email, settings)
     return route.kind, None if route.kind == "triage" else route.department
 
