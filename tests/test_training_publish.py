@@ -106,16 +106,20 @@ def test_disk_check_names_ollama_store_and_the_need(
 
     monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "ollama-models"))
     local = load_settings(data_dir=tmp_path)  # Ollama on 127.0.0.1: its store is checked
-    needs = disk_needs(local, tmp_path / "run", 10**9)
-    assert needs == {tmp_path / "run": 10**9, tmp_path / "ollama-models": 2 * 10**9}
+    run, store, size = tmp_path / "run", tmp_path / "ollama-models", 10**9
+    # uploading: the GGUF here and Ollama's copy; quantising: the copy and the quantised file
+    assert disk_needs(local, run, size) == [{run: size, store: size}, {store: 2 * size}]
+    unquantised = load_settings(data_dir=tmp_path, training={"quantize": ""})
+    assert disk_needs(unquantised, run, size) == [{run: size, store: size}]
     remote = load_settings(data_dir=tmp_path, classifier={"ollama_host": "http://gpu-box:11434"})
-    assert disk_needs(remote, tmp_path / "run", 10**9) == {tmp_path / "run": 10**9}
+    assert disk_needs(remote, run, size) == [{run: size}]
 
-    check_disk({tmp_path / "run": 1, tmp_path / "ollama-models": 1})  # neither exists yet: fine
-    with pytest.raises(TrainingError) as err:
-        check_disk(disk_needs(local, tmp_path / "run", 10**17))
-    assert f"at {tmp_path / 'ollama-models'}" in str(err.value)
-    assert "200000000.0 GB" in str(err.value)
+    check_disk([{run: 1, store: 1}])  # neither exists yet: their parent's disk counts
+    with pytest.raises(TrainingError) as err:  # one disk: the worst phase, 2 x 10^17, not 3 x
+        check_disk(disk_needs(local, run, 10**17))
+    assert str(err.value).startswith(
+        f"not enough disk space to publish: 100000000.0 GB at {run} and 100000000.0 GB at {store}"
+    )
 
 
 def test_unused_blobs_of_a_real_ollama_store(tmp_path: Path) -> None:

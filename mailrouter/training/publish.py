@@ -150,27 +150,35 @@ def unused_blobs(models_dir: Path) -> list[str]:
     return sorted(set(found) - used)
 
 
-def disk_needs(settings: Settings, run_dir: Path, gguf_bytes: int) -> dict[Path, int]:
-    """Bytes a publish writes, by folder: the GGUF in the run folder (removed once pushed), and,
-    with a local Ollama, its copy plus the quantised one beside it until the copy is deleted."""
-    needs = {run_dir: gguf_bytes}
+def disk_needs(settings: Settings, run_dir: Path, gguf_bytes: int) -> list[dict[Path, int]]:
+    """What a publish has on disk at once, by folder, phase by phase: while it uploads, the GGUF
+    in the run folder and (with Ollama on this machine) Ollama's copy; while Ollama quantises,
+    its copy and the quantised file (never bigger), the local GGUF being gone by then."""
     host = normalize_host(settings.classifier.ollama_host)
-    if any(f"//{local}" in host for local in ("127.0.0.1", "localhost", "[::1]")):
-        needs[ollama_models_dir()] = gguf_bytes * (2 if settings.training.quantize else 1)
-    return needs
+    if not any(f"//{local}" in host for local in ("127.0.0.1", "localhost", "[::1]")):
+        return [{run_dir: gguf_bytes}]  # Ollama's disk is another machine's
+    store = ollama_models_dir()
+    phases = [{run_dir: gguf_bytes, store: gguf_bytes}]
+    if settings.training.quantize:
+        phases.append({store: 2 * gguf_bytes})
+    return phases
 
 
-def check_disk(needs: Mapping[Path, int]) -> None:
-    """Refuse to publish without room, naming each folder and what it needs (folders on one
-    file system add up)."""
-    by_device: dict[int, list[tuple[Path, int]]] = {}
-    for path, needed in needs.items():
-        by_device.setdefault(_existing(path).stat().st_dev, []).append((path, needed))
-    for entries in by_device.values():
-        total = sum(n for _, n in entries)
-        free = shutil.disk_usage(_existing(entries[0][0])).free
-        if free < total:
-            where = " and ".join(f"{n / 1e9:.1f} GB at {p}" for p, n in entries)
+def check_disk(phases: Sequence[Mapping[Path, int]]) -> None:
+    """Refuse to publish without room: on each file system, for the phase that needs the most
+    there; the error names each folder and what it needs."""
+    worst: dict[int, dict[Path, int]] = {}
+    for phase in phases:
+        by_device: dict[int, dict[Path, int]] = {}
+        for path, needed in phase.items():
+            by_device.setdefault(_existing(path).stat().st_dev, {})[path] = needed
+        for device, needs in by_device.items():
+            if sum(needs.values()) > sum(worst.get(device, {}).values()):
+                worst[device] = needs
+    for needs in worst.values():
+        free = shutil.disk_usage(_existing(next(iter(needs)))).free
+        if free < sum(needs.values()):
+            where = " and ".join(f"{n / 1e9:.1f} GB at {p}" for p, n in needs.items())
             raise TrainingError(
                 f"not enough disk space to publish: {where} (the GGUF, and Ollama's copy and "
                 f"quantisation of it), {free / 1e9:.1f} GB free there; free some space, or "
