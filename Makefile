@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-servers lint format bench clean
+.PHONY: demo test test-min test-servers lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,27 @@ PRELOAD_BLAS = preload="$$($(BIN)/python -m mailrouter.training.blas)"; \
 
 test: $(VENV)/.installed-dev test-servers
 	@$(PRELOAD_BLAS) HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+# The Ollama and training tests with the declared minimum versions of ollama, mlx-lm and mlx
+# (tests/minimum_versions.py reads them from pyproject.toml), in a venv of their own; not part of
+# `make test`.
+VENV_MIN  ?= .venv-min
+MIN_TESTS ?= tests/test_ollama.py tests/test_ollama_server.py tests/test_calibration_ollama.py \
+	tests/test_tiny_model.py tests/test_gguf.py tests/test_mlx_classifier.py \
+	tests/test_training_parts.py tests/test_training_loop.py tests/test_selftest.py
+
+$(VENV_MIN)/.installed-min: pyproject.toml tests/minimum_versions.py
+	$(PYTHON) -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/python -m pip install -q --upgrade pip
+	$(VENV_MIN)/bin/python tests/minimum_versions.py > $(VENV_MIN)/constraints.txt
+	$(VENV_MIN)/bin/python -m pip install -q -c $(VENV_MIN)/constraints.txt -e '.[dev]'
+	@touch $@
+
+test-min: $(VENV_MIN)/.installed-min test-servers
+	@$(VENV_MIN)/bin/python -m pip list 2>/dev/null | grep -E '^(ollama|mlx|mlx-lm|mlx-cpu) '
+	@preload="$$($(VENV_MIN)/bin/python -m mailrouter.training.blas)"; \
+	if [ -n "$$preload" ]; then export LD_PRELOAD="$$preload"; fi; \
+	HF_HUB_OFFLINE=1 $(VENV_MIN)/bin/python -m pytest -n 2 $(PYTEST_ARGS) $(MIN_TESTS)
 
 # ruff, then mypy on the package ([tool.mypy] in pyproject.toml says what and how strictly).
 lint: $(VENV)/.installed-dev
