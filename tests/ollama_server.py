@@ -1153,12 +1153,17 @@ class Handler(BaseHTTPRequestHandler):
             if current not in ("F16", "F32"):  # createModel, server/create.go line 477
                 raise ApiError(500, "quantization is only supported for F16 and F32 models")
         if kind and QUANT_TYPES[kind] != QUANT_TYPES.get(current):  # same type: nothing to do
-            yield {"status": f"quantizing {current} model to {kind}"}
             src = store.blob_path(record.gguf)
+            # quantizeLayer's progress (server/create.go line 568): a status with the source's
+            # size as total and the bytes done as completed, under a placeholder digest
+            step = {"status": f"quantizing {current} model to {kind}", "digest": "0" * 19}
+            step["total"] = src.stat().st_size
+            yield step | {"completed": 0}
             fd, tmp = tempfile.mkstemp(dir=store.blobs, prefix=".quantize-", suffix=".gguf")
             os.close(fd)
             tmp_path = Path(tmp)
             if quantize(src, tmp_path, kind):
+                yield step | {"completed": step["total"]}
                 yield {"status": "verifying conversion"}
                 record.model_info = gguf_metadata(tmp_path)
                 record.gguf = store.add_file_blob(tmp_path)

@@ -63,7 +63,9 @@ def test_store_is_clean_after_a_publish(
     assert len(server.get("/_test/blobs").json()["blobs"]) == 1
     assert statuses[-1] == "Ollama: success"  # progress streamed (stream=True)
     if quantize:
-        assert "Ollama: quantizing F32 model to Q8_0" in statuses
+        # quantisation's progress, in steps of 10 %
+        assert "Ollama: quantizing F32 model to Q8_0 0%" in statuses
+        assert "Ollama: quantizing F32 model to Q8_0 100%" in statuses
 
 
 def test_a_refused_quantisation_leaves_no_blob(
