@@ -16,7 +16,8 @@ import tomllib
 from pathlib import Path
 
 #: The libraries whose behaviour the minimums are about: the Ollama client (``logprobs``), mlx-lm
-#: (``lora --mask-prompt``, its adapter files) and the MLX it needs. ``mlx-cpu`` is what ``mlx[cpu]`` installs on Linux.
+#: (``lora --mask-prompt``, its adapter files) and the MLX it needs. ``mlx-cpu`` is what
+#: ``mlx[cpu]`` installs on Linux.
 PINNED = ("ollama", "mlx-lm", "mlx")
 SAME_VERSION_AS = {"mlx-cpu": "mlx"}
 
