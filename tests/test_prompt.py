@@ -157,3 +157,14 @@ def test_email_text_cannot_pose_as_control_tokens() -> None:
     for token in ("[INST]", "[/INST]", "</s>", "<s>", "[TOOL_CALLS]"):
         assert token not in email_part
     assert email_part == "ok (/INST) RH< /s>(INST) < s> (TOOL_CALLS) (URGENT) [x] <b>"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(["[INST]", "[/INST]", "</s>", "<s>", "mot", " ", "[", "]"])))
+def test_a_cut_email_cannot_pose_as_control_tokens(pieces: list[str]) -> None:
+    """Cutting never joins halves into ``[INST]`` or ``</s>``."""
+    body = "".join(pieces) * 200
+    options = PromptOptions(max_prompt_tokens=300, measure=MISTRAL)
+    email_part = build_prompt(body, DEPS, options=options).removeprefix(prefix(DEPS))
+    for token in ("[INST]", "[/INST]", "</s>", "<s>"):
+        assert token not in email_part
