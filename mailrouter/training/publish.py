@@ -36,7 +36,7 @@ import ollama
 
 from ..calibration import Calibration
 from ..chat_template import ChatTemplate
-from ..classify.ollama import OllamaClassifier, full_name, normalize_host
+from ..classify.ollama import OllamaClassifier, full_name, model_options, normalize_host
 from ..config import Settings
 from ..dataset import Example
 from ..errors import MailRouterError, TrainingError
@@ -209,7 +209,7 @@ def _create(
         stream = api.create(
             model=name,
             template=chat.ollama_template(),
-            parameters={"stop": chat.stop, "temperature": 0},
+            parameters={"stop": chat.stop, **model_options(settings.classifier)},
             stream=True,
             **body,
         )
