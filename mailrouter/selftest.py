@@ -228,6 +228,7 @@ class SelfTest:
         with self.check("tiny model") as detail:
             from .training import tinymodel  # numpy, sentencepiece: for this step only
 
+            os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found"
             base = tinymodel.build(self.work / "tiny-model")
             size = sum(p.stat().st_size for p in base.iterdir())
             detail.append(f"Mistral architecture, v0.3 tokenizer, {size / 1e6:.0f} MB")
@@ -259,7 +260,9 @@ class SelfTest:
                 "temperature": 0.0,
                 "num_ctx": float(context_size(conf.max_prompt_tokens, conf.num_predict)),
             }
-            detail.append(", ".join(f"{k} {params.get(k, 'unset')}" for k in expected))
+            detail.append(
+                ", ".join(f"{k} {params[k]:g}" if k in params else f"{k} unset" for k in expected)
+            )
             wrong = [k for k, v in expected.items() if params.get(k) != v]
             assert not wrong, f"the model keeps other parameters: {detail[0]}"
 

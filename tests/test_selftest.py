@@ -44,7 +44,7 @@ def test_selftest_reports_every_check_and_leaves_the_store_clean(
     checks = [line.split()[1] for line in lines if line[:1] in "✓✗"]
     assert checks == ["ollama", "tiny", "train,", "parameters", "classify", "repeat", "store"]
     assert all(line.startswith("✓") for line in lines if line[:1] in "✓✗"), report
-    assert "repeat_penalty 1.0, temperature 0.0, num_ctx 512.0" in report
+    assert "repeat_penalty 1, temperature 0, num_ctx 512" in report
     assert "logprobs with 20 alternatives a token" in report
     assert lines[-1].startswith("7 of 7 checks passed in ")
     after = httpx.get(f"{ollama_server.url}/api/tags", timeout=30).json()["models"]
