@@ -17,6 +17,12 @@ from tests.fixtures.ollama import OllamaEndpoint
 pytestmark = pytest.mark.timeout(600)
 
 
+def store(server: OllamaEndpoint) -> tuple[list[dict[str, object]], list[str] | None]:
+    """The models ``/api/tags`` lists, and the blob files on disk (the test server only)."""
+    models = httpx.get(f"{server.url}/api/tags", timeout=30).json()["models"]
+    return models, server.get("/_test/blobs").json()["blobs"] if server.test_server else None
+
+
 def test_selftest_reports_every_check_and_leaves_the_store_clean(
     tmp_path: Path, ollama_server: OllamaEndpoint
 ) -> None:
@@ -26,7 +32,7 @@ def test_selftest_reports_every_check_and_leaves_the_store_clean(
         f"[classifier]\nollama_host = {json.dumps(ollama_server.url)}\n",
         encoding="utf-8",
     )
-    before = httpx.get(f"{ollama_server.url}/api/tags", timeout=30).json()["models"]
+    before = store(ollama_server)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROUTER_")}
     done = subprocess.run(
         [sys.executable, "-m", "mailrouter", "-c", str(config), "selftest"],
@@ -47,6 +53,5 @@ def test_selftest_reports_every_check_and_leaves_the_store_clean(
     assert "repeat_penalty 1, temperature 0, num_ctx 512" in report
     assert "logprobs with 20 alternatives a token" in report
     assert lines[-1].startswith("7 of 7 checks passed in ")
-    after = httpx.get(f"{ollama_server.url}/api/tags", timeout=30).json()["models"]
-    assert after == before
+    assert store(ollama_server) == before  # the models, and no blob left behind
     assert not (tmp_path / "data").exists()  # the user's data folder is not touched
