@@ -290,3 +290,11 @@ def test_a_shared_token_the_answer_stopped_on_is_split_not_counted_for_every_lab
     assert sum(reading.probabilities.values()) == pytest.approx(0.6)
     assert reading.label == "RH"  # RH and Support tie at 0.1 + 0.4 / 5; the first configured
     assert reading.confidence == pytest.approx(0.18)
+
+
+def test_a_fine_tuned_model_is_read_from_its_text_alone() -> None:
+    # Prose from the fine-tuned model is a failure to route to triage, not a guess.
+    steps = [step("La", ("La", 0.5), ("F", 0.1), (" Finance", 0.08), ("RH", 0.05))]
+    assert read_answer("La demande", steps, DEPS, from_probabilities=False).label is None
+    text_only = read_answer("RH", steps, DEPS, from_probabilities=False)
+    assert text_only.label == "RH" and text_only.confidence == pytest.approx(0.05 / 0.23)

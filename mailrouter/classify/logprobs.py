@@ -120,7 +120,11 @@ class Reading:
 
 
 def read_answer(
-    text: str, steps: Sequence[TokenChoice], departments: Sequence[Department]
+    text: str,
+    steps: Sequence[TokenChoice],
+    departments: Sequence[Department],
+    *,
+    from_probabilities: bool = True,
 ) -> Reading:
     """The label with the largest probability at the answer position, the text as cross-check.
 
@@ -132,18 +136,34 @@ def read_answer(
     the labels, so a model that would rather have written something else (or named another
     department) routes with a low confidence (triage below the threshold) instead of a certain
     one. No label token among the alternatives, or no alternatives at all: only the text counts.
+
+    ``from_probabilities=False`` reads the text alone (a fine-tuned model: its prose is a failure
+    to route to triage, not to guess from, and MLX evaluates its candidates the same way).
     """
     answer = text.strip()
     greedy = map_label(answer, departments)
-    shares = _shares(steps, departments)
+    shares = _shares(steps, departments) if from_probabilities else {}
     if not shares:
-        return Reading(answer=answer, label=greedy, greedy=greedy)
+        return _read_text(answer, greedy, steps, departments)
     chosen = max(shares, key=lambda name: (shares[name], name == greedy))
     if chosen == greedy:
         return Reading(answer, greedy, shares[greedy], shares, greedy)
     mass = label_mass(steps[0], departments)
     raw = {name: share * mass for name, share in shares.items()}
     return Reading(answer, chosen, raw[chosen], raw, greedy)
+
+
+def _read_text(
+    answer: str, label: str | None, steps: Sequence[TokenChoice], departments: Sequence[Department]
+) -> Reading:
+    """The label the text names, with its share among the labels when the server sent any."""
+    confidence = label_confidence(steps, label, departments) if steps and label else None
+    if label is None or confidence is None:
+        return Reading(answer=answer, label=label, greedy=label)
+    probabilities = {
+        d.name: label_confidence(steps, d.name, departments) or 0.0 for d in departments
+    }
+    return Reading(answer, label, confidence, probabilities, label)
 
 
 def _shares(steps: Sequence[TokenChoice], departments: Sequence[Department]) -> dict[str, float]:

@@ -283,7 +283,9 @@ class OllamaClassifier:
                 response = self._generate(model, *self.request(model, item), server.logprobs)
             except ollama.ResponseError as again:
                 raise self._transport_error(again) from again
-        return self._prediction(response)
+        return self._prediction(
+            response, zero_shot=model != full_name(self.settings.classifier.model)
+        )
 
     def classify_many(self, items: Sequence[ClassifyInput]) -> list[Prediction]:
         """Batch work: up to ``concurrency`` requests in flight, answers in the items' order."""
@@ -311,9 +313,12 @@ class OllamaClassifier:
         except (ConnectionError, httpx.HTTPError) as exc:
             raise self._transport_error(exc) from exc
 
-    def _prediction(self, response: Any) -> Prediction:
+    def _prediction(self, response: Any, *, zero_shot: bool = False) -> Prediction:
+        """The label a fine-tuned model's text names; a zero-shot model's prose gets the
+        likeliest department at its raw probability (see :func:`~.logprobs.read_answer`)."""
         steps = [TokenChoice.from_api(e) for e in (response.logprobs or [])]
-        reading = read_answer(response.response or "", steps, self.departments)
+        text = response.response or ""
+        reading = read_answer(text, steps, self.departments, from_probabilities=zero_shot)
         if reading.greedy is None:  # prose: the label, if any, comes from the probabilities
             event(log, "ollama_unmapped_answer", logging.WARNING, answer=reading.answer[:80],
                   model=self.name, chosen=reading.label or "triage")  # fmt: skip
