@@ -45,8 +45,11 @@ _SUBJECT_CHARS = 200
 
 
 #: Text an email could use to pose as the chat template's control tokens (``[INST]``, ``</s>``,
-#: ``[TOOL_CALLS]``…): tokenizers parse these as special tokens, so they are defused in the email.
-_CONTROL_LIKE = re.compile(r"\[(/?[A-Z][A-Z_0-9]*)\]|<(/?)(s|unk)>")
+#: ``[TOOL_CALLS]``, ChatML's and Llama 3's ``<|im_start|>``, ``<|eot_id|>``, Gemma's
+#: ``<start_of_turn>``…): tokenizers parse these as special tokens, so the email's are defused.
+_CONTROL_LIKE = re.compile(
+    r"\[(/?[A-Z][A-Z_0-9]*)\]|<(/?)(s|unk|bos|eos|start_of_turn|end_of_turn)>|<\|(\w+)\|>"
+)
 
 
 _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
@@ -61,9 +64,15 @@ def _ascii(text: str) -> str:
 
 
 def _defuse(text: str) -> str:
-    return _CONTROL_LIKE.sub(
-        lambda m: f"({m.group(1)})" if m.group(1) else f"< {m.group(2)}{m.group(3)}>", text
-    )
+    return _CONTROL_LIKE.sub(_defused, text)
+
+
+def _defused(m: re.Match[str]) -> str:
+    if m.group(1):
+        return f"({m.group(1)})"
+    if m.group(4):
+        return f"<{m.group(4)}>"
+    return f"< {m.group(2)}{m.group(3)}>"
 
 
 @dataclass(frozen=True)
