@@ -185,9 +185,9 @@ class OpenAIClassifier:
         choice = choices[0] if isinstance(choices[0], Mapping) else {}
         steps = completion_steps(choice.get("logprobs"))
         reading = read_answer(str(choice.get("text") or ""), steps, self.departments)
-        if reading.label is None:
+        if reading.greedy is None:  # prose: the label, if any, comes from the probabilities
             event(log, "openai_unmapped_answer", logging.WARNING, answer=reading.answer[:80],
-                  model=self.name)  # fmt: skip
+                  model=self.name, chosen=reading.label or "triage")  # fmt: skip
         elif reading.confidence is None and not self._warned_no_logprobs:
             self._warned_no_logprobs = True  # once: every answer of such a server lacks them
             event(log, "openai_no_logprobs", logging.WARNING, model=self.name,
