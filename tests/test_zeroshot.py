@@ -259,7 +259,7 @@ def llama_cpp_smollm2(
     # n_ctx × 49,152 scores per request, and the injection email below is short.
     server = start_llama_cpp_server(work, {"smollm2": gguf}, api_key="test-key")
     update = {"backend": "openai", "openai_base_url": server.url, "openai_model": "smollm2",
-              "openai_api_key": SecretStr("test-key")}  # fmt: skip
+              "openai_api_key": SecretStr("test-key"), "openai_template": "chatml"}  # fmt: skip
     settings = zero_shot_settings
     try:
         yield settings.model_copy(
