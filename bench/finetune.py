@@ -11,8 +11,8 @@ by :class:`mailrouter.classify.mlx.MlxClassifier` before (zero-shot) and after (
 scored by :func:`mailrouter.training.evaluation.evaluate`. What it leaves out is what needs
 Ollama: the gate against a model in service, publishing and calibration.
 
-About 20 minutes on 2 quiet CPU cores for the default epoch (67 iterations at batch 4), 45 or more
-when the machine is shared; not part of ``make test`` or ``make bench``.
+About 13 minutes on 2 lightly loaded CPU cores for the default epoch (67 iterations at batch 4,
+9.4 s each), 20-45 when the machine is shared; not part of ``make test`` or ``make bench``.
 The process re-starts itself with OpenBLAS preloaded for MLX when it is installed and not
 preloaded yet (``mailrouter/training/blas.py``). Prints progress, then last:
 
