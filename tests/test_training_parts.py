@@ -16,7 +16,12 @@ from mailrouter.config import load_settings
 from mailrouter.errors import ConfigError, TrainingError
 from mailrouter.state import State
 from mailrouter.training import registry
-from mailrouter.training.basemodel import base_record, download, resolve_base_model
+from mailrouter.training.basemodel import (
+    base_record,
+    download,
+    pinned_revision,
+    resolve_base_model,
+)
 from mailrouter.training.job import settings_payload
 from mailrouter.training.lora import parse_line
 from mailrouter.training.publish import (
@@ -200,6 +205,18 @@ def test_base_revision_is_what_is_fetched_and_recorded(
     assert base_record(local, tmp_path) == {"name": str(tmp_path), "revision": None}
     with pytest.raises(TrainingError, match="is a local folder: leave base_revision empty"):
         resolve_base_model(local)
+
+
+def test_an_empty_base_revision_keeps_the_commit_of_the_model_in_service() -> None:
+    """A new upload to the base's repository never changes what a nightly run trains on."""
+    served = {"name": "o/m", "revision": "0123abcd"}
+    newest = load_settings(training={"base_model": "o/m"})
+    assert pinned_revision(newest, served) == "0123abcd"
+    assert pinned_revision(newest, None) == ""  # first run: newest, then recorded
+    other_repo = load_settings(training={"base_model": "o/other"})
+    assert pinned_revision(other_repo, served) == ""
+    configured = load_settings(training={"base_model": "o/m", "base_revision": "feedbeef"})
+    assert pinned_revision(configured, served) == "feedbeef"
 
 
 def test_old_versions_are_deleted_through_the_api(

@@ -33,8 +33,24 @@ ALLOW_PATTERNS = [
 ]
 
 
-def resolve_base_model(settings: Settings) -> Path:
-    """The folder of ``training.base_model``: the local path, else the cached snapshot."""
+def pinned_revision(settings: Settings, served: dict[str, Any] | None) -> str:
+    """The commit to fetch: ``training.base_revision``, else the one the model in service was
+    trained on (``served``, its :func:`base_record`) when it came from the same repository.
+
+    Without this, an empty ``base_revision`` would take the repository's newest upload each night,
+    and a candidate could differ from the model it is compared with by its base, not only by its
+    data. Empty on the first run: the newest snapshot, whose commit that run then records.
+    """
+    if settings.training.base_revision:
+        return settings.training.base_revision
+    if served and served.get("name") == settings.training.base_model:
+        return str(served.get("revision") or "")
+    return ""
+
+
+def resolve_base_model(settings: Settings, served: dict[str, Any] | None = None) -> Path:
+    """The folder of ``training.base_model``: the local path, else the cached snapshot at
+    :func:`pinned_revision`."""
     name = settings.training.base_model
     local = Path(name).expanduser()
     revision = settings.training.base_revision
@@ -55,6 +71,7 @@ def resolve_base_model(settings: Settings) -> Path:
             f"training.base_model = {name!r}: no such folder, and not a Hugging Face id "
             "of the form owner/name"
         )
+    revision = pinned_revision(settings, served)
     return download(name, token=hf_token(settings), revision=revision or None)
 
 

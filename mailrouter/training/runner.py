@@ -234,7 +234,10 @@ class _Run:
         settings = self.settings
         self.hooks.stage("fetching the base model")
         started = time.monotonic()
-        base_dir = resolve_base_model(settings)
+        served = registry.in_service(self.state)
+        base_dir = resolve_base_model(
+            settings, served.metrics.get("base_model") if served else None
+        )
         self._timed("base_model", started)
         self.metrics["base_model"] = base_record(settings, base_dir)
         self.hooks.stage("exporting the dataset")
