@@ -35,7 +35,8 @@ def test_classify_returns_a_checked_label(classifier) -> None:  # type: ignore[n
         "+adapter"
     )
     tokens, text, probs = classifier.answer(classifier.prompt_ids(classifier.render(EMAIL)))
-    assert text.strip() == prediction.raw and 0 < len(tokens) <= classifier.max_tokens
+    # An answer may be empty (the model ends its turn at once): then the label is None.
+    assert text.strip() == prediction.raw and len(tokens) <= classifier.max_tokens
     assert math.isclose(sum(probs.values()), 1.0) and set(probs) == names
     if prediction.label is not None:
         assert prediction.confidence == probs[prediction.label]
