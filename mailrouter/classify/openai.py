@@ -3,8 +3,9 @@
 The same request as the Ollama backend, in the OpenAI completions API: the one prompt rendered
 with the chat template the model was trained with (``classifier.openai_template``; the server adds
 the BOS token, as Ollama does with ``raw``), greedy decoding, ``classifier.num_predict`` tokens,
-the prompt's stop sequences and ``logprobs: N`` alternatives per generated token. The answer becomes a label only
-through :func:`~.logprobs.read_answer`, with the confidence computed as for Ollama.
+the prompt's stop sequences and ``logprobs: N`` alternatives per generated token. The answer
+becomes a label only through :func:`~.logprobs.read_answer`, with the confidence computed as for
+Ollama.
 
 Failures follow the Ollama backend's: unreachable, timed out or refused credentials raise
 :class:`ClassifierError` (the pipeline waits or triages as ``classifier.on_error`` says), an
