@@ -301,13 +301,10 @@ def test_a_prompt_longer_than_num_ctx_is_cut_after_its_first_tokens(
 @pytest.fixture
 def own_server(tmp_path: Path) -> Iterator[OllamaEndpoint]:
     """A private test server: these tests count every blob of its store."""
-    from tests.fixtures.ollama import start_test_server
+    from tests.fixtures.ollama import private_test_server
 
-    endpoint = start_test_server(tmp_path / "store")
-    try:
+    with private_test_server(tmp_path / "store") as endpoint:
         yield endpoint
-    finally:
-        endpoint.stop()
 
 
 def _create(server: OllamaEndpoint, **body: object) -> httpx.Response:

@@ -25,16 +25,13 @@ from mailrouter.training.publish import (
     unload_models,
     unused_blobs,
 )
-from tests.fixtures.ollama import OllamaEndpoint, start_test_server
+from tests.fixtures.ollama import OllamaEndpoint, private_test_server
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[OllamaEndpoint]:
-    endpoint = start_test_server(tmp_path / "store")
-    try:
+    with private_test_server(tmp_path / "store") as endpoint:
         yield endpoint
-    finally:
-        endpoint.stop()
 
 
 def _unused(server: OllamaEndpoint) -> list[str]:
