@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from mailrouter.calibration import ollama_path
 from mailrouter.config import load_settings
 from mailrouter.errors import ConfigError, TrainingError
 from mailrouter.state import State
+from mailrouter.tokens import kept_dir
 from mailrouter.training import registry
 from mailrouter.training.basemodel import (
     base_record,
@@ -28,6 +30,7 @@ from mailrouter.training.publish import (
     client,
     float_gguf_bytes,
     gguf_dtype,
+    model_digests,
     model_names,
     promote,
     prune,
@@ -235,7 +238,16 @@ def test_old_versions_are_deleted_through_the_api(
             publish_gguf(ollama_server.url, tiny_gguf, version_name(settings, version))
             registry.add_version(state, version, version_name(settings, version), {})
         promote(settings, state, "v1")  # the one in service is never pruned
+        digest = model_digests(api)[version_name(settings, "v1")]
+        kept = [kept_dir(settings.models_dir, digest), kept_dir(settings.models_dir, "ab" * 32)]
+        for folder in kept:
+            folder.mkdir(parents=True)
+        gone = ollama_path(settings.models_dir, "cd" * 32)
+        gone.parent.mkdir(parents=True)
+        gone.write_text("{}")
         assert prune(settings, state, api=api) == ["v2"]
+        # Prompt files and calibrations of models no longer on the server go with them.
+        assert kept[0].is_dir() and not kept[1].exists() and not gone.exists()
         assert [m.version for m in registry.versions(state)] == ["v3", "v1"]
     on_server = model_names(api)
     assert version_name(settings, "v2") not in on_server

@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 import ollama
 
+from .. import calibration
 from ..calibration import Calibration
 from ..chat_template import ChatTemplate
 from ..classify.ollama import OllamaClassifier, full_name, model_options, normalize_host
@@ -475,8 +476,34 @@ def prune(settings: Settings, state: State, *, api: ollama.Client | None = None)
         registry.remove_version(state, model.version)
         removed.append(model.version)
     if removed:
-        event(log, "training.pruned", versions=",".join(removed))
+        forgotten = forget_deleted_models(settings.models_dir, model_digests(api).values())
+        event(log, "training.pruned", versions=",".join(removed), files=len(forgotten))
     return removed
+
+
+def forget_deleted_models(models_dir: Path, digests: Iterable[str]) -> list[Path]:
+    """Remove the prompt files and calibrations kept for Ollama models that exist no more.
+
+    Both are keyed by model digest (a copy such as ``latest`` shares its version's), so what a
+    model still on the server uses is kept, whatever its name.
+    """
+    alive = {kept_dir(models_dir, d) for d in digests} | {
+        calibration.ollama_path(models_dir, d) for d in digests
+    }
+    stale = [
+        path
+        for path in [
+            *(models_dir / "prompt").glob("ollama-*"),
+            *(models_dir / "calibration").glob("ollama-*.json"),
+        ]
+        if path not in alive
+    ]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
 
 
 def _delete(api: ollama.Client, name: str) -> None:
