@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 
 from unidecode import unidecode
 
-from .chat_template import MISTRAL_V3, ChatTemplate
 from .config import Department, Settings
 from .errors import ConfigError
 from .tokens import DEFAULT_MEASURE, PromptMeasure
@@ -24,13 +23,6 @@ INSTRUCTION = (
     "Tu tries le courrier de la boite contact d'une entreprise. "
     "Reponds uniquement par le nom du service qui doit traiter l'email, sans autre mot."
 )
-
-#: The Mistral v0.3 rendering, the default when no model folder says otherwise (the zero-shot
-#: ``mistral`` of Ollama): its Jinja chat template, the user turn in Ollama's Go template
-#: language (for ``ollama run`` by hand), and the stop sequences (one label, ending with ``</s>``).
-CHAT_TEMPLATE = MISTRAL_V3
-OLLAMA_TEMPLATE = ChatTemplate.mistral_v3().ollama_template()
-STOP = ChatTemplate.mistral_v3().stop
 
 #: What stands for the middle of a body cut to fit (start and end kept).
 CUT = " [...] "
@@ -210,10 +202,3 @@ def _longest(text: str, fits: Callable[[str], bool]) -> str | None:
         else:
             high = size - 1
     return best
-
-
-def render_chat(prompt: str, template: ChatTemplate | None = None) -> str:
-    """The prompt as ``template`` renders a user turn for a runtime that adds the BOS itself
-    (Mistral v0.3's by default): the string sent to Ollama with ``raw: true``. mlx-lm renders the
-    same text from ``{"prompt": prompt, "completion": label}`` with the model's template."""
-    return (template or ChatTemplate.mistral_v3()).serving(prompt)

@@ -46,7 +46,6 @@ from .config import Settings, default_departments
 from .dataset import Dataset, Example
 from .errors import MailRouterError
 from .files import install_starter
-from .prompt import STOP
 from .training.publish import client, model_digests, server_version
 from .training.runner import run_training
 
@@ -306,7 +305,7 @@ class SelfTest:
         to v0.32.9, ``DefaultOptions`` in ``api/types.go``), the rest as the router sends it."""
         api, conf = client(self.settings), self.settings.classifier
         options = {**model_options(conf), "repeat_penalty": 1.1}
-        options |= {"num_predict": conf.num_predict, "stop": list(STOP)}
+        options |= {"num_predict": conf.num_predict, "stop": classifier.template.stop}
         changed = 0
         for example, ours in zip(examples, answers, strict=True):
             prompt = classifier.render(example.to_input())

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailrouter import dataset as dataset_module
+from mailrouter.chat_template import MISTRAL_V3, ChatTemplate
 from mailrouter.config import default_departments
 from mailrouter.dataset import (
     LEARNED_SPLITS,
@@ -32,7 +33,7 @@ from mailrouter.dataset import (
 )
 from mailrouter.errors import DatasetError
 from mailrouter.importers import detect_format, extract_tutorial_email, read_examples
-from mailrouter.prompt import CHAT_TEMPLATE, PromptOptions, build_prompt, render_chat
+from mailrouter.prompt import PromptOptions, build_prompt
 
 DEPS = default_departments()
 LABELS = [d.name for d in DEPS]
@@ -655,7 +656,7 @@ def test_exported_line_rendered_like_mlx_lm_contains_the_prompt_once(tmp_path: P
     row = json.loads(line)
     assert "[INST]" not in row["prompt"] and "</s>" not in row["prompt"]
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    rendered = env.from_string(CHAT_TEMPLATE).render(
+    rendered = env.from_string(MISTRAL_V3).render(
         messages=[
             {"role": "user", "content": row["prompt"]},
             {"role": "assistant", "content": row["completion"]},
@@ -664,7 +665,7 @@ def test_exported_line_rendered_like_mlx_lm_contains_the_prompt_once(tmp_path: P
         eos_token="</s>",
     )
     assert rendered.count(row["prompt"]) == 1
-    assert rendered == "<s>" + render_chat(row["prompt"]) + " RH</s>"
+    assert rendered == "<s>" + ChatTemplate.mistral_v3().serving(row["prompt"]) + " RH</s>"
     assert rendered.count("[INST]") == 1 and rendered.count("[/INST]") == 1
 
 
@@ -687,7 +688,7 @@ def test_every_starter_example_exports_its_prompt_once(starter_data: Path, tmp_p
     result = store.export(tmp_path / "mlx", DEPS)
     assert sum(result.counts.values()) == len(store.load()) and not result.skipped
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    template = env.from_string(CHAT_TEMPLATE)
+    template = env.from_string(MISTRAL_V3)
     for split in SPLITS:
         for line in (tmp_path / "mlx" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
             row = json.loads(line)

@@ -12,11 +12,14 @@ import pytest
 import sentencepiece as spm
 from gguf import GGUFReader, GGUFValueType, TokenType
 
+from mailrouter.chat_template import MISTRAL_V3, ChatTemplate
 from mailrouter.errors import TrainingError
-from mailrouter.prompt import CHAT_TEMPLATE, render_chat
 from mailrouter.training.gguf import export_gguf, load_vocab, quantize_gguf, write_gguf
 from tests.conftest import require
 from tests.fixtures.models import starter_test_prompts
+
+#: The string the Ollama backend sends with ``raw: true`` for the tiny model (Mistral v0.3).
+SERVING = ChatTemplate.mistral_v3().serving
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a dev dependency")
 
@@ -101,7 +104,7 @@ def test_tokenizer_metadata(reader: GGUFReader, tiny_model: Path) -> None:
     assert _field(reader, "tokenizer.ggml.add_bos_token") == ([GGUFValueType.BOOL], True)
     assert _field(reader, "tokenizer.ggml.add_eos_token") == ([GGUFValueType.BOOL], False)
     assert _field(reader, "tokenizer.ggml.add_space_prefix")[1] is False
-    assert _field(reader, "tokenizer.chat_template")[1] == CHAT_TEMPLATE
+    assert _field(reader, "tokenizer.chat_template")[1] == MISTRAL_V3
 
 
 def test_tensors(reader: GGUFReader) -> None:
@@ -130,14 +133,14 @@ def _assert_tokenizes_like_mlx(gguf_path: Path, tiny_model: Path, prompts: list[
             [{"role": "user", "content": prompt}], add_generation_prompt=True
         )
         expected = list(expected["input_ids"] if isinstance(expected, dict) else expected)
-        got = llm.tokenize(render_chat(prompt).encode(), add_bos=True, special=True)
+        got = llm.tokenize(SERVING(prompt).encode(), add_bos=True, special=True)
         assert got == expected, prompt
 
 
 def test_llama_cpp_tokenizes_like_mlx(
     tiny_gguf: Path, tiny_model: Path, prompts: list[str]
 ) -> None:
-    """The string Ollama gets (``render_chat``) becomes exactly the ids mlx-lm trained on."""
+    """The string Ollama gets (``ChatTemplate.serving``) is exactly the ids mlx-lm trained on."""
     _assert_tokenizes_like_mlx(tiny_gguf, tiny_model, prompts)
 
 
@@ -293,7 +296,7 @@ def test_quantised_base_is_dequantised(
     llm = _llama(result.path)
     for prompt in prompts[:3]:
         ids = mlx.prompt_ids(prompt)
-        assert llm.tokenize(render_chat(prompt).encode(), add_bos=True, special=True) == ids
+        assert llm.tokenize(SERVING(prompt).encode(), add_bos=True, special=True) == ids
         tokens, _text, _probs = mlx.answer(ids)
         assert _llama_greedy(llm, ids, 2)[: len(tokens)] == tokens
 

@@ -18,11 +18,12 @@ from typing import Any
 import httpx
 import pytest
 
+from mailrouter.chat_template import ChatTemplate
 from mailrouter.config import default_departments
-from mailrouter.prompt import build_prompt, render_chat
+from mailrouter.prompt import build_prompt
 from tests.fixtures.ollama import OllamaEndpoint, publish_gguf
 
-PROMPT = render_chat(
+PROMPT = ChatTemplate.mistral_v3().serving(
     build_prompt(
         "Bonjour, je voudrais un devis pour 20 licences et connaitre vos tarifs.",
         default_departments(),
@@ -267,7 +268,9 @@ def test_default_repeat_penalty_reaches_into_the_prompt(
     it; then repeat_penalty 1.0 (or repeat_last_n 0) answers it, the defaults do not."""
     server, model, body = ollama_test_server, tiny_ollama_model, "Bonjour, un devis svp."
     for _ in range(6):
-        prompt = render_chat(build_prompt(body, default_departments(), subject="Devis"))
+        prompt = ChatTemplate.mistral_v3().serving(
+            build_prompt(body, default_departments(), subject="Devis")
+        )
         answer = generate(server, model, prompt=prompt, options=greedy(1, repeat_penalty=1.0))
         seen = server.last_tokens()
         neutral, tail = seen["generated_tokens"][0], seen["prompt_tokens"][-64:]

@@ -17,8 +17,8 @@ from unidecode import unidecode
 from mailrouter.chat_template import ChatTemplate
 from mailrouter.config import Department, default_departments
 from mailrouter.errors import ConfigError
-from mailrouter.prompt import CUT, PromptOptions, _ascii, build_prompt, prefix, render_chat
-from mailrouter.tokens import PromptMeasure, estimate, sentencepiece_counter
+from mailrouter.prompt import CUT, PromptOptions, _ascii, build_prompt, prefix
+from mailrouter.tokens import DEFAULT_MEASURE, PromptMeasure, estimate, sentencepiece_counter
 from mailrouter.training.tinymodel import mistral_tokenizer_path
 
 DEPS = default_departments()
@@ -113,7 +113,7 @@ def test_huge_emails_are_cut_fast() -> None:
 
 def test_the_estimate_bounds_prompts_without_a_tokenizer() -> None:
     text = build_prompt("x " * 100_000, DEPS)
-    assert estimate(render_chat(text)) + 1 <= 400
+    assert estimate(ChatTemplate.mistral_v3().serving(text)) + 1 <= 400
 
 
 def test_departments_too_long_for_the_bound_are_a_config_error() -> None:
@@ -147,8 +147,9 @@ def test_transliteration_is_unidecode(text: str) -> None:
 
 
 def test_raw_rendering_is_the_mistral_user_turn() -> None:
-    assert render_chat("P") == "[INST] P[/INST]"
-    assert render_chat("P", ChatTemplate.chatml()) == ChatTemplate.chatml().serving("P")
+    assert ChatTemplate.mistral_v3().serving("P") == "[INST] P[/INST]"
+    # Without a model folder, prompts are rendered and measured as Mistral v0.3's.
+    assert DEFAULT_MEASURE.template == ChatTemplate.mistral_v3()
 
 
 def test_email_text_cannot_pose_as_control_tokens() -> None:

@@ -25,9 +25,9 @@ same tokens as mlx-lm.
 
 ``tokenizer.ggml.add_space_prefix`` is written false. llama.cpp adds that space in front of every
 piece of text that follows a special token, so with it ``[INST] Bonjour`` becomes ``[INST]``,
-``▁``, ``▁Bon``…. Without it, the string :func:`mailrouter.prompt.render_chat` sends to Ollama
-tokenizes to exactly the ids mlx-lm trained on (``<s>[INST]▁Bonjour…[/INST]``): the tests check
-it for every starter test email.
+``▁``, ``▁Bon``…. Without it, the string Ollama is sent
+(:meth:`mailrouter.chat_template.ChatTemplate.serving`) tokenizes to exactly the ids mlx-lm
+trained on (``<s>[INST]▁Bonjour…[/INST]``): the tests check it for every starter test email.
 
 Query and key projections are permuted from Hugging Face's rotary layout to llama.cpp's, as
 llama.cpp's ``convert_hf_to_gguf.py`` does for the llama family.
