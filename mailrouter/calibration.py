@@ -24,13 +24,13 @@ each of that model's predictions as :attr:`mailrouter.prediction.Prediction.thre
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from .dataset import atomic_write_text
+from .tokens import digest_key
 
 #: Fewer predictions of a department than this on the validation split: the global threshold.
 MIN_EXAMPLES = 5
@@ -173,7 +173,5 @@ def load(path: Path) -> Calibration | None:
 
 
 def ollama_path(models_dir: Path, digest: str) -> Path:
-    """Where the calibration of the Ollama model with ``digest`` lives: keyed by content, so a
-    copy (``latest`` of ``v3``) finds it and a replaced model does not."""
-    key = re.sub(r"[^0-9a-f]", "", digest.lower().removeprefix("sha256:"))[:64]
-    return models_dir / "calibration" / f"ollama-{key or 'none'}.json"
+    """Where the calibration of the Ollama model with ``digest`` lives (:func:`digest_key`)."""
+    return models_dir / "calibration" / f"{digest_key(digest)}.json"

@@ -91,12 +91,18 @@ PROMPT_FILES = (
 )
 
 
-def kept_dir(models_dir: Path, digest: str) -> Path:
-    """Where the prompt files of the Ollama model with ``digest`` are kept: keyed by content, as
-    its calibration, so ``latest`` (a copy of ``vN``) finds them and a model replaced by hand
-    does not."""
+def digest_key(digest: str) -> str:
+    """``ollama-<hex>`` for an Ollama model digest: what is kept for a model (its calibration,
+    its prompt files) is keyed by content, so a copy (``latest`` of ``v3``) finds it and a
+    replaced model does not; only hex digits reach the file name."""
     key = re.sub(r"[^0-9a-f]", "", digest.lower().removeprefix("sha256:"))[:64]
-    return models_dir / "prompt" / f"ollama-{key or 'none'}"
+    return f"ollama-{key or 'none'}"
+
+
+def kept_dir(models_dir: Path, digest: str) -> Path:
+    """Where the prompt files of the Ollama model with ``digest`` are kept, keyed as its
+    calibration (:func:`digest_key`)."""
+    return models_dir / "prompt" / digest_key(digest)
 
 
 def keep(model_dir: Path, dest: Path) -> Path:
