@@ -20,7 +20,7 @@ from email.utils import formatdate, make_msgid
 from pathlib import Path
 
 from .classify.ollama import OllamaClassifier, full_name
-from .classify.openai import OpenAIClassifier, completion_steps
+from .classify.openai import OpenAIClassifier, completion_steps, first_choice
 from .config import Settings, hf_token, imap_password, load_settings
 from .corrections.authentication import MISSING_ID, Detection, detect_authserv_id, trusted_ids
 from .dataset import SPLITS, Dataset
@@ -415,8 +415,7 @@ def check_openai(settings: Settings) -> list[Check]:
     except ClassifierError as exc:
         checks.append(Check("OpenAI logprobs", False, _error(exc), "check the server's log"))
         return checks
-    choices = answer.get("choices") or [{}]
-    steps = completion_steps(choices[0].get("logprobs") if isinstance(choices[0], dict) else None)
+    steps = completion_steps(first_choice(answer).get("logprobs"))
     if steps and steps[0].top:
         detail = f"{len(steps[0].top)} alternatives per token: confidence from probabilities"
         checks.append(Check("OpenAI logprobs", True, detail))

@@ -66,6 +66,12 @@ def prompt_measure(template: str) -> PromptMeasure:
         raise ConfigError(f"classifier.openai_template = {template!r}: {exc}") from exc
 
 
+def first_choice(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``choices[0]`` of a completion, or an empty mapping when the server sent none."""
+    choices = data.get("choices") or [{}]
+    return choices[0] if isinstance(choices[0], Mapping) else {}
+
+
 def completion_steps(logprobs: Any) -> list[TokenChoice]:
     """The generated tokens of a completion's ``choices[0].logprobs``, in either shape servers use.
 
@@ -181,9 +187,9 @@ class OpenAIClassifier:
         return self.template.serving(item.prompt(self.departments, self.prompt_options))
 
     def classify(self, item: ClassifyInput) -> Prediction:
-        data = self.complete(self.render(item), self.settings.classifier.num_predict)
-        choices = data.get("choices") or [{}]
-        choice = choices[0] if isinstance(choices[0], Mapping) else {}
+        choice = first_choice(
+            self.complete(self.render(item), self.settings.classifier.num_predict)
+        )
         steps = completion_steps(choice.get("logprobs"))
         reading = read_answer(str(choice.get("text") or ""), steps, self.departments)
         if reading.greedy is None:  # prose: the label, if any, comes from the probabilities
