@@ -8,8 +8,9 @@ does, and shortened with ``classifier.max_chars``), the
 ``run.yaml`` of :func:`mailrouter.training.config.build_run`, ``mlx_lm lora`` in its child
 process through :func:`mailrouter.training.lora.run_lora`, and the starter test split classified
 by :class:`mailrouter.classify.mlx.MlxClassifier` before (zero-shot) and after (base + adapter),
-scored by :func:`mailrouter.training.evaluation.evaluate`. What it leaves out is what needs
-Ollama: the gate against a model in service, publishing and calibration.
+scored as the training runner scores a candidate
+(:func:`mailrouter.training.runner.evaluate_mlx`). What it leaves out is what needs Ollama: the
+gate against a model in service, publishing and calibration.
 
 About 13 minutes on 2 lightly loaded CPU cores for the default epoch (67 iterations at batch 4,
 9.4 s each), 20-45 when the machine is shared; not part of ``make test`` or ``make bench``.
@@ -39,17 +40,15 @@ sys.path.insert(0, str(REPO / "bench"))
 from _gguf_to_mlx import CHECK_PROMPTS, compare_with_llama_cpp, convert  # noqa: E402
 from _models import require_smollm2_gguf  # noqa: E402
 
-from mailrouter.classify.mlx import MlxClassifier  # noqa: E402
 from mailrouter.config import Settings, load_settings  # noqa: E402
 from mailrouter.dataset import Dataset, Example  # noqa: E402
 from mailrouter.prompt import PromptOptions  # noqa: E402
 from mailrouter.training import blas  # noqa: E402
 from mailrouter.training.basemodel import resolve_base_model  # noqa: E402
 from mailrouter.training.config import build_run  # noqa: E402
-from mailrouter.training.evaluation import Report, evaluate  # noqa: E402
+from mailrouter.training.evaluation import Report  # noqa: E402
 from mailrouter.training.lora import Progress, run_lora  # noqa: E402
-from mailrouter.training.recorder import Recorder  # noqa: E402
-from mailrouter.training.runner import prompt_options  # noqa: E402
+from mailrouter.training.runner import evaluate_mlx, prompt_options  # noqa: E402
 
 
 def preload_openblas() -> None:
@@ -77,33 +76,19 @@ def bench_settings(root: Path, base: Path, args: argparse.Namespace) -> Settings
     )
 
 
-def score(
-    settings: Settings,
-    options: PromptOptions,
-    base: Path,
-    adapter: Path | None,
-    test: list[Example],
-) -> Report:
+def score(settings: Settings, base: Path, adapter: Path | None, test: list[Example]) -> Report:
     """The test split through the product's MLX classifier (base, or base + adapter)."""
     started = time.perf_counter()
-    model = Recorder(
-        MlxClassifier(
-            base,
-            settings.departments,
-            adapter_path=adapter,
-            options=options,
-            max_tokens=settings.classifier.num_predict,
-        )
-    )
-    report = evaluate(model, test, settings.departments, settings.classifier.confidence_threshold)
+    name = f"mlx:{base.name}{'+adapter' if adapter else ''}"
+    report, answers = evaluate_mlx(settings, base, adapter, test, name=name)
     answered = sum(item.predicted is not None for item in report.items)
     print(
-        f"{model.name}: accuracy {report.accuracy:.3f}, macro-F1 {report.macro_f1:.3f}, "
+        f"{name}: accuracy {report.accuracy:.3f}, macro-F1 {report.macro_f1:.3f}, "
         f"{answered}/{report.n} answers name a department, "
         f"{time.perf_counter() - started:.0f} s",
         flush=True,
     )
-    common = collections.Counter(model.answers).most_common(5)
+    common = collections.Counter(answers).most_common(5)
     print("  most common answers: " + ", ".join(f"{a!r} x{n}" for a, n in common), flush=True)
     return report
 
@@ -179,9 +164,9 @@ def main() -> None:
             for e in Dataset(REPO / "data" / "examples.jsonl").load()
             if e.split == "test" and e.label in settings.labels
         ]
-        zero_shot = score(settings, options, base, None, test)
+        zero_shot = score(settings, base, None, test)
         adapter, iters, per_iter, loss, seconds = train(settings, options, root, base, args)
-        tuned = score(settings, options, base, adapter, test)
+        tuned = score(settings, base, adapter, test)
         print(
             f"finetune: base={zero_shot.accuracy:.3f}, tuned={tuned.accuracy:.3f}, "
             f"iters={iters}, s_per_iter={per_iter:.1f}, train_s={seconds:.0f}, "

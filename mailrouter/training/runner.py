@@ -104,6 +104,32 @@ def prompt_options(settings: Settings, base_dir: Path) -> PromptOptions:
     return PromptOptions.from_settings(settings, PromptMeasure.for_model_dir(base_dir))
 
 
+def evaluate_mlx(
+    settings: Settings,
+    base_dir: Path,
+    adapter_dir: Path | None,
+    test: list[Example],
+    *,
+    name: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Report, list[str]]:
+    """The test split through the MLX classifier (base, or base + adapter) with the base's own
+    prompt cut (:func:`prompt_options`): the report and the raw answers, in the split's order."""
+    model = Recorder(
+        MlxClassifier(
+            base_dir,
+            settings.departments,
+            adapter_path=adapter_dir,
+            options=prompt_options(settings, base_dir),
+            max_tokens=settings.classifier.num_predict,
+            name=name,
+        )
+    )
+    threshold = settings.classifier.confidence_threshold
+    report = evaluate(model, test, settings.departments, threshold, progress=progress)
+    return report, model.answers
+
+
 def run_dir(settings: Settings, run_id: int) -> Path:
     return settings.models_dir / "runs" / f"{run_id:04d}"
 
@@ -401,26 +427,12 @@ class _Run:
         from ..classify.baseline import BaselineClassifier  # numpy: heavy for `mailrouter`
 
         settings, state = self.settings, self.state
-        options = prompt_options(settings, base_dir)
-        threshold = settings.classifier.confidence_threshold
-
         self.hooks.stage(f"evaluating the candidate on {len(test)} test emails (MLX)")
         started = time.monotonic()
-        model = Recorder(
-            MlxClassifier(
-                base_dir,
-                settings.departments,
-                adapter_path=adapter_dir,
-                options=options,
-                max_tokens=settings.classifier.num_predict,
-                name=f"candidate-{self.id:04d}",
-            )
-        )
-        candidate = evaluate(
-            model, test, settings.departments, threshold, progress=self.hooks.evaluation
-        )
-        self.answers = model.answers
-        del model
+        candidate, self.answers = evaluate_mlx(
+            settings, base_dir, adapter_dir, test,
+            name=f"candidate-{self.id:04d}", progress=self.hooks.evaluation,
+        )  # fmt: skip
         self._timed("evaluate_candidate", started)
         self.metrics["candidate"] = candidate.summary()
 
